@@ -1,0 +1,229 @@
+"""The experiment config: one validated pydantic model, loaded from YAML, overridable as ``key.sub=value``.
+
+Every section forbids unknown keys; errors name the key path and suggest the nearest valid key, so a
+typo such as ``federation.num_client`` fails before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key, the value and what was expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Bundled name (smollm2-135m-instruct, tiny-llama), a local directory, a .gguf file, "
+        "or a Hugging Face id (needs internet).",
+    )
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    revision: str | None = None
+    gguf_file: str | None = Field(None, description="GGUF file name inside a local directory or hub repo.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores).")
+
+
+class PeftConfig(_Section):
+    type: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    rslora: bool = False
+
+
+class PartitionConfig(_Section):
+    kind: Literal["iid", "dirichlet", "task_dirichlet", "pathological", "natural", "quantity_skew"] = "dirichlet"
+    alpha: float = Field(0.5, description="Dirichlet concentration; must be > 0.")
+    min_frac: float = Field(0.0, ge=0, lt=1, description="Dirichlet proportions below this are zeroed.")
+    classes_per_client: int = Field(2, ge=1, description="For kind=pathological.")
+    by: str = Field("task", description="Record field whose values are the labels/categories/tasks.")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"Dirichlet alpha must be > 0, got {value}")
+        return value
+
+
+class DataConfig(_Section):
+    source: str = Field("generated", description="'generated' (built-in multi-task set), a built-in dataset name, or a file path.")
+    path: str | None = Field(None, description="Local file or directory for a built-in dataset name.")
+    tasks: list[str] = Field(
+        default_factory=lambda: ["arithmetic", "reverse", "unit_conversion", "uppercase"],
+        description="Generated tasks to include (source=generated).",
+    )
+    train_examples_per_task: int = Field(400, ge=1)
+    eval_examples_per_task: int = Field(30, ge=1)
+    template: Literal["chat", "alpaca", "plain"] = "chat"
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    columns: dict[str, str] = Field(default_factory=dict, description="Column mapping source->field.")
+
+
+class FederationConfig(_Section):
+    num_clients: int = Field(10, ge=1)
+    clients_per_round: int = Field(2, ge=1)
+    rounds: int = Field(5, ge=1)
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accumulation: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _sampled_le_total(self) -> "FederationConfig":
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round={self.clients_per_round} exceeds "
+                f"federation.num_clients={self.num_clients}"
+            )
+        return self
+
+
+class ServerOptimizerConfig(_Section):
+    name: Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = "none"
+    lr: float = Field(1.0, gt=0, description="Server learning rate eta_s.")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0, description="Adaptivity epsilon added to sqrt(v).")
+
+
+class MethodConfig(_Section):
+    name: str = Field("fedit", description="Federated method; see `fedpeft methods`.")
+    server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
+    options: dict[str, Any] = Field(default_factory=dict, description="Method-specific options.")
+
+
+class TrainingConfig(_Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, description="Client learning rate at round 1.")
+    lr_min: float = Field(1e-5, ge=0, description="Client learning rate at the last round (cosine).")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm; null disables.")
+    max_seq_len: int = Field(128, ge=8)
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class EvaluationConfig(_Section):
+    every_rounds: int = Field(0, ge=0, description="Evaluate the global model every E rounds (0: only at the end).")
+    before_training: bool = Field(True, description="Also evaluate the base model before round 1.")
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="Cap per task for per-round evaluation.")
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs", description="Parent directory of run directories.")
+    run_name: str | None = Field(None, description="Run directory name (default: <name>-<timestamp>).")
+    keep_checkpoints: int = Field(2, ge=1)
+    progress: bool = True
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    peft: PeftConfig = Field(default_factory=PeftConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _valid_keys(model_cls: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    """Field names at ``path`` inside ``model_cls`` (empty when the path leaves the schema)."""
+    cls: Any = model_cls
+    for part in path:
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return []
+        cls = field.annotation
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    return []
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        loc = tuple(str(p) for p in item["loc"])
+        key = ".".join(loc) or "<root>"
+        if item["type"] == "extra_forbidden":
+            valid = _valid_keys(ExperimentConfig, loc[:-1])
+            guess = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join(loc[:-1] + (guess[0],))}'?" if guess else ""
+            lines.append(f"unknown key '{key}'{hint} (valid keys here: {', '.join(valid)})")
+        else:
+            value = item.get("input")
+            lines.append(f"{key}: {item['msg']} (got {value!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``federation.rounds=3`` -> (['federation', 'rounds'], 3). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value {raw!r} is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' holds a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def build_config(data: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+    return build_config(apply_overrides(data, list(overrides or [])))

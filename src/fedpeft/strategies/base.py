@@ -1,0 +1,165 @@
+"""The Strategy seam: what a federated method decides, as a few small methods over adapter dicts.
+
+A round, as the engine runs it::
+
+    strategy.begin_round(round, server)                      # optional server-side work (FedGPL, FedLS masks)
+    plans = strategy.configure_round(round, sampled, global_state, store)   # ClientPlan per local job
+    for plan in plans:                                       # on the client (same code under Flower)
+        model <- plan.init_state ; train plan.trainable ; loss += plan.extra_loss
+        update = strategy.client_update(round, plan, trained_state, result, store)
+    result = strategy.aggregate(round, global_state, updates)   # pure: dicts in, AggregateResult out
+
+A method that needs several adapters per client (FL-TAC) returns several plans for one client, each
+restricted to a slice of the client's data (``data_key``). Per-client persistent state lives in the
+ClientStore (on disk). Changes to the frozen base weights (FLoRA, FedEx-LoRA) are returned as
+``AggregateResult.base_delta`` and applied by the engine in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedpeft.adapters import AdapterState
+
+
+@dataclass
+class ClientPlan:
+    """One unit of local training that the server asks of a client."""
+
+    client_id: int
+    downlink: AdapterState
+    """Tensors the server sends for this job (metered as downlink)."""
+    init_state: AdapterState | None = None
+    """Adapter values loaded into the model before training; defaults to ``downlink``. Client-private
+    parts (e.g. FedSA-LoRA's B from the client store) are merged in here, not sent."""
+    trainable: list[str] | None = None
+    """Adapter keys that train; None means every adapter parameter."""
+    upload: list[str] | None = None
+    """Adapter keys sent back; None means the trainable ones."""
+    job: str = "default"
+    """Name of the local adapter this plan trains (several per client for FL-TAC)."""
+    data_key: str | None = None
+    """Train only on the client's records whose partition label equals this (None: all its data)."""
+    extra_loss: Callable[[Mapping[str, torch.nn.Parameter]], torch.Tensor] | None = None
+    """Added to the task loss at each micro-batch (FedProx's proximal term)."""
+    grad_transform: Callable[[Mapping[str, torch.nn.Parameter]], None] | None = None
+    """Edits gradients in place before each optimizer step (SCAFFOLD's correction)."""
+    control: AdapterState = field(default_factory=dict)
+    """Extra tensors that travel down with the plan (metered; e.g. SCAFFOLD's server control)."""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    examples_seen: int
+    num_examples: int
+    mean_loss: float
+    last_loss: float
+    lr: float
+    seconds: float
+    tokens: int = 0
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends back for one plan."""
+
+    client_id: int
+    tensors: AdapterState
+    num_examples: int
+    job: str = "default"
+    control: AdapterState = field(default_factory=dict)
+    """Extra uplink tensors (metered; e.g. SCAFFOLD's control delta)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class AggregateResult:
+    global_state: AdapterState
+    base_delta: dict[str, torch.Tensor] | None = None
+    """Module name -> dense delta added in place to that module's frozen base weight."""
+    broadcast: AdapterState = field(default_factory=dict)
+    """Tensors every registered client must receive to stay in sync (metered x num_clients)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy:
+    """Base class: FedIT-shaped defaults. Subclasses override what their method changes."""
+
+    name = "base"
+
+    def __init__(self, options: Mapping[str, Any] | None = None, server_optimizer: Any | None = None) -> None:
+        self.options = dict(options or {})
+        self.server_optimizer = server_optimizer
+
+    # --- set-up -------------------------------------------------------------------------------
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Change the wrapped model once before round 1 (e.g. freeze parts). Default: nothing."""
+
+    def init_global(self, initial: AdapterState) -> AdapterState:
+        """The global state before round 1, from the freshly initialised adapter of the shared model."""
+        return {k: v.clone() for k, v in initial.items()}
+
+    # --- per round ------------------------------------------------------------------------------
+    def begin_round(self, round_idx: int, server: Any) -> None:
+        """Server-side work before clients are configured. ``server`` gives the model and server data."""
+
+    def configure_round(
+        self, round_idx: int, clients: Sequence[int], global_state: AdapterState, store: Any
+    ) -> list[ClientPlan]:
+        return [self.configure_client(round_idx, cid, global_state, store) for cid in clients]
+
+    def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
+        return ClientPlan(client_id=client_id, downlink=global_state)
+
+    def client_update(
+        self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any
+    ) -> ClientUpdate:
+        """Runs on the client after local training: choose what to upload, persist private state."""
+        keys = plan.upload if plan.upload is not None else (plan.trainable if plan.trainable is not None else list(trained))
+        return ClientUpdate(
+            client_id=plan.client_id,
+            tensors={k: trained[k] for k in keys},
+            num_examples=result.num_examples,
+            job=plan.job,
+            metrics={"loss": result.mean_loss},
+        )
+
+    def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        raise NotImplementedError
+
+    # --- resume ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Server-side state that must survive a restart (tensors and JSON-able values)."""
+        return {"server_optimizer": self.server_optimizer.state_dict() if self.server_optimizer else {}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.server_optimizer is not None:
+            self.server_optimizer.load_state_dict(state.get("server_optimizer", {}))
+
+
+def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
+    """p_k = n_k / sum_j n_j over the updates of this round."""
+    total = sum(u.num_examples for u in updates)
+    if total <= 0:
+        raise ValueError("cannot weight updates: the clients reported zero examples in total")
+    return [u.num_examples / total for u in updates]
+
+
+def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> AdapterState:
+    """sum_k w_k * state_k, key by key, over the keys of the first state (all must share them)."""
+    if not states:
+        raise ValueError("weighted_average needs at least one state")
+    keys = list(states[0])
+    out: AdapterState = {}
+    for key in keys:
+        acc = torch.zeros_like(states[0][key], dtype=torch.float32)
+        for state, w in zip(states, weights):
+            acc.add_(state[key].float(), alpha=float(w))
+        out[key] = acc
+    return out
