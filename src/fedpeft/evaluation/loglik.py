@@ -1,0 +1,213 @@
+"""Log-likelihood evaluators: multiple choice (acc and acc_norm, as lm-evaluation-harness) and LM loss.
+
+One primitive, :func:`score_continuations`, gives ``log p(continuation | context)`` for a batch of
+(context, continuation) pairs; multiple choice, classification with verbalisers and held-out loss /
+perplexity are all built on it.
+
+Conventions follow lm-evaluation-harness so numbers are comparable:
+
+* a pair is tokenised as ``tokens(context + continuation)`` split at ``len(tokens(context))`` after
+  trailing whitespace of the context is moved onto the continuation (so ``"Answer: "``, ``"A"`` scores
+  the token ``" A"``);
+* an empty context is replaced by the BOS (or EOS) token so the first token has something to condition on;
+* ``acc`` picks the option with the highest summed log-likelihood, ``acc_norm`` the highest
+  log-likelihood divided by the option's length in characters;
+* over-long inputs are truncated from the left, keeping the continuation.
+
+Batches are left-padded (explicit ``position_ids``) so that every continuation ends at the last position,
+and only the last ``max continuation length + 1`` positions go through the LM head
+(``logits_to_keep``), which saves most of the vocabulary projection on short answers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    logprob: float  # sum of log p(token) over the continuation tokens
+    num_tokens: int
+    is_greedy: bool  # every continuation token is the argmax at its position
+
+
+@dataclass
+class MultipleChoiceItem:
+    context: str
+    choices: list[str]  # continuations, usually with a leading space
+    gold: int
+    id: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """What every evaluator returns: metrics (floats), how many examples, how long, per-example records."""
+
+    metrics: dict[str, float | None]
+    num_examples: int
+    seconds: float
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.num_examples / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def _prefix_token(tokenizer) -> int:
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            return int(token)
+    raise ValueError("tokenizer has no BOS, EOS or PAD token to condition an empty context on")
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation), split as lm-evaluation-harness does."""
+    if not continuation:
+        raise ValueError("cannot score an empty continuation")
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    if not context:
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return [_prefix_token(tokenizer)], list(cont)
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx_len = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    ctx, cont = list(whole[:ctx_len]), list(whole[ctx_len:])
+    if not cont:  # the continuation merged into the context's last token: score that token instead
+        ctx, cont = ctx[:-1], ctx[-1:]
+        if not ctx:
+            ctx = [_prefix_token(tokenizer)]
+    return ctx, cont
+
+
+def _forward_last_logits(model, input_ids, attention_mask, keep: int) -> torch.Tensor:
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    logits_to_keep=keep, use_cache=False)
+        logits = out.logits
+        if logits.shape[1] == keep:
+            return logits
+    except TypeError:  # a model whose forward has no logits_to_keep
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        logits = out.logits
+    return logits[:, -keep:]
+
+
+@torch.inference_mode()
+def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
+                        max_length: int | None = None) -> list[ContinuationScore]:
+    """``log p(continuation | context)`` for every pair, batched; results in the input order.
+
+    Identical pairs are scored once. ``max_length`` (default: the model's ``max_position_embeddings``)
+    bounds context + continuation; longer inputs lose tokens from the left of the context.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_length is None:
+        max_length = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 2048)
+    encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    for pair in pairs:
+        if pair not in encoded:
+            ctx, cont = encode_pair(tokenizer, *pair)
+            if len(cont) >= max_length:
+                raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length={max_length}")
+            encoded[pair] = ((ctx + cont)[-max_length:], cont)
+    unique = list(encoded)
+    # Longest first: the first batch shows at once whether memory suffices; similar lengths pad little.
+    unique.sort(key=lambda pair: -len(encoded[pair][0]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _prefix_token(tokenizer)
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    scores: dict[tuple[str, str], ContinuationScore] = {}
+    try:
+        for start in range(0, len(unique), batch_size):
+            batch = unique[start:start + batch_size]
+            seqs = [encoded[pair][0] for pair in batch]
+            conts = [encoded[pair][1] for pair in batch]
+            width = max(len(seq) for seq in seqs)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, seq in enumerate(seqs):
+                input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                attention_mask[row, width - len(seq):] = 1
+            keep = max(len(cont) for cont in conts) + 1
+            logits = _forward_last_logits(model, input_ids.to(device), attention_mask.to(device), keep)
+            # Position j of `logits` predicts the token at position width - keep + j + 1.
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            for row, (pair, cont) in enumerate(zip(batch, conts)):
+                n = len(cont)
+                rows = logprobs[row, keep - 1 - n:]
+                target = torch.tensor(cont, dtype=torch.long, device=rows.device)
+                token_lp = rows.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                greedy = bool((rows.argmax(-1) == target).all())
+                scores[pair] = ContinuationScore(float(token_lp.sum()), n, greedy)
+    finally:
+        model.train(was_training)
+    return [scores[pair] for pair in pairs]
+
+
+def multiple_choice_predictions(item: MultipleChoiceItem, scores: Sequence[ContinuationScore]) -> tuple[int, int]:
+    """(argmax of summed log-likelihood, argmax of log-likelihood per character): acc and acc_norm picks."""
+    lls = [score.logprob for score in scores]
+    normed = [ll / max(len(choice), 1) for ll, choice in zip(lls, item.choices)]
+    return max(range(len(lls)), key=lls.__getitem__), max(range(len(normed)), key=normed.__getitem__)
+
+
+def evaluate_multiple_choice(model, tokenizer, items: Sequence[MultipleChoiceItem], batch_size: int = 16,
+                             limit: int | None = None, max_length: int | None = None,
+                             keep_records: bool = False) -> EvalResult:
+    """Accuracy (``acc``) and length-normalised accuracy (``acc_norm``) over multiple-choice items."""
+    items = list(items)[:limit] if limit else list(items)
+    start = time.perf_counter()
+    pairs = [(item.context, choice) for item in items for choice in item.choices]
+    flat = score_continuations(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length)
+    correct = correct_norm = 0
+    records, offset = [], 0
+    for item in items:
+        scores = flat[offset:offset + len(item.choices)]
+        offset += len(item.choices)
+        pred, pred_norm = multiple_choice_predictions(item, scores)
+        correct += pred == item.gold
+        correct_norm += pred_norm == item.gold
+        if keep_records:
+            records.append({"id": item.id, "gold": item.gold, "pred": pred, "pred_norm": pred_norm,
+                            "logprobs": [round(score.logprob, 4) for score in scores]})
+    n = len(items)
+    metrics = {"acc": correct / n if n else None, "acc_norm": correct_norm / n if n else None}
+    return EvalResult(metrics=metrics, num_examples=n, seconds=time.perf_counter() - start, records=records)
+
+
+def evaluate_lm_loss(model, tokenizer, texts: Sequence[str] | Sequence[tuple[str, str]], batch_size: int = 8,
+                     limit: int | None = None, max_length: int | None = None) -> EvalResult:
+    """Token-weighted mean negative log-likelihood and perplexity on held-out text.
+
+    ``texts`` are plain strings (every token scored, conditioned on BOS) or (prompt, response) pairs
+    (only the response tokens scored, as in supervised fine-tuning with a masked prompt).
+    """
+    texts = list(texts)[:limit] if limit else list(texts)
+    pairs = [t if isinstance(t, tuple) else ("", t) for t in texts]
+    start = time.perf_counter()
+    scores = score_continuations(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length)
+    tokens = sum(score.num_tokens for score in scores)
+    nll = -sum(score.logprob for score in scores)
+    loss = nll / tokens if tokens else None
+    metrics = {"loss": loss, "perplexity": math.exp(loss) if loss is not None and loss < 700 else None,
+               "tokens": float(tokens)}
+    return EvalResult(metrics=metrics, num_examples=len(pairs), seconds=time.perf_counter() - start)
