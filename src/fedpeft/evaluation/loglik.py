@@ -43,6 +43,13 @@ class MultipleChoiceItem:
     gold: int
     id: str | None = None
     meta: dict = field(default_factory=dict)
+    contexts: list[str] | None = None  # one context per choice (WinoGrande's partial scoring); else `context`
+
+    def pairs(self) -> list[tuple[str, str]]:
+        contexts = self.contexts if self.contexts is not None else [self.context] * len(self.choices)
+        if len(contexts) != len(self.choices):
+            raise ValueError(f"item {self.id}: {len(contexts)} contexts for {len(self.choices)} choices")
+        return list(zip(contexts, self.choices))
 
 
 @dataclass
@@ -176,7 +183,7 @@ def evaluate_multiple_choice(model, tokenizer, items: Sequence[MultipleChoiceIte
     """Accuracy (``acc``) and length-normalised accuracy (``acc_norm``) over multiple-choice items."""
     items = list(items)[:limit] if limit else list(items)
     start = time.perf_counter()
-    pairs = [(item.context, choice) for item in items for choice in item.choices]
+    pairs = [pair for item in items for pair in item.pairs()]
     flat = score_continuations(model, tokenizer, pairs, batch_size=batch_size, max_length=max_length)
     correct = correct_norm = 0
     records, offset = [], 0

@@ -50,6 +50,9 @@ class ClientPlan:
     """Edits gradients in place before each optimizer step (SCAFFOLD's correction)."""
     control: AdapterState = field(default_factory=dict)
     """Extra tensors that travel down with the plan (metered; e.g. SCAFFOLD's server control)."""
+    scaling: float | None = None
+    """LoRA scaling the engine sets on every LoRA layer for this plan's training, restoring the model's
+    afterwards (heterogeneous ranks with ``rank_scaling: alpha``: s_k = alpha / r_k). None: unchanged."""
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -132,6 +135,18 @@ class Strategy:
 
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
         raise NotImplementedError
+
+    # --- evaluation -----------------------------------------------------------------------------
+    personalized = False
+    """True when each client keeps its own adapter (FedSA-LoRA, local-only): evaluate per client."""
+
+    def personal_state(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState | None:
+        """The full adapter client ``client_id`` uses for its own evaluation; None: the global one."""
+        return None
+
+    def evaluation_state(self, global_state: AdapterState, store: Any) -> AdapterState:
+        """The adapter evaluated as "the global model" (FedSA-LoRA: global A with the mean personal B)."""
+        return global_state
 
     # --- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

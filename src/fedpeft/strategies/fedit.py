@@ -1,19 +1,24 @@
-"""FedIT (Zhang et al. 2023): A <- sum p_k A_k and B <- sum p_k B_k, separately. Not exact."""
+"""FedIT (Zhang et al. 2023): A <- sum p_k A_k and B <- sum p_k B_k, separately. Not exact.
+
+Uplink and downlink: the full adapter. A server optimizer (FedAvgM, FedAdam, ...) steps on the average.
+Each round reports ``aggregation_gap_rel``: how far the averaged factors' product is from the exact
+average of the clients' products (see ``common.aggregation_gap``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from fedpeft.adapters import AdapterState
-from fedpeft.strategies.base import AggregateResult, ClientUpdate, Strategy, example_weights, weighted_average
+from fedpeft.strategies.base import AggregateResult, ClientUpdate, example_weights
+from fedpeft.strategies.common import MethodStrategy, aggregation_gap
 
 
-class FedIT(Strategy):
+class FedIT(MethodStrategy):
     name = "fedit"
 
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        averaged = weighted_average([u.tensors for u in updates], example_weights(updates))
-        new_values = self.server_optimizer.step(global_state, averaged) if self.server_optimizer else averaged
-        new_global = {k: v.clone() for k, v in global_state.items()}
-        new_global.update(new_values)
-        return AggregateResult(global_state=new_global)
+        weights = example_weights(updates)
+        averaged = self.average_updates(global_state, updates, weights)
+        metrics = aggregation_gap(updates, weights, averaged)
+        return AggregateResult(global_state=self.apply_average(global_state, averaged), metrics=metrics)

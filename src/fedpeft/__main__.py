@@ -1,0 +1,3 @@
+from fedpeft.cli import app
+
+app(prog_name="fedpeft")

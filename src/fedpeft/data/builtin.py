@@ -1,0 +1,264 @@
+"""Built-in names for the seed datasets: each resolves to a local copy when there is one, else to its
+Hugging Face Hub id.
+
+Where a local copy is looked for, in order:
+
+1. ``path`` (``data.path``): a file, or a directory holding the dataset's files (the data root
+   ``.../data``, the dataset's own folder ``.../data/gsm8k``, or the folder of per-client files);
+2. ``$FEDPEFT_DATA_DIR``;
+3. ``../shared/data`` next to the repository root, when it exists.
+
+With no local copy, a name with a hub id loads through ``datasets`` (network needed); without either,
+the error says where it looked. ``load_source`` is the one entry point for ``data.source``: a built-in
+name (or a group such as ``glue``), else a local path or a hub id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedpeft.data.sources import DataError, Record, load_hub, load_local, load_records
+from fedpeft.data.tasks import Task, get_task
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "FEDPEFT_DATA_DIR"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    name: str
+    task: str | None
+    description: str
+    hub_id: str | None = None
+    hub_config: str | None = None
+    hub_splits: Mapping[str, str] = field(default_factory=dict)  # our split name -> hub split name
+    local: Mapping[str, str] = field(default_factory=dict)  # split -> path under the data dir
+    local_options: Mapping[str, Any] = field(default_factory=dict)  # pattern, fieldnames
+    convert: Callable[[Record], Record] | None = None
+    task_options: Mapping[str, Any] = field(default_factory=dict)
+    members: tuple[str, ...] = ()  # a group: these datasets, each record tagged task=<member>
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(set(self.local) | set(self.hub_splits))
+
+
+def _hellaswag_to_commonsense(row: Record) -> Record:
+    """Rowan/hellaswag rows -> the LLM-Adapters commonsense format."""
+    endings = list(row["endings"])
+    options = " ".join(f"Ending{i + 1}: {e}" for i, e in enumerate(endings))
+    answer_format = "/".join(f"ending{i + 1}" for i in range(len(endings)))
+    label = str(row.get("label", "")).strip()
+    answer = f"ending{int(label) + 1}" if label.isdigit() else ""
+    instruction = (f"Please choose the correct ending to complete the given sentence: {row['activity_label']}: "
+                   f"{row['ctx']}\n\n{options}\n\nAnswer format: {answer_format}")
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
+def _mmlu_subject_from_file(row: Record) -> Record:
+    if not row.get("subject") and row.get("client"):
+        row = dict(row)
+        row["subject"] = re.sub(r"_(dev|val|test)$", "", str(row.pop("client")))
+    return row
+
+
+_MMLU_COLUMNS = ["question", "A", "B", "C", "D", "answer"]
+_GLUE_PAIR = {
+    "mrpc": (("sentence1", "sentence2"), {"0": "no", "1": "yes"},
+             "Do the two sentences mean the same thing? Answer with one word: yes or no."),
+    "qqp": (("question1", "question2"), {"0": "no", "1": "yes"},
+            "Do the two questions ask the same thing? Answer with one word: yes or no."),
+    "qnli": (("question", "sentence"), {"0": "yes", "1": "no"},
+             "Does the sentence answer the question? Answer with one word: yes or no."),
+    "rte": (("sentence1", "sentence2"), {"0": "yes", "1": "no"},
+            "Does the first sentence entail the second? Answer with one word: yes or no."),
+}
+COMMONSENSE_EVAL = ("boolq", "piqa", "social_i_qa", "ARC-Challenge", "ARC-Easy", "openbookqa", "hellaswag", "winogrande")
+MATH_EVAL = ("AddSub", "MultiArith", "SingleEq", "SVAMP", "mawps", "AQuA", "mathqa")
+
+
+def _registry() -> dict[str, BuiltinDataset]:
+    specs = [
+        BuiltinDataset("gsm8k", "gsm8k", "GSM8K grade-school math (train 7,473 / test 1,319)", "openai/gsm8k", "main",
+                       {"train": "train", "test": "test"}, {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}),
+        BuiltinDataset("commonsense_170k", "commonsense", "LLM-Adapters commonsense training mix (170k)",
+                       "zwhe99/commonsense_170k", None, {"train": "train"},
+                       {"train": "commonsense_170k/commonsense_170k.json"}),
+        BuiltinDataset("hellaswag", "commonsense", "HellaSwag (validation as test), converted to the LLM-Adapters format",
+                       "Rowan/hellaswag", None, {"train": "train", "test": "validation"},
+                       {"train": "commonsense/hellaswag/train.json", "test": "commonsense/hellaswag/test.json"},
+                       convert=_hellaswag_to_commonsense),
+        BuiltinDataset("dolly", "instruction", "databricks-dolly-15k (local: per-client files of dolly/10)",
+                       "databricks/databricks-dolly-15k", None, {"train": "train"},
+                       {"train": "dolly/10", "test": "dolly/10/global_test.json", "public": "dolly/10/public_training.json"},
+                       {"pattern": "local_training_*"}),
+        BuiltinDataset("alpaca_gpt4", "instruction", "Alpaca-GPT4 (52k)", "vicgalle/alpaca-gpt4", None,
+                       {"train": "train"}, {"train": "alpaca_gpt4/alpaca_gpt4_data_en.json"}),
+        BuiltinDataset("alpaca_gpt4_demo", "instruction", "999 Alpaca-GPT4-style rows (LLaMA-Factory demo)",
+                       local={"train": "alpaca_gpt4_demo/alpaca_en_demo.json"}),
+        BuiltinDataset("mmlu", "mmlu", "MMLU, 57 subjects (dev = 5-shot exemplars)", "cais/mmlu", "all",
+                       {"dev": "dev", "validation": "validation", "test": "test"},
+                       {"dev": "mmlu/dev", "validation": "mmlu/val", "test": "mmlu/test"},
+                       {"fieldnames": _MMLU_COLUMNS}, convert=_mmlu_subject_from_file),
+        BuiltinDataset("sst2", "classification", "SST-2 sentiment", "nyu-mll/glue", "sst2",
+                       {"train": "train", "validation": "validation"},
+                       {"train": "sst2/train.tsv", "validation": "sst2/dev.tsv", "test": "sst2/test.tsv"}),
+        BuiltinDataset("mt_bench", None, "MT-Bench: 80 two-turn questions (judged, no task scoring here)",
+                       local={"test": "mt_bench/question.jsonl"}),
+    ]
+    for name in ("boolq", "piqa", "social_i_qa", "ARC-Challenge", "ARC-Easy", "openbookqa", "winogrande"):
+        specs.append(BuiltinDataset(name, "commonsense", f"{name} in the LLM-Adapters commonsense format",
+                                    local={"train": f"commonsense/{name}/train.json",
+                                           "test": f"commonsense/{name}/test.json"}))
+    for name in MATH_EVAL:
+        specs.append(BuiltinDataset(name, "math", f"{name} math word problems (LLM-Adapters test set)",
+                                    local={"test": f"math_word_problems/{name}/test.json"}))
+    for name, (fields, words, instruction) in _GLUE_PAIR.items():
+        specs.append(BuiltinDataset(name, "classification", f"GLUE {name.upper()}", "nyu-mll/glue", name,
+                                    {"train": "train", "validation": "validation"},
+                                    local={"train": f"{name}/train.tsv", "validation": f"{name}/dev.tsv"},
+                                    task_options={"text_field": fields, "label_words": words,
+                                                  "instruction": instruction}))
+    specs += [
+        BuiltinDataset("glue", None, "FL-TAC's five GLUE tasks (sst2, mrpc, qqp, qnli, rte)",
+                       members=("sst2", "mrpc", "qqp", "qnli", "rte")),
+        BuiltinDataset("commonsense_eval", "commonsense", "the eight commonsense test sets", members=COMMONSENSE_EVAL),
+        BuiltinDataset("math_eval", "math", "the seven math word-problem test sets", members=MATH_EVAL),
+    ]
+    return {spec.name: spec for spec in specs}
+
+
+BUILTINS: dict[str, BuiltinDataset] = _registry()
+_ALIASES = {"siqa": "social_i_qa", "arc_challenge": "ARC-Challenge", "arc_easy": "ARC-Easy", "arc-c": "ARC-Challenge",
+            "arc-e": "ARC-Easy", "obqa": "openbookqa", "dolly15k": "dolly", "databricks-dolly-15k": "dolly",
+            "alpaca": "alpaca_gpt4", "multiarith": "MultiArith", "addsub": "AddSub", "singleeq": "SingleEq",
+            "svamp": "SVAMP", "aqua": "AQuA", "commonsense": "commonsense_eval"}
+
+
+def builtin(name: str) -> BuiltinDataset | None:
+    """The spec for a built-in name (case-insensitive, with a few aliases), or None."""
+    if name in BUILTINS:
+        return BUILTINS[name]
+    lowered = name.lower()
+    for key, spec in BUILTINS.items():
+        if key.lower() == lowered:
+            return spec
+    alias = _ALIASES.get(lowered)
+    return BUILTINS[alias] if alias else None
+
+
+def data_dir(explicit: str | Path | None = None) -> Path | None:
+    """``explicit``, else ``$FEDPEFT_DATA_DIR``, else ``<repo>/../shared/data`` when it exists."""
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    default = REPO_ROOT.parent / "shared" / "data"
+    return default if default.is_dir() else None
+
+
+def _local_candidates(spec: BuiltinDataset, split: str, path: str | Path | None) -> list[Path]:
+    relative = spec.local.get(split)
+    candidates: list[Path] = []
+    if path is not None:
+        root = Path(path).expanduser()
+        if root.is_file():
+            return [root]
+        if relative:
+            parts = Path(relative).parts
+            candidates += [root.joinpath(*parts[i:]) for i in range(len(parts))]  # data root, dataset folder, ...
+            if spec.local_options.get("pattern"):
+                candidates.append(root)  # the folder of per-client files itself
+        else:
+            candidates.append(root)
+    root = data_dir() if path is None else None
+    if root is not None and relative:
+        candidates.append(root / relative)
+    return candidates
+
+
+def load_builtin(name: str, split: str = "train", path: str | Path | None = None, *,
+                 limit: int | None = None, hub: bool = True, skip_missing: bool = False) -> list[Record]:
+    """Records of a built-in dataset split; every record gets ``task`` = the dataset name unless set.
+    For a group, ``skip_missing`` leaves out (with a warning) members that cannot be loaded."""
+    spec = builtin(name)
+    if spec is None:
+        raise DataError(f"'{name}' is not a built-in dataset name; known: {', '.join(BUILTINS)}")
+    if spec.members:
+        records: list[Record] = []
+        for member in spec.members:
+            try:
+                part = load_builtin(member, split, path, limit=limit, hub=hub)
+            except DataError as exc:
+                if not skip_missing:
+                    raise
+                logger.warning("group '%s': leaving out '%s': %s", spec.name, member, exc)
+                continue
+            for record in part:
+                record["task"] = BUILTINS[member].name
+            records.extend(part)
+        if not records:
+            raise DataError(f"built-in group '{spec.name}' split '{split}': none of {list(spec.members)} could be loaded")
+        return records
+    if split not in spec.splits:
+        raise DataError(f"built-in dataset '{spec.name}' has no split '{split}'; its splits: {', '.join(spec.splits)}")
+    candidates = _local_candidates(spec, split, path)
+    relative = spec.local.get(split)
+    expects_dir = relative is not None and not Path(relative).suffix
+    found = next((c for c in candidates if c.is_file() or (c.is_dir() and (expects_dir or relative is None))), None)
+    options = {k: v for k, v in spec.local_options.items() if k != "pattern"}
+    if found is not None and found.is_dir():
+        options["pattern"] = spec.local_options.get("pattern", "*")
+    if found is not None:
+        records = load_local(found, limit=limit, **options)
+    elif hub and spec.hub_id and split in spec.hub_splits:
+        records = load_hub(spec.hub_id, spec.hub_config, spec.hub_splits[split], limit=limit)
+    else:
+        looked = ", ".join(str(c) for c in candidates) or "nowhere (no data.path, no $FEDPEFT_DATA_DIR, no ../shared/data)"
+        hub_note = f"; its hub id '{spec.hub_id}' has no split '{split}'" if spec.hub_id else "; it has no hub id"
+        if spec.hub_id and split in spec.hub_splits and not hub:
+            hub_note = "; hub loading is off"
+        raise DataError(f"built-in dataset '{spec.name}' split '{split}': no local copy (looked in {looked}){hub_note}. "
+                        f"Point data.path or ${DATA_DIR_ENV} at a copy")
+    if spec.convert is not None:
+        records = [spec.convert(r) for r in records]
+    for record in records:
+        record.setdefault("task", spec.name)
+    if not records:
+        raise DataError(f"built-in dataset '{spec.name}' split '{split}' is empty")
+    return records
+
+
+def make_task(name: str, path: str | Path | None = None, **options: Any) -> Task:
+    """The task of a built-in dataset, with its default options; ``mmlu`` with ``shots`` > 0 loads the
+    dev split for the exemplars."""
+    spec = builtin(name)
+    if spec is None or spec.task is None:
+        kind = "has no task type" if spec is not None else "is not a built-in dataset name"
+        raise DataError(f"'{name}' {kind}; use fedpeft.data.tasks.get_task(<type>) with one of its types")
+    merged = {**spec.task_options, **options}
+    if spec.task == "mmlu" and merged.get("shots") and "dev_records" not in merged:
+        merged["dev_records"] = load_builtin("mmlu", "dev", path)
+    return get_task(spec.task, **merged)
+
+
+def load_source(source: str, split: str = "train", path: str | Path | None = None,
+                columns: Mapping[str, str] | str | None = None, *, limit: int | None = None) -> list[Record]:
+    """Records for ``data.source``: a built-in name, else a local file/directory, else a hub id."""
+    if builtin(source) is not None:
+        records = load_builtin(source, split, path, limit=limit)
+        if columns:
+            from fedpeft.data.sources import apply_columns
+
+            records = apply_columns(records, columns, f"built-in '{source}'")
+        return records
+    return load_records(path or source, columns, split=split, limit=limit)

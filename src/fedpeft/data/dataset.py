@@ -1,0 +1,39 @@
+"""The data of one experiment: training records (with their partition label) and evaluation records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedpeft.data.generated import generate_split
+
+
+@dataclass
+class ExperimentData:
+    train: list[dict]
+    evaluation: list[dict]
+    label_field: str = "task"
+    scorer: str = "exact_match"
+    info: dict = field(default_factory=dict)
+
+    def labels(self) -> list[str]:
+        missing = [i for i, r in enumerate(self.train) if self.label_field not in r]
+        if missing:
+            raise ValueError(
+                f"data.partition.by: field '{self.label_field}' is missing from record {missing[0]} "
+                f"(fields: {sorted(self.train[missing[0]])})"
+            )
+        return [str(r[self.label_field]) for r in self.train]
+
+
+def load_experiment_data(config) -> ExperimentData:
+    """Resolve ``config.data`` to records; raises before any model is loaded when the data is bad."""
+    data = config.data
+    if data.source == "generated":
+        train, evaluation = generate_split(list(data.tasks), data.train_examples_per_task,
+                                           data.eval_examples_per_task, config.seed)
+        return ExperimentData(train=train, evaluation=evaluation, label_field=data.partition.by)
+    try:
+        from fedpeft.data.builtin import load_for_experiment
+    except ImportError as exc:  # pragma: no cover - the data layer ships with the package
+        raise ValueError(f"data.source '{data.source}': only 'generated' is available in this build") from exc
+    return load_for_experiment(config)

@@ -1,0 +1,78 @@
+"""Prompt templates and completion-only tokenisation.
+
+A record becomes (prompt text, target text); the model sees prompt + target + end-of-sequence, and the
+loss covers only the target tokens (labels of the prompt are -100). When an example is too long the
+prompt is cut from the left (its end, next to the answer, is kept); a target that cannot fit whole is
+never cut: the example is dropped and counted, and the caller reports the count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_TEMPLATE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+def format_prompt(record: dict, template: str, tokenizer) -> str:
+    """The text the model is conditioned on for ``record`` (fields: instruction, optional input/context)."""
+    instruction = record["instruction"]
+    extra = record.get("input") or record.get("context") or ""
+    if template == "alpaca":
+        return (ALPACA_TEMPLATE_WITH_INPUT if extra else ALPACA_TEMPLATE).format(instruction=instruction, input=extra)
+    if template == "chat":
+        content = f"{instruction}\n\n{extra}" if extra else instruction
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    if template == "plain":
+        return f"{instruction}\n{extra}\n" if extra else f"{instruction}\n"
+    raise ValueError(f"data.template: unknown template '{template}'; valid: chat, alpaca, plain")
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_example(prompt: str, target: str, tokenizer, max_len: int) -> EncodedExample | None:
+    """Tokens of prompt + target + eos, labels only on target + eos; None when the target cannot fit."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(target_ids) >= max_len:
+        return None
+    room = max_len - len(target_ids)
+    if len(prompt_ids) > room:
+        prompt_ids = prompt_ids[len(prompt_ids) - room:]
+    return EncodedExample(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids)
+
+
+def encode_records(records: Sequence[dict], tokenizer, template: str, max_len: int) -> tuple[list[EncodedExample | None], int]:
+    """Encode every record (None where dropped) and return how many were dropped."""
+    encoded = [encode_example(format_prompt(r, template, tokenizer), r["output"], tokenizer, max_len) for r in records]
+    return encoded, sum(e is None for e in encoded)
+
+
+def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (padding labelled -100)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

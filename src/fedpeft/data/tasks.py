@@ -1,0 +1,490 @@
+"""Tasks: how a record becomes (prompt, target) and how a model's answer is scored.
+
+A task never tokenizes or applies a prompt template: it returns the user-side text (``instruction``
+plus an optional ``input``/context) and the target text; ``fedpeft.data.encoding`` wraps them in the
+Alpaca template or the model's chat template and masks the loss to the target.
+
+Types (``get_task(name)``):
+
+- ``instruction`` (aliases ``alpaca``, ``dolly``): instruction + optional input/context -> output/response;
+  scored by ROUGE-L F1 (or exact match with ``metric="exact"``).
+- ``gsm8k``: question -> worked answer ending ``#### <number>``; scored on the number.
+- ``commonsense``: LLM-Adapters multiple choice (``answer`` like ``solution1``, ``true``, ``option2``);
+  scored on the first option word in the answer, as LLM-Adapters does.
+- ``mmlu``: question + 4 options -> letter, optional k-shot exemplars from the dev set of the same subject.
+- ``classification`` (alias ``sst2``): sentence -> label word; scored on the first label word said.
+- ``math``: math word problems (LLM-Adapters format; number or option letter answers).
+
+Every task validates its records up front (``task.validate(records, origin)``): a missing field or a
+label outside the label set is a ``DataError`` naming the file, the record and the value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from fedpeft.data.sources import DataError, Record
+
+
+@dataclass(frozen=True)
+class Example:
+    """What a task makes of one record: user-side text and the target the loss is computed on."""
+
+    instruction: str
+    target: str
+    input: str = ""
+
+    @property
+    def prompt(self) -> str:
+        """Instruction and input as one user message (for chat templates and plain prompts)."""
+        return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
+
+
+# ------------------------------------------------------------------------------------ answer helpers
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _clean_numbers(text: str) -> str:
+    text = re.sub(r"(?<=\d),(?=\d)", "", text)  # 1,000 -> 1000
+    return text.replace("$", "")
+
+
+def parse_number(text: Any) -> float | None:
+    """A float from a gold answer such as ``"72"``, ``"8.0"``, ``"1,000"``, ``"$5"``; None if none."""
+    match = _NUMBER.search(_clean_numbers(str(text)))
+    return float(match.group()) if match else None
+
+
+def extract_number(prediction: str) -> float | None:
+    """The answer number of a generation: after the last ``####``, else after the last "answer is",
+    else the last number in the text (LLM-Adapters' rule)."""
+    text = _clean_numbers(prediction)
+    for marker in ("####", "answer is"):
+        position = text.lower().rfind(marker)
+        if position >= 0:
+            match = _NUMBER.search(text[position + len(marker):])
+            if match:
+                return float(match.group())
+    numbers = _NUMBER.findall(text)
+    return float(numbers[-1]) if numbers else None
+
+
+def numbers_equal(a: float | None, b: float | None, tolerance: float = 1e-3) -> bool:
+    """Equal within an absolute ``tolerance`` (LLM-Adapters uses 0.001); None never equals."""
+    return a is not None and b is not None and abs(a - b) <= tolerance
+
+
+def extract_letter(prediction: str, letters: str = "ABCD") -> str | None:
+    """The option letter of a generation: "answer is (C)" / "answer: C", else a leading "C" / "(C)",
+    else the first standalone letter."""
+    cls = f"[{letters}]"
+    for pattern in (rf"(?i:answer)\s*(?:(?i:is)|:)?\s*[:\-]?\s*\(?({cls})\b", rf"^\s*\(?({cls})(?:\)|\.|:|\b)",
+                    rf"\(({cls})\)", rf"\b({cls})\b"):
+        match = re.search(pattern, prediction)
+        if match:
+            return match.group(1)
+    return None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over lower-cased word tokens."""
+    pred, ref = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", reference.lower())
+    if not pred or not ref:
+        return float(pred == ref)
+    previous = [0] * (len(ref) + 1)
+    for p in pred:
+        current = [0]
+        for j, r in enumerate(ref):
+            current.append(previous[j] + 1 if p == r else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _text(record: Mapping[str, Any], *names: str, default: str | None = None) -> str:
+    for name in names:
+        value = record.get(name)
+        if value is not None:
+            return str(value)
+    if default is not None:
+        return default
+    raise DataError(f"record has none of the fields {list(names)} (it has {sorted(record)})")
+
+
+# ------------------------------------------------------------------------------------------- tasks
+class Task:
+    """Base class. Subclasses set ``name`` and ``fields`` (each an alternative tuple) and define
+    ``example``, ``reference`` and ``score``."""
+
+    name: ClassVar[str] = "task"
+    fields: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    def validate(self, records: Sequence[Record], origin: str = "<records>") -> None:
+        """Raise a DataError naming the first record that this task cannot use."""
+        if not records:
+            raise DataError(f"{origin}: no records for task {self.name!r} (empty split)")
+        for i, record in enumerate(records):
+            for alternatives in self.fields:
+                if not any(record.get(f) is not None for f in alternatives):
+                    wanted = " or ".join(repr(f) for f in alternatives)
+                    raise DataError(
+                        f"{origin}: record {i} has no field {wanted} for task {self.name!r} (it has {sorted(record)}); "
+                        f"map a column to it with data.columns"
+                    )
+            self._check_record(record, i, origin)
+
+    def _check_record(self, record: Record, index: int, origin: str) -> None:
+        """Task-specific checks (label sets); raise DataError."""
+
+    def example(self, record: Record) -> Example:
+        raise NotImplementedError
+
+    def prompt(self, record: Record) -> str:
+        return self.example(record).prompt
+
+    def target(self, record: Record) -> str:
+        return self.example(record).target
+
+    def reference(self, record: Record) -> str:
+        """The gold answer in the form ``extract`` returns (a number, a letter, an option word...)."""
+        return self.target(record)
+
+    def extract(self, prediction: str) -> Any:
+        """The answer part of a generation (None when nothing recognisable is there)."""
+        return prediction.strip()
+
+    def score(self, prediction: str, record: Record) -> float:
+        """1.0 / 0.0 for tasks with one right answer; a similarity in [0, 1] for free text."""
+        raise NotImplementedError
+
+    def candidates(self, record: Record) -> list[str] | None:
+        """Target strings of every option, for multiple-choice log-likelihood scoring (None: free text)."""
+        return None
+
+    def gold_index(self, record: Record) -> int | None:
+        options = self.candidates(record)
+        return None if options is None else options.index(self.target(record))
+
+    def normalize(self, record: Record) -> Record:
+        """The record as ``{"task", "instruction", "input", "output"}`` (the generated-set shape) plus
+        ``answer`` (the reference), for code that only reads those fields."""
+        ex = self.example(record)
+        return {"task": record.get("task", self.name), "instruction": ex.instruction, "input": ex.input,
+                "output": ex.target, "answer": self.reference(record)}
+
+
+class InstructionTask(Task):
+    """Alpaca / Dolly style: instruction + optional input (``input`` or ``context``) -> ``output`` or
+    ``response``."""
+
+    name = "instruction"
+    fields = (("instruction",), ("output", "response"))
+
+    def __init__(self, metric: str = "rougeL") -> None:
+        if metric not in ("rougeL", "exact"):
+            raise DataError(f"instruction task metric must be 'rougeL' or 'exact', got {metric!r}")
+        self.metric = metric
+
+    def example(self, record: Record) -> Example:
+        context = _text(record, "input", "context", default="").strip()
+        return Example(str(record["instruction"]).strip(), _text(record, "output", "response").strip(), context)
+
+    def score(self, prediction: str, record: Record) -> float:
+        reference = self.reference(record)
+        if self.metric == "exact":
+            return float(prediction.strip().lower() == reference.strip().lower())
+        return rouge_l(prediction, reference)
+
+
+class GSM8KTask(Task):
+    """GSM8K: ``question`` -> ``answer`` (worked solution ending ``#### <number>``). Calculator
+    annotations ``<<48/2=24>>`` are removed from the target unless ``keep_calculator``."""
+
+    name = "gsm8k"
+    fields = (("question", "instruction"), ("answer", "output"))
+
+    def __init__(self, keep_calculator: bool = False) -> None:
+        self.keep_calculator = keep_calculator
+
+    def _solution(self, record: Record) -> str:
+        return _text(record, "answer", "output")
+
+    def _check_record(self, record: Record, index: int, origin: str) -> None:
+        solution = self._solution(record)
+        if "####" not in solution or parse_number(solution.rsplit("####", 1)[1]) is None:
+            raise DataError(f"{origin}: record {index}: GSM8K answer has no '#### <number>' at the end: {solution[-60:]!r}")
+
+    def example(self, record: Record) -> Example:
+        solution = self._solution(record)
+        if not self.keep_calculator:
+            solution = re.sub(r"<<[^>]*>>", "", solution)
+        return Example(_text(record, "question", "instruction").strip(), solution.strip())
+
+    def reference(self, record: Record) -> str:
+        number = parse_number(self._solution(record).rsplit("####", 1)[-1])
+        return _format_number(number)
+
+    def extract(self, prediction: str) -> float | None:
+        return extract_number(prediction)
+
+    def score(self, prediction: str, record: Record) -> float:
+        return float(numbers_equal(self.extract(prediction), float(self.reference(record))))
+
+
+def _format_number(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+_OPTION_PREFIXES = {"solution": 2, "answer": 5, "option": 2, "ending": 4}
+
+
+class CommonsenseTask(Task):
+    """LLM-Adapters commonsense format ``{instruction, input, output, answer}``; ``answer`` is an option
+    word (``true``/``false``, ``solution1``, ``answer3``, ``option2``, ``ending4``). The options are read
+    from the instruction's "Answer format: a/b/c" line (else from the answer's prefix). Scoring takes the
+    first option word in the generation, like LLM-Adapters' evaluation."""
+
+    name = "commonsense"
+    fields = (("instruction",), ("answer",))
+
+    def options(self, record: Record) -> list[str]:
+        match = re.search(r"Answer format:\s*([\w/ ]+)", str(record.get("instruction", "")))
+        if match:
+            return [o.strip().lower() for o in match.group(1).split("/") if o.strip()]
+        answer = str(record.get("answer", "")).strip().lower()
+        if answer in ("true", "false"):
+            return ["true", "false"]
+        prefix = re.sub(r"\d+$", "", answer)
+        return [f"{prefix}{i}" for i in range(1, _OPTION_PREFIXES.get(prefix, 5) + 1)]
+
+    def _check_record(self, record: Record, index: int, origin: str) -> None:
+        answer = str(record["answer"]).strip().lower()
+        if answer not in self.options(record):
+            raise DataError(f"{origin}: record {index}: answer {record['answer']!r} is not one of the options "
+                            f"{self.options(record)}")
+
+    def example(self, record: Record) -> Example:
+        target = _text(record, "output", default="").strip() or f"the correct answer is {self.reference(record)}"
+        return Example(str(record["instruction"]).strip(), target, _text(record, "input", default="").strip())
+
+    def reference(self, record: Record) -> str:
+        return str(record["answer"]).strip().lower()
+
+    def extract(self, prediction: str, options: Sequence[str] | None = None) -> str | None:
+        words = options or ["true", "false", *(f"{p}{i}" for p, n in _OPTION_PREFIXES.items() for i in range(1, n + 1))]
+        pattern = r"\b(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")\b"
+        match = re.search(pattern, prediction.lower())
+        return match.group(1) if match else None
+
+    def score(self, prediction: str, record: Record) -> float:
+        return float(self.extract(prediction, self.options(record)) == self.reference(record))
+
+    def candidates(self, record: Record) -> list[str]:
+        target = self.target(record)
+        gold = self.reference(record)
+        stem = target[: target.lower().rfind(gold)] if gold in target.lower() else "the correct answer is "
+        return [f"{stem}{option}" for option in self.options(record)]
+
+    def gold_index(self, record: Record) -> int:
+        return self.options(record).index(self.reference(record))
+
+
+class MMLUTask(Task):
+    """MMLU: ``question``, options ``A``-``D`` (or ``choices`` list) and ``answer`` (letter or 0-3).
+    With ``shots`` > 0, the first ``shots`` records of ``dev_records`` with the same ``subject`` are
+    prepended as solved exemplars (Hendrycks et al.'s prompt)."""
+
+    name = "mmlu"
+    fields = (("question",), ("answer",))
+    LETTERS: ClassVar[str] = "ABCD"
+
+    def __init__(self, shots: int = 0, dev_records: Sequence[Record] | None = None) -> None:
+        if shots < 0:
+            raise DataError(f"mmlu shots must be >= 0, got {shots}")
+        if shots and not dev_records:
+            raise DataError(f"mmlu with shots={shots} needs dev_records (the MMLU dev split) for the exemplars")
+        self.shots = shots
+        self.dev_by_subject: dict[str, list[Record]] = {}
+        for record in dev_records or []:
+            self.dev_by_subject.setdefault(self.subject(record), []).append(record)
+
+    @staticmethod
+    def subject(record: Record) -> str:
+        return str(record.get("subject") or "").strip()
+
+    def choices(self, record: Record) -> list[str]:
+        if record.get("choices") is not None:
+            return [str(c) for c in record["choices"]]
+        return [str(record[letter]) for letter in self.LETTERS if letter in record]
+
+    def _check_record(self, record: Record, index: int, origin: str) -> None:
+        if len(self.choices(record)) != 4:
+            raise DataError(f"{origin}: record {index}: MMLU needs 4 options (fields A-D or choices), "
+                            f"got {len(self.choices(record))}")
+        if self.reference(record) not in self.LETTERS:
+            raise DataError(f"{origin}: record {index}: answer {record['answer']!r} is not one of A, B, C, D (or 0-3)")
+
+    def reference(self, record: Record) -> str:
+        answer = record["answer"]
+        if isinstance(answer, int) or str(answer).strip().isdigit():
+            index = int(answer)
+            return self.LETTERS[index] if 0 <= index < 4 else str(answer)
+        return str(answer).strip().upper()
+
+    def _block(self, record: Record, with_answer: bool) -> str:
+        lines = [str(record["question"]).strip()]
+        lines += [f"{letter}. {choice}" for letter, choice in zip(self.LETTERS, self.choices(record))]
+        lines.append("Answer:" + (f" {self.reference(record)}" if with_answer else ""))
+        return "\n".join(lines)
+
+    def example(self, record: Record) -> Example:
+        subject = self.subject(record)
+        about = f" about {subject.replace('_', ' ')}" if subject else ""
+        parts = [f"The following are multiple choice questions (with answers){about}."]
+        if self.shots:
+            exemplars = [r for r in self.dev_by_subject.get(subject, []) if r is not record][: self.shots]
+            parts += [self._block(r, True) for r in exemplars]
+        parts.append(self._block(record, False))
+        return Example("\n\n".join(parts), self.reference(record))
+
+    def extract(self, prediction: str) -> str | None:
+        return extract_letter(prediction, self.LETTERS)
+
+    def score(self, prediction: str, record: Record) -> float:
+        return float(self.extract(prediction) == self.reference(record))
+
+    def candidates(self, record: Record) -> list[str]:
+        return list(self.LETTERS)
+
+
+class ClassificationTask(Task):
+    """Sentence classification (SST-2 style; sentence pairs with several ``text_field`` names):
+    text -> the label word of ``label``. ``label_words`` maps label values (compared as strings) to the
+    words the model should say; a label outside them is an error naming the value."""
+
+    name = "classification"
+
+    def __init__(self, label_words: Mapping[Any, str] | None = None, text_field: str | Sequence[str] = "sentence",
+                 label_field: str = "label", instruction: str | None = None) -> None:
+        self.label_words = {str(k): str(v) for k, v in (label_words or {"0": "negative", "1": "positive"}).items()}
+        if len(set(self.label_words.values())) != len(self.label_words):
+            raise DataError(f"label_words must map each label to a different word, got {self.label_words}")
+        self.text_fields = [text_field] if isinstance(text_field, str) else list(text_field)
+        if not self.text_fields:
+            raise DataError("classification task needs at least one text_field")
+        self.label_field = label_field
+        words = " or ".join(self.label_words.values())
+        self.instruction = instruction or f"Classify the sentiment of the sentence. Answer with one word: {words}."
+
+    @property
+    def fields(self) -> tuple[tuple[str, ...], ...]:  # type: ignore[override]
+        return (*((f,) for f in self.text_fields), (self.label_field,))
+
+    def _label(self, record: Record) -> str:
+        value = record[self.label_field]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return str(value).strip()
+
+    def _check_record(self, record: Record, index: int, origin: str) -> None:
+        if self._label(record) not in self.label_words:
+            raise DataError(f"{origin}: record {index}: {self.label_field} {record[self.label_field]!r} is not in the "
+                            f"label set {sorted(self.label_words)}")
+
+    def example(self, record: Record) -> Example:
+        label = self._label(record)
+        if label not in self.label_words:
+            raise DataError(f"{self.label_field} {record[self.label_field]!r} is not in the label set {sorted(self.label_words)}")
+        if len(self.text_fields) == 1:
+            text = f"Sentence: {str(record[self.text_fields[0]]).strip()}"
+        else:
+            text = "\n".join(f"{f.replace('_', ' ').capitalize()}: {str(record[f]).strip()}" for f in self.text_fields)
+        return Example(self.instruction, self.label_words[label], text)
+
+    def extract(self, prediction: str) -> str | None:
+        words = sorted(self.label_words.values(), key=len, reverse=True)
+        match = re.search(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", prediction, flags=re.IGNORECASE)
+        return match.group(1).lower() if match else None
+
+    def score(self, prediction: str, record: Record) -> float:
+        return float(self.extract(prediction) == self.reference(record).lower())
+
+    def candidates(self, record: Record) -> list[str]:
+        return list(self.label_words.values())
+
+
+class MathTask(Task):
+    """Math word problems in the LLM-Adapters format (AddSub, MultiArith, SingleEq, SVAMP, MAWPS: a
+    number; AQuA, MathQA: an option letter A-E). Target: "The answer is <answer>.", preceded by the
+    record's worked ``output`` when ``use_output`` allows: ``"consistent"`` (default) uses it only when
+    its own final answer equals the gold ``answer`` (the LLM-Adapters test files hold model-written
+    rationales, many of them wrong), ``"always"`` / ``"never"`` as named."""
+
+    name = "math"
+    fields = (("instruction",), ("answer",))
+
+    def __init__(self, use_output: str = "consistent") -> None:
+        if use_output not in ("consistent", "always", "never"):
+            raise DataError(f"math task use_output must be consistent, always or never, got {use_output!r}")
+        self.use_output = use_output
+
+    @staticmethod
+    def _is_letter(record: Record) -> bool:
+        return bool(re.fullmatch(r"[A-Ea-e]", str(record["answer"]).strip()))
+
+    def _check_record(self, record: Record, index: int, origin: str) -> None:
+        if not self._is_letter(record) and parse_number(record["answer"]) is None:
+            raise DataError(f"{origin}: record {index}: answer {record['answer']!r} is neither a number nor an option letter A-E")
+
+    def example(self, record: Record) -> Example:
+        output = _text(record, "output", default="").strip()
+        plain = f"The answer is {self.reference(record)}."
+        use = self.use_output == "always" or (self.use_output == "consistent" and self._correct(output, record))
+        target = output if (use and output) else plain
+        return Example(str(record["instruction"]).strip(), target, _text(record, "input", default="").strip())
+
+    def _correct(self, prediction: str, record: Record) -> bool:
+        if self._is_letter(record):
+            return extract_letter(prediction, "ABCDE") == self.reference(record)
+        return numbers_equal(extract_number(prediction), float(self.reference(record)))
+
+    def reference(self, record: Record) -> str:
+        if self._is_letter(record):
+            return str(record["answer"]).strip().upper()
+        return _format_number(parse_number(record["answer"]))
+
+    def score(self, prediction: str, record: Record) -> float:
+        return float(self._correct(prediction, record))
+
+
+TASK_TYPES: dict[str, type[Task]] = {
+    "instruction": InstructionTask,
+    "alpaca": InstructionTask,
+    "dolly": InstructionTask,
+    "gsm8k": GSM8KTask,
+    "commonsense": CommonsenseTask,
+    "mmlu": MMLUTask,
+    "classification": ClassificationTask,
+    "sst2": ClassificationTask,
+    "math": MathTask,
+}
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """A task by type name (see ``TASK_TYPES``) with its options (e.g. ``shots=5, dev_records=...``)."""
+    try:
+        cls = TASK_TYPES[name]
+    except KeyError:
+        raise DataError(f"task type {name!r} is not known; valid: {', '.join(TASK_TYPES)}") from None
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise DataError(f"task type {name!r}: bad options {sorted(options)} ({exc})") from None

@@ -1,0 +1,72 @@
+"""Batched greedy generation with left padding, and exact-match evaluation on (prompt, answer) records."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from fedpeft.data.encoding import format_prompt
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of ``prompts`` (decoded, special tokens removed). Batches are built from
+    prompts sorted by length so that little compute goes to padding; results come back in input order."""
+    was_training = model.training
+    model.eval()
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                outputs[i] = text
+    finally:
+        tokenizer.padding_side = previous_side
+        model.train(was_training)
+    return outputs
+
+
+def normalize_answer(text: str) -> str:
+    """First line, surrounding whitespace and a trailing period removed; inner spaces collapsed."""
+    text = text.strip().split("\n")[0].strip()
+    text = re.sub(r"\s+", " ", text)
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def exact_match_eval(model, tokenizer, records: Sequence[dict], template: str, max_new_tokens: int = 16,
+                     batch_size: int = 16, max_examples: int | None = None) -> dict:
+    """Exact match per task and overall on records ``{task, instruction, output}``."""
+    start = time.perf_counter()
+    chosen: list[dict] = []
+    per_task_count: dict[str, int] = defaultdict(int)
+    for r in records:
+        if max_examples is None or per_task_count[r["task"]] < max_examples:
+            per_task_count[r["task"]] += 1
+            chosen.append(r)
+    prompts = [format_prompt(r, template, tokenizer) for r in chosen]
+    predictions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    hits: dict[str, list[int]] = defaultdict(list)
+    for r, pred in zip(chosen, predictions):
+        hits[r["task"]].append(int(normalize_answer(pred) == normalize_answer(r["output"])))
+    metrics = {f"{task}/exact_match": sum(h) / len(h) for task, h in sorted(hits.items())}
+    all_hits = [h for hs in hits.values() for h in hs]
+    metrics["exact_match"] = sum(all_hits) / max(1, len(all_hits))
+    samples = [{"task": r["task"], "prompt": r["instruction"], "expected": r["output"], "predicted": p}
+               for r, p in list(zip(chosen, predictions))[:: max(1, len(chosen) // 8)]]
+    return {"metrics": metrics, "examples": len(chosen), "seconds": time.perf_counter() - start, "samples": samples}

@@ -1,0 +1,362 @@
+"""The engine: owns the round loop and nothing else.
+
+One shared PEFT model; per sampled client the global adapter is loaded, the ClientPlan applied, the
+local trainer run, and the strategy's update collected; then the strategy aggregates, the engine
+evaluates every E rounds, logs, and checkpoints atomically. All randomness of a round derives from
+(seed, round, client), so ``--resume`` from the last completed round reproduces an uninterrupted run
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeft.adapters import (
+    AdapterState,
+    adapter_parameters,
+    get_adapter_state,
+    set_adapter_state,
+    set_trainable,
+    state_bytes,
+    validate_update,
+)
+from fedpeft.config import ExperimentConfig, load_config
+from fedpeft.data.dataset import ExperimentData, load_experiment_data
+from fedpeft.data.encoding import collate, encode_records
+from fedpeft.data.partition import partition
+from fedpeft.evaluation.generation import exact_match_eval
+from fedpeft.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
+from fedpeft.federation.client_store import ClientStore
+from fedpeft.federation.local_trainer import round_lr, train_local
+from fedpeft.federation.metrics_log import MetricsLog
+from fedpeft.federation.progress import RunProgress
+from fedpeft.federation.sampling import derive_seed, index_stream, sample_clients
+from fedpeft.metering.memory import peak_rss_mb
+from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, set_base_weights, wrap_lora
+from fedpeft.models.registry import load_base_model
+from fedpeft.strategies import build_strategy
+from fedpeft.strategies.base import ClientPlan, ClientUpdate
+
+log = logging.getLogger(__name__)
+
+KILL_ENV = "FEDPEFT_KILL_AT"
+"""Testing aid: ``client:<round>:<n>`` (after the n-th local job of a round) or ``checkpoint:<round>``
+(checkpoint files written, not yet committed) makes the process SIGKILL itself there."""
+
+
+def _maybe_kill(point: str) -> None:
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    rounds: int
+    seconds: float
+    initial_metrics: dict[str, float] = field(default_factory=dict)
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    final_adapter_dir: Path | None = None
+
+
+@dataclass
+class ServerContext:
+    """What ``Strategy.begin_round`` may use on the server: the shared model and server-held data."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    config: ExperimentConfig
+    data: ExperimentData
+    make_batch: Any
+
+
+class Engine:
+    def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+
+    # --- set-up -------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.config
+        if cfg.model.threads:
+            torch.set_num_threads(cfg.model.threads)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resume:
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        # Data first: bad data fails before a model is loaded.
+        self.data = load_experiment_data(cfg)
+        labels = self.data.labels()
+        pcfg = cfg.data.partition
+        self.client_indices = partition(labels, cfg.federation.num_clients, pcfg.kind, cfg.seed,
+                                        alpha=pcfg.alpha, min_frac=pcfg.min_frac,
+                                        classes_per_client=pcfg.classes_per_client)
+        self.labels = labels
+        loaded = load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
+                                 gguf_file=cfg.model.gguf_file)
+        self.model_source, self.model_load_seconds = loaded.source, loaded.load_seconds
+        self.tokenizer = loaded.tokenizer
+        self.model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed)
+        options = dict(cfg.method.options)
+        options.setdefault("r", cfg.peft.r)
+        options.setdefault("lora_alpha", cfg.peft.alpha)
+        options.setdefault("rslora", cfg.peft.rslora)
+        options.setdefault("num_clients", cfg.federation.num_clients)
+        options.setdefault("seed", cfg.seed)
+        self.strategy = build_strategy(cfg.method.model_copy(update={"options": options}))
+        self.strategy.prepare_model(self.model)
+        self.encoded, dropped = encode_records(self.data.train, self.tokenizer, cfg.data.template, cfg.training.max_seq_len)
+        if dropped:
+            log.warning("dropped %d of %d training examples whose target does not fit in training.max_seq_len=%d",
+                        dropped, len(self.encoded), cfg.training.max_seq_len)
+        self.client_indices = [[i for i in idx if self.encoded[i] is not None] for idx in self.client_indices]
+        self.store = ClientStore(self.run_dir / "client_store")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.base_touched: set[str] = set()
+
+    def _batches(self, indices: list[int], seed: int):
+        stream = index_stream(indices, seed)
+        size = self.config.federation.batch_size
+        while True:
+            yield collate([self.encoded[next(stream)] for _ in range(size)], self.tokenizer.pad_token_id)
+
+    def _client_examples(self, client_id: int, data_key: str | None) -> list[int]:
+        idx = self.client_indices[client_id]
+        return idx if data_key is None else [i for i in idx if self.labels[i] == data_key]
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, global_state: AdapterState, round_idx: int, final: bool = False) -> dict:
+        ecfg = self.config.evaluation
+        set_adapter_state(self.model, global_state)
+        result = exact_match_eval(
+            self.model, self.tokenizer, self.data.evaluation, self.config.data.template,
+            max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size,
+            max_examples=None if final else ecfg.max_examples,
+        )
+        self.metrics.log("eval", round=round_idx, metrics=result["metrics"], examples=result["examples"],
+                         seconds=result["seconds"], samples=result["samples"])
+        return result["metrics"]
+
+    # --- one client job ---------------------------------------------------------------------------
+    def _run_plan(self, round_idx: int, plan: ClientPlan, global_state: AdapterState, lr: float,
+                  progress: RunProgress) -> ClientUpdate:
+        cfg = self.config
+        examples = self._client_examples(plan.client_id, plan.data_key)
+        if not examples:
+            raise ValueError(f"client {plan.client_id} has no training examples"
+                             + (f" for '{plan.data_key}'" if plan.data_key else ""))
+        set_adapter_state(self.model, global_state)
+        if plan.init_state is not None or plan.downlink:
+            set_adapter_state(self.model, plan.init_state if plan.init_state is not None else plan.downlink)
+        set_trainable(self.model, plan.trainable)
+        params = {n: p for n, p in adapter_parameters(self.model).items() if p.requires_grad}
+        torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, plan.client_id, plan.job))
+        batches = self._batches(examples, derive_seed(cfg.seed, "batches", round_idx, plan.client_id, plan.job))
+        progress.start_client(plan.client_id, cfg.federation.local_steps)
+        result, losses = train_local(
+            self.model, params, batches, plan,
+            steps=cfg.federation.local_steps, grad_accumulation=cfg.federation.grad_accumulation, lr=lr,
+            optimizer_name=cfg.training.optimizer, weight_decay=cfg.training.weight_decay,
+            max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
+            num_examples=len(examples), on_step=progress.step,
+        )
+        trained = get_adapter_state(self.model)
+        update = self.strategy.client_update(round_idx, plan, trained, result, self.store)
+        update.metrics.setdefault("loss", result.mean_loss)
+        update.metrics["_losses"] = losses
+        update.metrics["_result"] = result
+        return update
+
+    # --- the run --------------------------------------------------------------------------------
+    def run(self) -> RunSummary:
+        cfg = self.config
+        t_start = time.perf_counter()
+        self._setup()
+        fed = cfg.federation
+        start_round, cum_up, cum_down, elapsed_before = 1, 0, 0, 0.0
+        initial_metrics: dict[str, float] = {}
+        ckpt = load_latest(self.run_dir / "checkpoints") if self.resume else None
+        if ckpt is not None:
+            self.metrics.truncate(ckpt.state["metrics_offset"])
+            global_state = ckpt.global_state
+            self.strategy.load_state_dict(ckpt.strategy_state)
+            self.store.restore(ckpt.state["client_store_index"])
+            if ckpt.base_weights:
+                set_base_weights(self.model, ckpt.base_weights)
+                self.base_touched = set(ckpt.base_weights)
+            start_round = ckpt.round + 1
+            cum_up, cum_down = ckpt.state["cum_uplink_bytes"], ckpt.state["cum_downlink_bytes"]
+            elapsed_before = ckpt.state.get("elapsed_seconds", 0.0)
+            initial_metrics = ckpt.state.get("initial_metrics", {})
+            log.info("resuming %s after round %d", self.run_dir, ckpt.round)
+        else:
+            if self.resume:
+                log.warning("no completed round in %s: starting from round 1", self.run_dir)
+                self.metrics.truncate(0)
+                self.store.restore({})
+            global_state = self.strategy.init_global(get_adapter_state(self.model))
+        adapter_bytes = state_bytes(get_adapter_state(self.model))
+        self.metrics.log(
+            "run_start", run_dir=str(self.run_dir), resumed_from_round=start_round - 1,
+            model_source=self.model_source, model_load_seconds=self.model_load_seconds,
+            trainable_params=sum(p.numel() for p in adapter_parameters(self.model).values()),
+            adapter_bytes=adapter_bytes, num_clients=fed.num_clients, method=cfg.method.name,
+            config=cfg.model_dump(mode="json"),
+        )
+        if start_round == 1:
+            self.metrics.log("partition", clients=[
+                {"client": c, "examples": len(idx), "labels": dict(zip(*np.unique([self.labels[i] for i in idx], return_counts=True)))
+                 if idx else {}} for c, idx in enumerate(self.client_indices)])
+            empty = [c for c, idx in enumerate(self.client_indices) if not idx]
+            if empty:
+                log.warning("clients with no training examples (they will be skipped when sampled): %s", empty)
+            if cfg.evaluation.before_training:
+                initial_metrics = self.evaluate(global_state, 0)
+        final_metrics: dict[str, float] = {}
+        progress = RunProgress(enabled=cfg.output.progress, rounds=fed.rounds, start_round=start_round)
+        with progress:
+            for round_idx in range(start_round, fed.rounds + 1):
+                round_start = time.perf_counter()
+                phases = {"train": 0.0, "aggregate": 0.0, "evaluate": 0.0, "checkpoint": 0.0}
+                lr = round_lr(round_idx, fed.rounds, cfg.training.lr, cfg.training.lr_min, cfg.training.schedule)
+                self.store.begin_round(round_idx)
+                sampled = sample_clients(cfg.seed, round_idx, fed.num_clients, fed.clients_per_round)
+                self.strategy.begin_round(round_idx, ServerContext(self.model, self.tokenizer, cfg, self.data, self._batches))
+                plans = self.strategy.configure_round(round_idx, sampled, global_state, self.store)
+                progress.start_round(round_idx, len(plans))
+                updates: list[ClientUpdate] = []
+                round_up = round_down = 0
+                t_train = time.perf_counter()
+                for n, plan in enumerate(plans, start=1):
+                    down = state_bytes(plan.downlink) + state_bytes(plan.control)
+                    try:
+                        update = self._run_plan(round_idx, plan, global_state, lr, progress)
+                        validate_update(global_state, update.tensors)
+                    except Exception as exc:  # a failing client never stops the round or corrupts the global state
+                        log.warning("round %d client %d (%s) failed: %s", round_idx, plan.client_id, plan.job, exc)
+                        self.metrics.log("client_failed", round=round_idx, client=plan.client_id, job=plan.job,
+                                         error=f"{type(exc).__name__}: {exc}")
+                        round_down += down
+                        progress.end_client(None)
+                        continue
+                    up = state_bytes(update.tensors) + state_bytes(update.control)
+                    round_up += up
+                    round_down += down
+                    result = update.metrics.pop("_result")
+                    losses = update.metrics.pop("_losses")
+                    self.metrics.log(
+                        "client_train", round=round_idx, client=plan.client_id, job=plan.job, steps=result.steps,
+                        loss=result.mean_loss, last_loss=result.last_loss, losses=losses, lr=lr,
+                        examples=result.num_examples, examples_seen=result.examples_seen, tokens=result.tokens,
+                        seconds=result.seconds, downlink_bytes=down, uplink_bytes=up,
+                    )
+                    updates.append(update)
+                    progress.end_client(result.mean_loss)
+                    _maybe_kill(f"client:{round_idx}:{n}")
+                phases["train"] = time.perf_counter() - t_train
+                if not updates:
+                    raise RuntimeError(f"round {round_idx}: every sampled client failed; see client_failed events")
+                t_agg = time.perf_counter()
+                aggregated = self.strategy.aggregate(round_idx, global_state, updates)
+                global_state = aggregated.global_state
+                if aggregated.base_delta:
+                    add_to_base_weight(self.model, aggregated.base_delta)
+                    self.base_touched.update(aggregated.base_delta)
+                round_down += state_bytes(aggregated.broadcast) * fed.num_clients
+                phases["aggregate"] = time.perf_counter() - t_agg
+                self.metrics.log("aggregate", round=round_idx, clients=[u.client_id for u in updates],
+                                 num_updates=len(updates), seconds=phases["aggregate"], **aggregated.metrics)
+                is_last = round_idx == fed.rounds
+                every = cfg.evaluation.every_rounds
+                if is_last or (every and round_idx % every == 0):
+                    t_eval = time.perf_counter()
+                    metrics = self.evaluate(global_state, round_idx, final=is_last)
+                    phases["evaluate"] = time.perf_counter() - t_eval
+                    progress.set_metric(metrics.get("exact_match"))
+                    if is_last:
+                        final_metrics = metrics
+                cum_up += round_up
+                cum_down += round_down
+                self.metrics.log(
+                    "round_end", round=round_idx, seconds=time.perf_counter() - round_start,
+                    uplink_bytes=round_up, downlink_bytes=round_down, cum_uplink_bytes=cum_up,
+                    cum_downlink_bytes=cum_down, phase_seconds=phases, peak_rss_mb=peak_rss_mb(), lr=lr,
+                )
+                t_ckpt = time.perf_counter()
+                state = {
+                    "round": round_idx, "metrics_offset": self.metrics.offset(),
+                    "client_store_index": self.store.snapshot(), "cum_uplink_bytes": cum_up,
+                    "cum_downlink_bytes": cum_down, "initial_metrics": initial_metrics,
+                    "elapsed_seconds": elapsed_before + time.perf_counter() - t_start,
+                }
+                save_checkpoint(
+                    self.run_dir / "checkpoints",
+                    Checkpoint(round_idx, global_state, self.strategy.state_dict(),
+                               base_weights(self.model, sorted(self.base_touched)) if self.base_touched else {}, state),
+                    keep=cfg.output.keep_checkpoints,
+                    before_commit=lambda r=round_idx: _maybe_kill(f"checkpoint:{r}"),
+                )
+                self.store.collect_garbage()
+                phases["checkpoint"] = time.perf_counter() - t_ckpt
+                progress.end_round()
+        if not final_metrics and start_round > fed.rounds:  # resumed a run that had already finished
+            final_metrics = self.evaluate(global_state, fed.rounds, final=True)
+        final_dir = self.save_final(global_state)
+        seconds = elapsed_before + time.perf_counter() - t_start
+        summary = RunSummary(self.run_dir, fed.rounds, seconds, initial_metrics, final_metrics, peak_rss_mb(),
+                             cum_up, cum_down, final_dir)
+        self.metrics.log("run_end", rounds=fed.rounds, seconds=seconds, initial_metrics=initial_metrics,
+                         final_metrics=final_metrics, peak_rss_mb=summary.peak_rss_mb,
+                         cum_uplink_bytes=cum_up, cum_downlink_bytes=cum_down)
+        self.metrics.close()
+        return summary
+
+    def save_final(self, global_state: AdapterState) -> Path:
+        """The global adapter in PEFT format (``PeftModel.from_pretrained`` loads it); base weights
+        changed by the method (FLoRA, FedEx-LoRA) are saved beside it."""
+        final = self.run_dir / "final"
+        set_adapter_state(self.model, global_state)
+        self.model.save_pretrained(str(final))
+        if self.base_touched:
+            from safetensors.torch import save_file
+
+            save_file(base_weights(self.model, sorted(self.base_touched)), str(final / "base_weights.safetensors"))
+        return final
+
+
+def default_run_dir(config: ExperimentConfig) -> Path:
+    name = config.output.run_name or f"{config.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return Path(config.output.dir) / name
+
+
+def run_experiment(config: ExperimentConfig | str | Path | None = None, overrides: list[str] | None = None,
+                   resume: str | Path | None = None, run_dir: str | Path | None = None) -> RunSummary:
+    """Run (or resume) an experiment. ``config`` is a config object or a YAML path; ``resume`` a run
+    directory whose saved ``config.yaml`` is used (overrides still apply)."""
+    if resume is not None:
+        resume = Path(resume)
+        saved = resume / "config.yaml"
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume {resume}: no config.yaml there; is it a fedpeft run directory?")
+        cfg = load_config(saved, overrides)
+        return Engine(cfg, resume, resume=True).run()
+    if not isinstance(config, ExperimentConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        from fedpeft.config import apply_overrides, build_config
+
+        config = build_config(apply_overrides(config.model_dump(mode="json"), overrides))
+    return Engine(config, Path(run_dir) if run_dir else default_run_dir(config)).run()

@@ -1,0 +1,64 @@
+"""Wrap a base model once with a PEFT LoRA adapter, and edit frozen base weights in place."""
+
+from __future__ import annotations
+
+import torch
+
+from fedpeft.adapters import adapter_parameters
+
+
+def wrap_lora(model: torch.nn.Module, peft_config, seed: int):
+    """``peft.get_peft_model`` with LoRA; the random init of A is drawn from ``seed`` so that every
+    process (simulation, Flower client, resumed run) builds the same initial adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=peft_config.r,
+        lora_alpha=peft_config.alpha,
+        lora_dropout=peft_config.dropout,
+        target_modules=list(peft_config.target_modules),
+        use_rslora=peft_config.rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        wrapped = get_peft_model(model, config)
+    finally:
+        torch.random.set_rng_state(state)
+    if not adapter_parameters(wrapped):
+        raise ValueError(f"peft.target_modules {peft_config.target_modules} matched no module of the model")
+    return wrapped
+
+
+def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Adapter-key module name (as ``adapters.module_name`` gives it) -> the PEFT LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def add_to_base_weight(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> None:
+    """W0 <- W0 + delta for each named LoRA module, in place (no copy of the base model is made)."""
+    modules = lora_modules(model)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            if name not in modules:
+                raise KeyError(f"base delta for unknown LoRA module '{name}'")
+            weight = modules[name].get_base_layer().weight
+            if tuple(weight.shape) != tuple(delta.shape):
+                raise ValueError(f"base delta for '{name}' has shape {tuple(delta.shape)}, weight is {tuple(weight.shape)}")
+            weight.add_(delta.to(weight.dtype))
+
+
+def base_weights(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
+    modules = lora_modules(model)
+    return {name: modules[name].get_base_layer().weight.detach().to("cpu").clone() for name in names}
+
+
+def set_base_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    modules = lora_modules(model)
+    with torch.no_grad():
+        for name, value in weights.items():
+            modules[name].get_base_layer().weight.copy_(value)

@@ -1,0 +1,89 @@
+"""What the methods share: option checking, server-optimizer composition, weighted averaging into the
+global state, and the FedIT exactness gap."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedpeft.adapters import AdapterState, lora_pairs, validate_update
+from fedpeft.strategies.base import ClientUpdate, Strategy, example_weights, weighted_average
+from fedpeft.strategies.lora_math import frobenius_of_product, stack_factors
+from fedpeft.strategies.server_optimizers import is_identity
+
+COMMON_OPTIONS = frozenset({"lora_alpha", "r", "rslora", "seed", "num_clients"})
+"""Options every method accepts; the engine fills them from the config (peft section, seed, federation)."""
+
+
+class MethodStrategy(Strategy):
+    """A Strategy that checks its options and its server optimizer when built.
+
+    Subclasses list their own ``option_names``; an unknown option is an error naming the valid ones.
+    ``server_optimizer_refusal`` (a reason) makes every server optimizer but ``none`` an error."""
+
+    option_names: frozenset[str] = frozenset()
+    server_optimizer_refusal: str | None = None
+
+    def __init__(self, options: Mapping[str, Any] | None = None, server_optimizer: Any | None = None) -> None:
+        super().__init__(options, server_optimizer)
+        valid = COMMON_OPTIONS | self.option_names
+        unknown = sorted(set(self.options) - valid)
+        if unknown:
+            raise ValueError(
+                f"method.options.{unknown[0]} is not an option of method '{self.name}'; valid options: {', '.join(sorted(valid))}"
+            )
+        if self.server_optimizer_refusal and not is_identity(server_optimizer):
+            raise ValueError(
+                f"method '{self.name}' cannot be combined with server optimizer '{server_optimizer.name}': "
+                f"{self.server_optimizer_refusal}"
+            )
+
+    def option(self, key: str, default: Any) -> Any:
+        value = self.options.get(key)
+        return default if value is None else value
+
+    # --- averaging ---------------------------------------------------------------------------------
+    def average_updates(self, global_state: AdapterState, updates: Sequence[ClientUpdate], weights=None) -> AdapterState:
+        """Validated sum_k p_k theta_k over the uploaded keys (all updates must upload the same keys)."""
+        if not updates:
+            raise ValueError(f"method '{self.name}': aggregate needs at least one client update")
+        keys = set(updates[0].tensors)
+        for update in updates:
+            if set(update.tensors) != keys:
+                raise ValueError(
+                    f"method '{self.name}': client {update.client_id} uploaded keys that differ from client "
+                    f"{updates[0].client_id}'s (e.g. {sorted(set(update.tensors) ^ keys)[:2]})"
+                )
+            try:
+                validate_update(global_state, update.tensors)
+            except ValueError as exc:
+                raise ValueError(f"update of client {update.client_id}: {exc}") from exc
+        weights = example_weights(updates) if weights is None else weights
+        return weighted_average([u.tensors for u in updates], weights)
+
+    def apply_average(self, global_state: AdapterState, averaged: AdapterState) -> AdapterState:
+        """New global: the server optimizer's step on the averaged keys (plain average without one)."""
+        new_values = self.server_optimizer.step(global_state, averaged) if self.server_optimizer else averaged
+        new_global = {k: v.clone() for k, v in global_state.items()}
+        new_global.update(new_values)
+        return new_global
+
+
+def aggregation_gap(updates: Sequence[ClientUpdate], weights: Sequence[float], averaged: AdapterState) -> dict[str, float]:
+    """How far factor averaging is from the exact average of products, over modules whose A and B were
+    uploaded: ||sum_k p_k B_k A_k - B_avg A_avg||_F / ||sum_k p_k B_k A_k||_F (scale-free, so no s)."""
+    pairs = lora_pairs(updates[0].tensors) if updates else {}
+    gap_sq = exact_sq = 0.0
+    for a_key, b_key in pairs.values():
+        bs = [u.tensors[b_key] for u in updates]
+        as_ = [u.tensors[a_key] for u in updates]
+        b_exact, a_exact = stack_factors(bs, as_, weights)
+        exact_sq += frobenius_of_product(b_exact, a_exact) ** 2
+        b_diff = torch.cat([b_exact, averaged[b_key].float()], dim=1)
+        a_diff = torch.cat([a_exact, -averaged[a_key].float()], dim=0)
+        gap_sq += frobenius_of_product(b_diff, a_diff) ** 2
+    if not pairs:
+        return {}
+    return {"aggregation_gap_rel": (gap_sq**0.5) / exact_sq**0.5 if exact_sq > 0 else 0.0}

@@ -1,0 +1,48 @@
+"""FedProx (Li et al. 2020): the client adds (mu/2) * ||theta - theta_global||^2 over its trainable
+adapter parameters to the local loss; the server averages like FedIT (server optimizers compose).
+
+Option ``mu`` (default 0.01): the proximal coefficient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fedpeft.adapters import AdapterState
+from fedpeft.strategies.base import ClientPlan
+from fedpeft.strategies.fedit import FedIT
+
+
+def proximal_term(anchor: Mapping[str, torch.Tensor], mu: float):
+    """extra_loss(params) = (mu/2) * sum over params of ||p - anchor[p]||^2 (anchor moved to p's device once)."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def extra_loss(params: Mapping[str, torch.nn.Parameter]) -> torch.Tensor:
+        total = None
+        for key, p in params.items():
+            ref = cache.get(key)
+            if ref is None or ref.device != p.device:
+                ref = cache[key] = anchor[key].detach().to(device=p.device, dtype=p.dtype)
+            term = (p - ref).pow(2).sum()
+            total = term if total is None else total + term
+        if total is None:
+            return torch.zeros(())
+        return 0.5 * mu * total
+
+    return extra_loss
+
+
+class FedProx(FedIT):
+    name = "fedprox"
+    option_names = frozenset({"mu"})
+
+    def __init__(self, options=None, server_optimizer=None) -> None:
+        super().__init__(options, server_optimizer)
+        self.mu = float(self.option("mu", 0.01))
+        if self.mu < 0:
+            raise ValueError(f"method.options.mu must be >= 0 for fedprox, got {self.mu}")
+
+    def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store) -> ClientPlan:
+        return ClientPlan(client_id=client_id, downlink=global_state, extra_loss=proximal_term(global_state, self.mu))

@@ -1,0 +1,92 @@
+"""FedSA-LoRA (Guo et al., ICLR 2025): clients train A and B, upload only A; A <- sum p_k A_k; each
+client keeps its own B in the client store (personalised).
+
+Downlink: the A tensors. A client's B starts as the initial (zero) B and then persists across rounds in
+the store (``fedsa_lora_B``). Evaluation is per client (``personal_state``: global A + its own B); the
+"global model" (``evaluation_state``) is the global A with the example-weighted mean of the personal
+Bs, reported separately. Server optimizers compose (they step on A).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fedpeft.adapters import AdapterState
+from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
+from fedpeft.strategies.common import MethodStrategy
+from fedpeft.strategies.lora_math import is_a, is_b
+
+PERSONAL_NAME = "fedsa_lora_B"
+NUM_EXAMPLES_KEY = "__num_examples__"
+
+
+class FedSALoRA(MethodStrategy):
+    name = "fedsa_lora"
+    personalized = True
+
+    def _personal_b(self, client_id: int, store: Any) -> tuple[AdapterState | None, int]:
+        stored = store.get(client_id, PERSONAL_NAME) if store is not None else None
+        if stored is None:
+            return None, 0
+        stored = dict(stored)
+        n = int(stored.pop(NUM_EXAMPLES_KEY, torch.zeros(())).item())
+        return stored, n
+
+    def _with_personal_b(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState:
+        state = {k: v for k, v in global_state.items()}
+        personal, _ = self._personal_b(client_id, store)
+        if personal is not None:
+            state.update(personal)
+        return state
+
+    def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
+        a_keys = [k for k in global_state if is_a(k)]
+        return ClientPlan(
+            client_id=client_id,
+            downlink={k: global_state[k] for k in a_keys},
+            init_state=self._with_personal_b(client_id, global_state, store),
+            trainable=None,
+            upload=a_keys,
+        )
+
+    def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any) -> ClientUpdate:
+        personal = {k: v.detach().float().clone() for k, v in trained.items() if is_b(k)}
+        personal[NUM_EXAMPLES_KEY] = torch.tensor(float(result.num_examples))
+        store.put(plan.client_id, PERSONAL_NAME, personal)
+        return super().client_update(round_idx, plan, trained, result, store)
+
+    def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        for update in updates:
+            sent_b = [k for k in update.tensors if is_b(k)]
+            if sent_b:
+                raise ValueError(f"fedsa_lora: client {update.client_id} uploaded B tensors ({sent_b[0]}); B is personal")
+        averaged = self.average_updates(global_state, updates, example_weights(updates))
+        return AggregateResult(global_state=self.apply_average(global_state, averaged))
+
+    # --- evaluation -----------------------------------------------------------------------------
+    def personal_state(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState | None:
+        return self._with_personal_b(client_id, global_state, store)
+
+    def evaluation_state(self, global_state: AdapterState, store: Any) -> AdapterState:
+        """Global A with the mean of the personal Bs (weighted by examples) over the clients that have one."""
+        num_clients = self.options.get("num_clients")
+        if store is None or num_clients is None:
+            return global_state
+        total = 0.0
+        mean: AdapterState = {}
+        for client_id in range(int(num_clients)):
+            personal, n = self._personal_b(client_id, store)
+            if personal is None:
+                continue
+            weight = float(max(n, 1))
+            total += weight
+            for key, value in personal.items():
+                mean[key] = mean.get(key, torch.zeros_like(value, dtype=torch.float32)) + weight * value.float()
+        if total == 0:
+            return global_state
+        state = dict(global_state)
+        state.update({k: v / total for k, v in mean.items()})
+        return state

@@ -1,0 +1,50 @@
+"""FFA-LoRA (Sun et al., ICLR 2024): A stays frozen at the random initialisation shared by all clients;
+only B trains and travels; B <- sum p_k B_k. Exact: s * (sum p_k B_k) A = sum p_k s B_k A.
+
+The shared A is the initial adapter's A, which the engine draws from the run seed: every client (and a
+resumed run) rebuilds it from that seed, so A is never sent. Downlink and uplink: the B tensors only.
+Server optimizers compose (they step on B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedpeft.adapters import AdapterState
+from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, example_weights
+from fedpeft.strategies.common import MethodStrategy
+from fedpeft.strategies.lora_math import is_a, is_b
+
+
+class FFALoRA(MethodStrategy):
+    name = "ffa_lora"
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+
+    def init_global(self, initial: AdapterState) -> AdapterState:
+        if not any(is_b(k) for k in initial):
+            raise ValueError("ffa_lora needs a LoRA adapter (no lora_B tensors in the initial state)")
+        return super().init_global(initial)
+
+    def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store) -> ClientPlan:
+        b_keys = [k for k in global_state if is_b(k)]
+        return ClientPlan(
+            client_id=client_id,
+            downlink={k: global_state[k] for k in b_keys},
+            init_state=global_state,
+            trainable=b_keys,
+            upload=b_keys,
+        )
+
+    def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        for update in updates:
+            sent_a = [k for k in update.tensors if is_a(k)]
+            if sent_a:
+                raise ValueError(f"ffa_lora: client {update.client_id} uploaded A tensors ({sent_a[0]}); A is frozen")
+        averaged = self.average_updates(global_state, updates, example_weights(updates))
+        return AggregateResult(global_state=self.apply_average(global_state, averaged))

@@ -1,0 +1,125 @@
+"""SCAFFOLD (Karimireddy et al. 2020), option II, over the adapter parameters.
+
+- Each local step uses the corrected gradient g + c - c_k (``ClientPlan.grad_transform``).
+- After K local steps at learning rate eta_l: c_k+ = c_k - c + (theta_global - theta_k) / (K * eta_l).
+  The client keeps c_k+ in the client store (``scaffold_control``) and uploads theta_k together with
+  the control delta c_k+ - c_k (``ClientUpdate.control``): the uplink doubles.
+- The server averages the models (p_k weights; server optimizers compose) and sets
+  c <- c + (1/N) * sum_{k in S} (c_k+ - c_k), N = all registered clients (``options['num_clients']``).
+- The server control c travels down with every plan (``ClientPlan.control``, metered) and is saved in
+  the strategy state for resume.
+
+Option II's formula assumes plain SGD local steps; with AdamW (the default local optimizer) the control
+variate is the same formula applied to the Adam trajectory, as common LLM implementations do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedpeft.adapters import AdapterState
+from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
+from fedpeft.strategies.common import MethodStrategy, aggregation_gap
+from fedpeft.strategies.lora_math import require_option, validate_finite
+
+CONTROL_NAME = "scaffold_control"
+
+
+def corrected_gradient(correction: Mapping[str, torch.Tensor]):
+    """grad_transform adding (c - c_k) to each gradient in place."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def transform(params: Mapping[str, torch.nn.Parameter]) -> None:
+        for key, p in params.items():
+            if p.grad is None or key not in correction:
+                continue
+            corr = cache.get(key)
+            if corr is None or corr.device != p.grad.device:
+                corr = cache[key] = correction[key].to(device=p.grad.device, dtype=p.grad.dtype)
+            p.grad.add_(corr)
+
+    return transform
+
+
+class Scaffold(MethodStrategy):
+    name = "scaffold"
+
+    def __init__(self, options=None, server_optimizer=None) -> None:
+        super().__init__(options, server_optimizer)
+        self.num_clients = int(require_option(self.options, "num_clients", self.name))
+        if self.num_clients < 1:
+            raise ValueError(f"scaffold: options['num_clients'] must be >= 1, got {self.num_clients}")
+        self.control: AdapterState = {}
+
+    def init_global(self, initial: AdapterState) -> AdapterState:
+        if not self.control:
+            self.control = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in initial.items()}
+        return super().init_global(initial)
+
+    def _client_control(self, client_id: int, store: Any) -> AdapterState:
+        stored = store.get(client_id, CONTROL_NAME) if store is not None else None
+        return dict(stored) if stored is not None else {k: torch.zeros_like(v) for k, v in self.control.items()}
+
+    def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
+        if not self.control:
+            self.init_global(global_state)
+        c_k = self._client_control(client_id, store)
+        correction = {k: self.control[k] - c_k[k] for k in self.control}
+        return ClientPlan(
+            client_id=client_id,
+            downlink=global_state,
+            control={k: v.clone() for k, v in self.control.items()},
+            grad_transform=corrected_gradient(correction),
+        )
+
+    def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any) -> ClientUpdate:
+        if result.steps <= 0 or result.lr <= 0:
+            raise ValueError(f"scaffold needs K >= 1 local steps and lr > 0 (got K={result.steps}, lr={result.lr})")
+        start = plan.init_state if plan.init_state is not None else plan.downlink
+        keys = plan.trainable if plan.trainable is not None else list(trained)
+        c = plan.control
+        c_k = self._client_control(plan.client_id, store)
+        scale = 1.0 / (result.steps * result.lr)
+        c_new = dict(c_k)
+        delta: AdapterState = {}
+        for key in keys:
+            c_new[key] = c_k[key] - c[key] + (start[key].float() - trained[key].float()) * scale
+            delta[key] = c_new[key] - c_k[key]
+        store.put(plan.client_id, CONTROL_NAME, c_new)
+        return ClientUpdate(
+            client_id=plan.client_id,
+            tensors={k: trained[k] for k in keys},
+            num_examples=result.num_examples,
+            job=plan.job,
+            control=delta,
+            metrics={"loss": result.mean_loss},
+        )
+
+    def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        weights = example_weights(updates)
+        averaged = self.average_updates(global_state, updates, weights)
+        if not self.control:
+            self.init_global(global_state)
+        new_control = {k: v.clone() for k, v in self.control.items()}
+        for update in updates:
+            validate_finite(update.control, update.client_id)
+            for key, value in update.control.items():
+                if key not in new_control:
+                    raise ValueError(f"scaffold: client {update.client_id} sent a control delta for unknown tensor '{key}'")
+                new_control[key].add_(value.float(), alpha=1.0 / self.num_clients)
+        self.control = new_control
+        metrics = aggregation_gap(updates, weights, averaged)
+        metrics["server_control_norm"] = float(sum(v.pow(2).sum() for v in new_control.values()) ** 0.5)
+        return AggregateResult(global_state=self.apply_average(global_state, averaged), metrics=metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["control"] = {k: v.clone() for k, v in self.control.items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.control = {k: torch.as_tensor(v).float().clone() for k, v in state.get("control", {}).items()}
