@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.data.sources import DataError, Record, load_hub, load_local, load_records
-from fedpeft.data.tasks import Task, get_task
+from fedpeft.data.tasks import Task, get_task, infer_task_type
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class BuiltinDataset:
     convert: Callable[[Record], Record] | None = None
     task_options: Mapping[str, Any] = field(default_factory=dict)
     members: tuple[str, ...] = ()  # a group: these datasets, each record tagged task=<member>
+    eval_split: str | None = None  # the split an experiment evaluates on (None: hold out from train)
 
     @property
     def splits(self) -> list[str]:
@@ -88,7 +89,7 @@ MATH_EVAL = ("AddSub", "MultiArith", "SingleEq", "SVAMP", "mawps", "AQuA", "math
 def _registry() -> dict[str, BuiltinDataset]:
     specs = [
         BuiltinDataset("gsm8k", "gsm8k", "GSM8K grade-school math (train 7,473 / test 1,319)", "openai/gsm8k", "main",
-                       {"train": "train", "test": "test"}, {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}),
+                       {"train": "train", "test": "test"}, {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}, eval_split="test"),
         BuiltinDataset("commonsense_170k", "commonsense", "LLM-Adapters commonsense training mix (170k)",
                        "zwhe99/commonsense_170k", None, {"train": "train"},
                        {"train": "commonsense_170k/commonsense_170k.json"}),
@@ -99,7 +100,7 @@ def _registry() -> dict[str, BuiltinDataset]:
         BuiltinDataset("dolly", "instruction", "databricks-dolly-15k (local: per-client files of dolly/10)",
                        "databricks/databricks-dolly-15k", None, {"train": "train"},
                        {"train": "dolly/10", "test": "dolly/10/global_test.json", "public": "dolly/10/public_training.json"},
-                       {"pattern": "local_training_*"}),
+                       {"pattern": "local_training_*"}, eval_split="test"),
         BuiltinDataset("alpaca_gpt4", "instruction", "Alpaca-GPT4 (52k)", "vicgalle/alpaca-gpt4", None,
                        {"train": "train"}, {"train": "alpaca_gpt4/alpaca_gpt4_data_en.json"}),
         BuiltinDataset("alpaca_gpt4_demo", "instruction", "999 Alpaca-GPT4-style rows (LLaMA-Factory demo)",
@@ -107,31 +108,32 @@ def _registry() -> dict[str, BuiltinDataset]:
         BuiltinDataset("mmlu", "mmlu", "MMLU, 57 subjects (dev = 5-shot exemplars)", "cais/mmlu", "all",
                        {"dev": "dev", "validation": "validation", "test": "test"},
                        {"dev": "mmlu/dev", "validation": "mmlu/val", "test": "mmlu/test"},
-                       {"fieldnames": _MMLU_COLUMNS}, convert=_mmlu_subject_from_file),
+                       {"fieldnames": _MMLU_COLUMNS}, convert=_mmlu_subject_from_file, eval_split="validation"),
         BuiltinDataset("sst2", "classification", "SST-2 sentiment", "nyu-mll/glue", "sst2",
                        {"train": "train", "validation": "validation"},
-                       {"train": "sst2/train.tsv", "validation": "sst2/dev.tsv", "test": "sst2/test.tsv"}),
+                       {"train": "sst2/train.tsv", "validation": "sst2/dev.tsv", "test": "sst2/test.tsv"},
+                       eval_split="validation"),
         BuiltinDataset("mt_bench", None, "MT-Bench: 80 two-turn questions (judged, no task scoring here)",
                        local={"test": "mt_bench/question.jsonl"}),
     ]
     for name in ("boolq", "piqa", "social_i_qa", "ARC-Challenge", "ARC-Easy", "openbookqa", "winogrande"):
         specs.append(BuiltinDataset(name, "commonsense", f"{name} in the LLM-Adapters commonsense format",
                                     local={"train": f"commonsense/{name}/train.json",
-                                           "test": f"commonsense/{name}/test.json"}))
+                                           "test": f"commonsense/{name}/test.json"}, eval_split="test"))
     for name in MATH_EVAL:
         specs.append(BuiltinDataset(name, "math", f"{name} math word problems (LLM-Adapters test set)",
-                                    local={"test": f"math_word_problems/{name}/test.json"}))
+                                    local={"test": f"math_word_problems/{name}/test.json"}, eval_split="test"))
     for name, (fields, words, instruction) in _GLUE_PAIR.items():
         specs.append(BuiltinDataset(name, "classification", f"GLUE {name.upper()}", "nyu-mll/glue", name,
                                     {"train": "train", "validation": "validation"},
                                     local={"train": f"{name}/train.tsv", "validation": f"{name}/dev.tsv"},
                                     task_options={"text_field": fields, "label_words": words,
-                                                  "instruction": instruction}))
+                                                  "instruction": instruction}, eval_split="validation"))
     specs += [
         BuiltinDataset("glue", None, "FL-TAC's five GLUE tasks (sst2, mrpc, qqp, qnli, rte)",
-                       members=("sst2", "mrpc", "qqp", "qnli", "rte")),
-        BuiltinDataset("commonsense_eval", "commonsense", "the eight commonsense test sets", members=COMMONSENSE_EVAL),
-        BuiltinDataset("math_eval", "math", "the seven math word-problem test sets", members=MATH_EVAL),
+                       members=("sst2", "mrpc", "qqp", "qnli", "rte"), eval_split="validation"),
+        BuiltinDataset("commonsense_eval", "commonsense", "the eight commonsense test sets", members=COMMONSENSE_EVAL, eval_split="test"),
+        BuiltinDataset("math_eval", "math", "the seven math word-problem test sets", members=MATH_EVAL, eval_split="test"),
     ]
     return {spec.name: spec for spec in specs}
 
@@ -261,4 +263,108 @@ def load_source(source: str, split: str = "train", path: str | Path | None = Non
 
             records = apply_columns(records, columns, f"built-in '{source}'")
         return records
-    return load_records(path or source, columns, split=split, limit=limit)
+    records = load_records(path or source, columns, split=split, limit=limit)
+    name = Path(str(source)).stem or str(source)
+    for record in records:
+        record.setdefault("task", name)
+    return records
+
+
+# ------------------------------------------------------------------------------------ experiments
+def tasks_for_records(records: list[Record], source: str, task_type: str | None = None,
+                      task_options: Mapping[str, Any] | None = None, path: str | Path | None = None) -> dict[str, Task]:
+    """One Task per distinct ``task`` value: ``task_type`` when given, else the built-in dataset's own
+    task (so a group such as ``glue`` gets each member's label words), else inferred from the fields."""
+    options = dict(task_options or {})
+    tasks: dict[str, Task] = {}
+    for record in records:
+        name = str(record.get("task", source))
+        if name in tasks:
+            continue
+        if task_type:
+            tasks[name] = get_task(task_type, **options)
+            continue
+        spec = builtin(name) or builtin(source)
+        if spec is not None and spec.task is not None:
+            tasks[name] = make_task(spec.name, path, **options)
+        else:
+            tasks[name] = get_task(infer_task_type(record), **options)
+    return tasks
+
+
+def _hold_out(records: list[Record], per_task: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """Move ``per_task`` seeded-random records of each task from train to evaluation."""
+    import numpy as np
+
+    by_task: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_task.setdefault(str(record.get("task")), []).append(i)
+    held: set[int] = set()
+    for t, (name, indices) in enumerate(by_task.items()):
+        if len(indices) <= per_task:
+            raise DataError(f"task '{name}' has {len(indices)} records: too few to hold out "
+                            f"data.eval_examples_per_task={per_task} for evaluation and still train")
+        rng = np.random.default_rng(seed + t)
+        held.update(int(indices[j]) for j in rng.choice(len(indices), per_task, replace=False))
+    train = [r for i, r in enumerate(records) if i not in held]
+    evaluation = [r for i, r in enumerate(records) if i in held]
+    return train, evaluation
+
+
+def _cap_per_task(records: list[Record], cap: int | None) -> list[Record]:
+    if cap is None:
+        return records
+    counts: dict[str, int] = {}
+    kept = []
+    for record in records:
+        name = str(record.get("task"))
+        if counts.get(name, 0) < cap:
+            counts[name] = counts.get(name, 0) + 1
+            kept.append(record)
+    return kept
+
+
+def load_for_experiment(config: Any):
+    """``config.data`` (a non-generated source) -> ``ExperimentData``: normalized train and evaluation
+    records, validated by their tasks before any model is loaded.
+
+    Reads ``data.source``, ``data.path``, ``data.columns``, ``data.eval_examples_per_task`` and
+    ``data.partition.by``, plus, when the config has them, ``data.split`` (default ``train``),
+    ``data.eval_split`` (default: the dataset's own evaluation split, else a held-out sample of
+    ``eval_examples_per_task`` per task), ``data.eval_source``, ``data.task`` / ``data.task_options`` and
+    ``data.max_train_examples_per_task``.
+    """
+    from fedpeft.data.dataset import ExperimentData
+
+    data = config.data
+    split = getattr(data, "split", None) or "train"
+    task_type = getattr(data, "task", None)
+    task_options = getattr(data, "task_options", None) or {}
+    columns = data.columns or None
+    train = load_source(data.source, split, data.path, columns)
+    train = _cap_per_task(train, getattr(data, "max_train_examples_per_task", None))
+    eval_source = getattr(data, "eval_source", None) or data.source
+    spec = builtin(eval_source)
+    eval_split = getattr(data, "eval_split", None) or (spec.eval_split if spec is not None else None)
+    if eval_split is not None:
+        eval_path = data.path if eval_source == data.source else None
+        evaluation = load_source(eval_source, eval_split, eval_path, columns)
+    else:
+        train, evaluation = _hold_out(train, data.eval_examples_per_task, getattr(config, "seed", 0))
+    tasks = tasks_for_records(train + evaluation, data.source, task_type, task_options, data.path)
+    normalized = {}
+    for name_, records in (("train", train), ("evaluation", evaluation)):
+        grouped: dict[str, list[Record]] = {}
+        for record in records:
+            grouped.setdefault(str(record.get("task", data.source)), []).append(record)
+        for task_name, group in grouped.items():
+            tasks[task_name].validate(group, f"{eval_source if name_ == 'evaluation' else data.source} "
+                                             f"({name_}, task '{task_name}')")
+        normalized[name_] = [tasks[str(r.get("task", data.source))].normalize(r) for r in records]
+    task_types = sorted({t.name for t in tasks.values()})
+    return ExperimentData(
+        train=normalized["train"], evaluation=normalized["evaluation"], label_field=data.partition.by,
+        scorer=task_types[0] if len(task_types) == 1 else "per_task",
+        info={"source": data.source, "split": split, "eval_split": eval_split or "held_out",
+              "task_types": {name: t.name for name, t in tasks.items()}},
+    )

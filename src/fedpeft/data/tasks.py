@@ -172,11 +172,14 @@ class Task:
         return None if options is None else options.index(self.target(record))
 
     def normalize(self, record: Record) -> Record:
-        """The record as ``{"task", "instruction", "input", "output"}`` (the generated-set shape) plus
-        ``answer`` (the reference), for code that only reads those fields."""
+        """The record with ``instruction``, ``input``, ``output`` (the generated-set shape that
+        ``encoding`` reads), ``reference`` (the gold answer as ``extract`` returns it) and ``task`` set;
+        its other fields (``category``, ``client``, ``answer``...) are kept for partitions and scoring."""
         ex = self.example(record)
-        return {"task": record.get("task", self.name), "instruction": ex.instruction, "input": ex.input,
-                "output": ex.target, "answer": self.reference(record)}
+        out = dict(record)
+        out.update(task=record.get("task", self.name), instruction=ex.instruction, input=ex.input,
+                   output=ex.target, reference=self.reference(record), task_type=self.name)
+        return out
 
 
 class InstructionTask(Task):
@@ -476,6 +479,25 @@ TASK_TYPES: dict[str, type[Task]] = {
     "sst2": ClassificationTask,
     "math": MathTask,
 }
+
+
+def infer_task_type(record: Record) -> str:
+    """A task type from a record's fields (for files given without ``data.task``)."""
+    keys = set(record)
+    if {"question", "A", "B", "C", "D"} <= keys or ({"question", "choices", "answer"} <= keys):
+        return "mmlu"
+    if "question" in keys and "####" in str(record.get("answer", "")):
+        return "gsm8k"
+    if {"instruction", "answer"} <= keys:
+        if "Answer format:" in str(record["instruction"]) or str(record["answer"]).strip().lower() in ("true", "false"):
+            return "commonsense"
+        return "math"
+    if {"sentence", "label"} <= keys:
+        return "classification"
+    if "instruction" in keys and ({"output", "response"} & keys):
+        return "instruction"
+    raise DataError(f"cannot tell the task type from the fields {sorted(keys)}; set data.task "
+                    f"(one of {', '.join(TASK_TYPES)}) or map columns with data.columns")
 
 
 def get_task(name: str, **options: Any) -> Task:
