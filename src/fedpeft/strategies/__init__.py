@@ -5,18 +5,44 @@ from __future__ import annotations
 from typing import Any
 
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, Strategy, TrainResult
+from fedpeft.strategies.baselines import Centralized, LocalOnly, ZeroShot
+from fedpeft.strategies.fedex_lora import FedExLoRA
 from fedpeft.strategies.fedit import FedIT
-from fedpeft.strategies.server_optimizers import build_server_optimizer
+from fedpeft.strategies.fedprox import FedProx
+from fedpeft.strategies.fedsa_lora import FedSALoRA
+from fedpeft.strategies.ffa_lora import FFALoRA
+from fedpeft.strategies.flexlora import FlexLoRA
+from fedpeft.strategies.flora import FLoRA
+from fedpeft.strategies.hetlora import HetLoRA, ZeroPadding
+from fedpeft.strategies.scaffold import Scaffold
+from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, build_server_optimizer
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedit": FedIT}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (
+        FedIT, FedProx, Scaffold,
+        FFALoRA, FLoRA, FedExLoRA, FedSALoRA, ZeroPadding, HetLoRA, FlexLoRA,
+        Centralized, LocalOnly, ZeroShot,
+    )
+}
+"""Method name -> class. Every name is its own class with its own rule (no aliases, no fallback)."""
+
+
+def normalize_method_name(name: str) -> str:
+    """Case and '-' vs '_' do not matter: 'FFA-LoRA' selects 'ffa_lora'."""
+    return name.strip().lower().replace("-", "_")
 
 
 def build_strategy(method_config: Any) -> Strategy:
-    """From a ``MethodConfig``. An unknown name is an error listing the valid names (no silent fallback)."""
-    name = method_config.name.lower()
+    """From a ``MethodConfig``. An unknown name is an error listing the valid names (no silent fallback);
+    a server optimizer a method cannot use is an error giving the reason."""
+    name = normalize_method_name(method_config.name)
     if name not in STRATEGIES:
         raise ValueError(f"unknown method '{method_config.name}'; valid methods: {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[name](options=method_config.options, server_optimizer=build_server_optimizer(method_config.server_optimizer))
 
 
-__all__ = ["AggregateResult", "ClientPlan", "ClientUpdate", "STRATEGIES", "Strategy", "TrainResult", "build_strategy"]
+__all__ = [
+    "AggregateResult", "ClientPlan", "ClientUpdate", "SERVER_OPTIMIZERS", "STRATEGIES", "Strategy", "TrainResult",
+    "build_strategy", "normalize_method_name",
+]

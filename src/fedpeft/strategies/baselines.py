@@ -1,0 +1,90 @@
+"""Baselines every comparison needs (ALGORITHMS.md section 5).
+
+- ``centralized``: one client holding all the data (set federation.num_clients=1, clients_per_round=1;
+  any other client count is refused). Aggregation with a single update is that update.
+- ``local_only``: every client trains its own adapter on its own data and never shares it. The adapter
+  persists in the client store (``local_adapter``); nothing goes up or down. Evaluation is per client
+  (``personal_state``); report the mean and spread over clients. The "global" adapter stays the initial
+  one (the base model).
+- ``zero_shot``: no training at all; the global adapter stays the initial one (B = 0: the base model).
+  ``configure_round`` returns no plans.
+
+Server optimizers are refused for all three: there is no federated aggregate to step on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fedpeft.adapters import AdapterState
+from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult
+from fedpeft.strategies.common import MethodStrategy
+
+NO_AGGREGATE = "a baseline without federated aggregation has nothing for a server optimizer to step on"
+LOCAL_NAME = "local_adapter"
+
+
+class Centralized(MethodStrategy):
+    name = "centralized"
+    server_optimizer_refusal = NO_AGGREGATE
+
+    def __init__(self, options=None, server_optimizer=None) -> None:
+        super().__init__(options, server_optimizer)
+        num_clients = self.options.get("num_clients")
+        if num_clients is not None and int(num_clients) != 1:
+            raise ValueError(
+                f"method 'centralized' trains one client holding all the data: set federation.num_clients=1 and "
+                f"federation.clients_per_round=1 (got num_clients={num_clients})"
+            )
+
+    def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        if len(updates) != 1:
+            raise ValueError(f"centralized expects exactly one client update per round, got {len(updates)}")
+        averaged = self.average_updates(global_state, updates, [1.0])
+        return AggregateResult(global_state=self.apply_average(global_state, averaged))
+
+
+class LocalOnly(MethodStrategy):
+    name = "local_only"
+    personalized = True
+    server_optimizer_refusal = NO_AGGREGATE
+
+    def _local(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState:
+        stored = store.get(client_id, LOCAL_NAME) if store is not None else None
+        state = dict(global_state)
+        if stored is not None:
+            state.update(stored)
+        return state
+
+    def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
+        return ClientPlan(client_id=client_id, downlink={}, init_state=self._local(client_id, global_state, store), upload=[])
+
+    def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any) -> ClientUpdate:
+        keys = plan.trainable if plan.trainable is not None else list(trained)
+        store.put(plan.client_id, LOCAL_NAME, {k: trained[k].detach().float().clone() for k in keys})
+        return ClientUpdate(client_id=plan.client_id, tensors={}, num_examples=result.num_examples, job=plan.job,
+                            metrics={"loss": result.mean_loss})
+
+    def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        for update in updates:
+            if update.tensors:
+                raise ValueError(f"local_only: client {update.client_id} uploaded tensors; local-only shares nothing")
+        return AggregateResult(global_state={k: v.clone() for k, v in global_state.items()},
+                               metrics={"clients_trained": len(updates)})
+
+    def personal_state(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState | None:
+        return self._local(client_id, global_state, store)
+
+
+class ZeroShot(MethodStrategy):
+    name = "zero_shot"
+    server_optimizer_refusal = NO_AGGREGATE
+
+    def configure_round(self, round_idx: int, clients: Sequence[int], global_state: AdapterState, store: Any) -> list[ClientPlan]:
+        return []
+
+    def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        if updates:
+            raise ValueError("zero_shot trains nothing, yet received client updates")
+        return AggregateResult(global_state={k: v.clone() for k, v in global_state.items()})
