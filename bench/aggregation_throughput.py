@@ -8,17 +8,21 @@ read (K x update bytes / seconds, 1 GB = 10^9 bytes), compared with two memory-b
   (``acc.add_(flat_k, alpha=p_k)``), i.e. no per-key overhead;
 * ``memcpy``: ``dst.copy_(src)`` of the distinct update pool (read bytes / s).
 
-To keep memory in check, K updates cycle over a pool of ``--pool`` distinct generated updates (default
-8, i.e. 8 x update size, far beyond the L3 cache), so reading is from DRAM as it would be with K real
-updates. FLoRA stacking materialises its output (K x update size), the one cost that grows with K.
+Every one of the K updates is a distinct tensor set (K x update size in memory, 1 GB for the default
+1 layer and K = 100), so reads come from DRAM as with real updates; a smaller ``--pool`` reuses updates
+cyclically to save memory, but then per-key working sets may fit in the L3 cache and flatter the
+numbers. FLoRA stacking materialises its output (K x update size), the one cost that grows with K.
+Large fresh buffers are served by glibc's mmap and page-faulted on every call; compare with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` in the environment (printed in the header).
 
-    python bench/aggregation_throughput.py                    # 2 layers (~20 MB/update), K = 2..100
-    python bench/aggregation_throughput.py --layers 4 --threads 2
+    python bench/aggregation_throughput.py                    # 1 layer (~10 MB/update), K = 2..100
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 python bench/aggregation_throughput.py
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -78,21 +82,24 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 5, 10, 20, 50, 100])
-    parser.add_argument("--pool", type=int, default=8, help="distinct generated updates reused cyclically")
+    parser.add_argument("--pool", type=int, default=None, help="distinct updates, reused cyclically (default: max K)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    pool = [make_update(args.layers, args.rank, seed) for seed in range(args.pool)]
+    args.pool = args.pool or max(args.clients)
+    first = make_update(args.layers, args.rank, seed=0)
+    pool = [first] + [{k: v * (1.0 + 0.01 * i) for k, v in first.items()} for i in range(1, args.pool)]
     update_bytes = sum(t.numel() * t.element_size() for t in pool[0].values())
     flat_pool = [torch.cat([t.reshape(-1) for t in s.values()]) for s in pool]
     print(f"update: rank {args.rank}, {args.layers} layer(s) x {len(MODULES)} modules of a 7B-shaped model: "
           f"{len(pool[0])} tensors, {update_bytes / 1e6:.1f} MB; pool of {args.pool} distinct updates; "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}; MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')} "
+          f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}")
 
     src = torch.cat(flat_pool)
     dst = torch.empty_like(src)
