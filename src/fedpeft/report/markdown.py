@@ -121,7 +121,7 @@ def _best(values: dict[int, float], metric: str) -> tuple[int, float]:
 
 def _final_metrics(run: RunLog) -> list[str]:
     evals, final = run.evals, run.final_metrics()
-    names = list(final) + [n for n in run.metric_names() if n not in final]
+    names = choose_metrics(list(final) + [n for n in run.metric_names() if n not in final], limit=10_000)
     if not names:
         return ["## Final metrics", "", "No evaluation was logged.", ""]
     last_round = max(evals, default=None)
@@ -160,7 +160,13 @@ def _costs(run: RunLog) -> list[str]:
     failed = len(run.client_failed)
     if failed:
         rows.append(("failed local jobs", str(failed)))
-    return ["## Costs", "", *table(["", "value"], rows), "", "Bytes are exact (dtype size x elements of every tensor that crossed); 1 MB = 10^6 bytes.", ""]
+    lines = ["## Costs", "", *table(["", "value"], rows), "",
+             "Bytes are exact (dtype size x elements of every tensor that crossed); 1 MB = 10^6 bytes.", ""]
+    breakdown = run.time_breakdown()
+    if breakdown and wall:
+        lines += ["Where the wall time went:", "", *table(["part", "seconds", "share"], [
+            [name, f"{seconds:.3g}", f"{100 * seconds / wall:.1f} %"] for name, seconds in breakdown.items()]), ""]
+    return lines
 
 
 def _per_round(run: RunLog) -> list[str]:

@@ -296,6 +296,24 @@ class RunLog:
         times = [t for t in times if t is not None]
         return (max(times) - min(times)) if len(times) >= 2 else None
 
+    def time_breakdown(self) -> dict[str, float]:
+        """Where the run's wall time went: model load, local training, aggregation, evaluation
+        (all eval events, round 0 included), checkpoint, and ``other`` (the rest: set-up, data,
+        logging, engine overhead). Empty when the wall time is unknown."""
+        wall = self.wall_seconds()
+        if wall is None:
+            return {}
+        out = {
+            "model load": _num(self.run_start.get("model_load_seconds")) or 0.0,
+            "local training": self.train_seconds(),
+            "aggregation": sum(_num(e.get("seconds")) or 0.0 for e in self.aggregate.values()),
+            "evaluation": sum(_num(e.get("seconds")) or 0.0 for e in self._last_per_round("eval").values()),
+            "checkpoint": sum((_num((e.get("phase_seconds") or {}).get("checkpoint")) or 0.0)
+                              for e in self.round_end.values() if isinstance(e.get("phase_seconds"), dict)),
+        }
+        out["other"] = max(0.0, wall - sum(out.values()))
+        return out
+
     def train_seconds(self) -> float:
         return sum(self._sum_client_field("seconds").values())
 
