@@ -48,7 +48,7 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def _clean_numbers(text: str) -> str:
-    text = re.sub(r"(?<=\d),(?=\d)", "", text)  # 1,000 -> 1000
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # thousands separators: 1,000 -> 1000
     return text.replace("$", "")
 
 
