@@ -1,0 +1,104 @@
+"""The engine end to end on the tiny model: outputs, peft compatibility, failing clients, byte counts."""
+
+import json
+
+import pytest
+import torch
+
+from fedpeft.adapters import get_adapter_state, set_adapter_state, state_bytes
+from fedpeft.config import load_config
+from fedpeft.federation.engine import Engine, run_experiment
+from fedpeft.strategies import STRATEGIES
+from fedpeft.strategies.fedit import FedIT
+
+
+def _events(run_dir, kind):
+    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("engine") / "run"
+    summary = run_experiment("configs/tiny.yaml", ["federation.rounds=2"], run_dir=run_dir)
+    return summary
+
+
+def test_run_dir_contents(finished_run):
+    run_dir = finished_run.run_dir
+    for name in ("config.yaml", "metrics.jsonl", "final/adapter_model.safetensors", "final/adapter_config.json",
+                 "checkpoints/LATEST"):
+        assert (run_dir / name).exists(), name
+    assert [e["round"] for e in _events(run_dir, "round_end")] == [1, 2]
+    assert [e["round"] for e in _events(run_dir, "eval")] == [0, 2]
+    assert len(_events(run_dir, "client_train")) == 4  # 2 rounds x 2 clients
+
+
+def test_bytes_are_exact_for_fedit(finished_run):
+    run_dir = finished_run.run_dir
+    adapter_bytes = _events(run_dir, "run_start")[0]["adapter_bytes"]
+    # tiny config: r=4 on q_proj (64x64) and v_proj (64->32 with 2 kv heads of 16) in 2 layers, fp32
+    expected = 2 * 4 * 4 * ((64 + 64) + (64 + 32))
+    assert adapter_bytes == expected
+    for e in _events(run_dir, "client_train"):
+        assert e["uplink_bytes"] == adapter_bytes and e["downlink_bytes"] == adapter_bytes
+    assert finished_run.uplink_bytes == 4 * adapter_bytes
+
+
+def test_final_adapter_loads_with_peft_and_matches(finished_run):
+    from peft import PeftModel
+
+    from fedpeft.models.registry import load_base_model
+
+    base = load_base_model("tiny-llama", seed=0)
+    model = PeftModel.from_pretrained(base.model, str(finished_run.final_adapter_dir))
+    from safetensors.torch import load_file
+
+    ckpt = load_file(str(finished_run.run_dir / "checkpoints" / "round_0002" / "global.safetensors"))
+    loaded = get_adapter_state(model)
+    assert loaded.keys() == ckpt.keys()
+    for k in ckpt:
+        assert torch.equal(loaded[k], ckpt[k]), k
+    assert any(torch.count_nonzero(v) > 0 for k, v in loaded.items() if "lora_B" in k)  # it trained
+
+
+class ExplodingFedIT(FedIT):
+    """Client 0 sends NaN, client 1 a wrongly shaped tensor; others behave."""
+
+    name = "exploding"
+
+    def client_update(self, round_idx, plan, trained, result, store):
+        update = super().client_update(round_idx, plan, trained, result, store)
+        key = next(iter(update.tensors))
+        if plan.client_id == 0:
+            update.tensors[key] = torch.full_like(update.tensors[key], float("nan"))
+        elif plan.client_id == 1:
+            update.tensors[key] = torch.zeros(3, 3)
+        return update
+
+
+def test_bad_client_updates_are_rejected_and_logged(tmp_path, monkeypatch):
+    monkeypatch.setitem(STRATEGIES, "exploding", ExplodingFedIT)
+    cfg = load_config("configs/tiny.yaml", ["method.name=exploding", "federation.clients_per_round=4",
+                                            "federation.rounds=1", "evaluation.before_training=false"])
+    summary = Engine(cfg, tmp_path / "run").run()
+    failed = _events(summary.run_dir, "client_failed")
+    assert {e["client"] for e in failed} == {0, 1}
+    assert any("NaN" in e["error"] for e in failed) and any("shape" in e["error"] for e in failed)
+    agg = _events(summary.run_dir, "aggregate")[0]
+    assert sorted(agg["clients"]) == [2, 3]
+    from safetensors.torch import load_file
+
+    final = load_file(str(summary.final_adapter_dir / "adapter_model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_bad_data_fails_before_model_load(tmp_path, monkeypatch):
+    import fedpeft.federation.engine as engine_module
+
+    def boom(*a, **k):
+        raise AssertionError("model must not be loaded")
+
+    monkeypatch.setattr(engine_module, "load_base_model", boom)
+    cfg = load_config("configs/tiny.yaml", ["data.tasks=[arithmetic, nosuchtask]"])
+    with pytest.raises(ValueError, match="unknown generated task 'nosuchtask'"):
+        Engine(cfg, tmp_path / "run").run()
