@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fedpeft.adapters import AdapterState
+from fedpeft.adapters import AdapterState, validate_update
 
 
 @dataclass
@@ -132,6 +132,12 @@ class Strategy:
             job=plan.job,
             metrics={"loss": result.mean_loss},
         )
+
+    def check_update(self, global_state: AdapterState, update: ClientUpdate) -> None:
+        """Raise ValueError when ``update`` cannot be aggregated into ``global_state`` (the engine drops
+        that client). Default: known keys, same shapes, finite values. Heterogeneous-rank methods accept
+        rank slices (A[:r_k], B[:, :r_k]) instead of full shapes."""
+        validate_update(global_state, update.tensors)
 
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
         raise NotImplementedError

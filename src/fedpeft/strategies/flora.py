@@ -104,6 +104,9 @@ class FLoRA(MethodStrategy):
             metrics={"loss": result.mean_loss, "rank": float(plan.info["rank"])},
         )
 
+    def check_update(self, global_state: AdapterState, update: ClientUpdate) -> None:
+        sliced_rank(global_state, update.tensors, update.client_id)
+
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
         self._bound(global_state)
         if not updates:

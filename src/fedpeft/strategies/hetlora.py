@@ -94,6 +94,9 @@ class HeterogeneousRankStrategy(MethodStrategy):
             metrics={"loss": result.mean_loss, "rank": float(rank)},
         )
 
+    def check_update(self, global_state: AdapterState, update: ClientUpdate) -> None:
+        sliced_rank(global_state, update.tensors, update.client_id)
+
     def padded_updates(self, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> tuple[list[AdapterState], list[int]]:
         """Each upload checked, expressed under the model's scaling, and zero-padded to r_max."""
         padded, ranks = [], []

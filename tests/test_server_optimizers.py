@@ -1,0 +1,115 @@
+"""Server optimizers against a few steps computed by hand from Reddi et al.'s formulas (v uses Delta^2)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from fedpeft.config import ServerOptimizerConfig
+from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, FedAdam, build_server_optimizer
+
+LR, B1, B2, TAU = 0.5, 0.9, 0.99, 1e-3
+THETA0 = [0.0, 1.0, -2.0]
+AVERAGES = [[1.0, 1.5, -2.0], [0.5, 0.0, -1.0], [2.0, -1.0, 3.0]]  # what clients average to, per round
+
+
+def reference(rule: str) -> list[list[float]]:
+    """The same rules, one scalar at a time in plain Python floats (written from the paper's formulas)."""
+    out = []
+    theta = list(THETA0)
+    m = [0.0] * 3
+    v = [TAU**2] * 3
+    for avg in AVERAGES:
+        for i in range(3):
+            d = avg[i] - theta[i]
+            if rule == "fedavgm":
+                m[i] = B1 * m[i] + d
+                theta[i] += LR * m[i]
+                continue
+            m[i] = B1 * m[i] + (1 - B1) * d
+            if rule == "fedadagrad":
+                v[i] = v[i] + d * d
+            elif rule == "fedadam":
+                v[i] = B2 * v[i] + (1 - B2) * d * d
+            elif rule == "fedyogi":
+                sign = (v[i] - d * d > 0) - (v[i] - d * d < 0)
+                v[i] = v[i] - (1 - B2) * d * d * sign
+            theta[i] += LR * m[i] / (math.sqrt(v[i]) + TAU)
+        out.append(list(theta))
+    return out
+
+
+def run(name: str) -> list[list[float]]:
+    opt = build_server_optimizer(ServerOptimizerConfig(name=name, lr=LR, beta1=B1, beta2=B2, tau=TAU))
+    theta = {"w": torch.tensor(THETA0, dtype=torch.float64).float()}
+    out = []
+    for avg in AVERAGES:
+        theta = {"w": opt.step(theta, {"w": torch.tensor(avg)})["w"]}
+        out.append(theta["w"].tolist())
+    return out
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadagrad", "fedadam", "fedyogi"])
+def test_three_steps_match_the_formula(name):
+    got, want = run(name), reference(name)
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-5, abs=1e-6)
+
+
+def test_first_steps_by_hand():
+    # Coordinate 0: theta = 0, avg = 1 -> Delta = 1, m = 0.1 (adaptive) or 1 (FedAvgM).
+    assert run("fedavgm")[0][0] == pytest.approx(0.5)  # 0 + 0.5 * 1
+    assert run("fedadagrad")[0][0] == pytest.approx(0.5 * 0.1 / (math.sqrt(1e-6 + 1) + 1e-3), rel=1e-6)
+    assert run("fedadam")[0][0] == pytest.approx(0.5 * 0.1 / (math.sqrt(0.99e-6 + 0.01) + 1e-3), rel=1e-6)
+    assert run("fedyogi")[0][0] == pytest.approx(0.5 * 0.1 / (math.sqrt(1e-6 + 0.01) + 1e-3), rel=1e-6)
+    # FedAvgM round 2, coordinate 0: Delta = 0.5 - 0.5 = 0, m = 0.9 * 1 + 0 -> theta = 0.5 + 0.45.
+    assert run("fedavgm")[1][0] == pytest.approx(0.95)
+
+
+def test_second_moment_uses_delta_squared_not_m_squared():
+    opt = FedAdam(lr=LR, beta1=B1, beta2=B2, tau=TAU)
+    opt.step({"w": torch.zeros(1)}, {"w": torch.ones(1)})
+    assert opt.v["w"].item() == pytest.approx(B2 * TAU**2 + (1 - B2) * 1.0)  # Delta^2 = 1; m^2 would be 0.01
+    assert opt.m["w"].item() == pytest.approx(0.1)
+
+
+def test_each_name_runs_its_own_rule():
+    results = {name: [x for step in run(name) for x in step] for name in SERVER_OPTIMIZERS}
+    names = sorted(results)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert results[a] != pytest.approx(results[b], rel=1e-4), f"{a} and {b} produced the same trajectory"
+    assert len({cls for cls in SERVER_OPTIMIZERS.values()}) == len(SERVER_OPTIMIZERS)
+    assert results["none"][-3:] == pytest.approx(AVERAGES[-1])  # identity: the plain average
+
+
+def test_untouched_keys_keep_their_state_and_values():
+    opt = FedAdam(lr=LR)
+    out = opt.step({"a": torch.zeros(2), "b": torch.ones(2)}, {"a": torch.ones(2)})
+    assert set(out) == {"a"} and set(opt.m) == {"a"}
+
+
+def test_state_dict_round_trips_and_refuses_other_optimizer():
+    a = build_server_optimizer(ServerOptimizerConfig(name="fedyogi", lr=LR))
+    theta = {"w": torch.tensor(THETA0)}
+    theta = a.step(theta, {"w": torch.tensor(AVERAGES[0])})
+    buffer = io.BytesIO()
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    b = build_server_optimizer(ServerOptimizerConfig(name="fedyogi", lr=LR))
+    b.load_state_dict(torch.load(buffer, weights_only=False))
+    nxt = {"w": torch.tensor(AVERAGES[1])}
+    assert torch.equal(a.step(theta, nxt)["w"], b.step(theta, nxt)["w"])
+    with pytest.raises(ValueError, match="fedyogi.*fedadam"):
+        build_server_optimizer(ServerOptimizerConfig(name="fedadam")).load_state_dict(a.state_dict())
+
+
+def test_unknown_name_lists_valid_ones():
+    class Fake:
+        name, lr, beta1, beta2, tau = "fedadagard", 1.0, 0.9, 0.99, 1e-3
+
+    with pytest.raises(ValueError, match="fedadagard.*fedadagrad.*fedadam.*fedavgm.*fedyogi"):
+        build_server_optimizer(Fake())
