@@ -15,7 +15,7 @@ Conventions follow lm-evaluation-harness so numbers are comparable:
 * over-long inputs are truncated from the left, keeping the continuation.
 
 Batches are left-padded (explicit ``position_ids``) so that every continuation ends at the last position,
-and only the last ``max continuation length + 1`` positions go through the LM head
+and only the last ``max continuation length`` positions go through the LM head
 (``logits_to_keep``), which saves most of the vocabulary projection on short answers.
 """
 
@@ -121,50 +121,55 @@ def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], batc
                         max_length: int | None = None) -> list[ContinuationScore]:
     """``log p(continuation | context)`` for every pair, batched; results in the input order.
 
-    Identical pairs are scored once. ``max_length`` (default: the model's ``max_position_embeddings``)
-    bounds context + continuation; longer inputs lose tokens from the left of the context.
+    The model reads ``(context + continuation)[:-1]``; pairs whose inputs are identical share one forward
+    pass: options that differ only in their last token (`` A``/`` B``, `` yes``/`` no``, `` answer1``/
+    `` answer2``) cost one sequence per question, not one per option. ``max_length`` (default: the
+    model's ``max_position_embeddings``) bounds the input; longer inputs lose tokens from the left.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_length is None:
         max_length = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 2048)
-    encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+    # input tokens -> [(pair, continuation tokens)] scored from that input's logits
+    groups: dict[tuple[int, ...], list[tuple[tuple[str, str], list[int]]]] = {}
+    seen: set[tuple[str, str]] = set()
     for pair in pairs:
-        if pair not in encoded:
-            ctx, cont = encode_pair(tokenizer, *pair)
-            if len(cont) >= max_length:
-                raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length={max_length}")
-            encoded[pair] = ((ctx + cont)[-max_length:], cont)
-    unique = list(encoded)
+        if pair in seen:
+            continue
+        seen.add(pair)
+        ctx, cont = encode_pair(tokenizer, *pair)
+        if len(cont) > max_length:
+            raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length={max_length}")
+        key = tuple((ctx + cont)[:-1][-max_length:])
+        groups.setdefault(key, []).append((pair, cont))
     # Longest first: the first batch shows at once whether memory suffices; similar lengths pad little.
-    unique.sort(key=lambda pair: -len(encoded[pair][0]))
+    inputs = sorted(groups, key=len, reverse=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _prefix_token(tokenizer)
     device = _device(model)
     was_training = model.training
     model.eval()
     scores: dict[tuple[str, str], ContinuationScore] = {}
     try:
-        for start in range(0, len(unique), batch_size):
-            batch = unique[start:start + batch_size]
-            seqs = [encoded[pair][0] for pair in batch]
-            conts = [encoded[pair][1] for pair in batch]
-            width = max(len(seq) for seq in seqs)
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start:start + batch_size]
+            width = max(len(seq) for seq in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, seq in enumerate(seqs):
+            for row, seq in enumerate(batch):
                 input_ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
                 attention_mask[row, width - len(seq):] = 1
-            keep = max(len(cont) for cont in conts) + 1
+            keep = max(len(cont) for seq in batch for _, cont in groups[seq])
             logits = _forward_last_logits(model, input_ids.to(device), attention_mask.to(device), keep)
-            # Position j of `logits` predicts the token at position width - keep + j + 1.
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            for row, (pair, cont) in enumerate(zip(batch, conts)):
-                n = len(cont)
-                rows = logprobs[row, keep - 1 - n:]
-                target = torch.tensor(cont, dtype=torch.long, device=rows.device)
-                token_lp = rows.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-                greedy = bool((rows.argmax(-1) == target).all())
-                scores[pair] = ContinuationScore(float(token_lp.sum()), n, greedy)
+            # The last n kept positions predict the n continuation tokens (left padding aligns the ends).
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, seq in enumerate(batch):
+                for pair, cont in groups[seq]:
+                    n = len(cont)
+                    rows = logprobs[row, keep - n:]
+                    target = torch.tensor(cont, dtype=torch.long, device=rows.device)
+                    token_lp = rows.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+                    greedy = bool((rows.argmax(-1) == target).all())
+                    scores[pair] = ContinuationScore(float(token_lp.sum()), n, greedy)
     finally:
         model.train(was_training)
     return [scores[pair] for pair in pairs]

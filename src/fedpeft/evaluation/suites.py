@@ -8,7 +8,7 @@ Hugging Face Hub id) and which evaluators apply to it:
 | commonsense (boolq, piqa, social_i_qa, ARC-C/E, openbookqa, winogrande, hellaswag) | multiple choice, acc and acc_norm | LLM-Adapters protocol: generate, extract the first label, acc |
 | mmlu (57 subjects, val) | multiple choice over `` A``..`` D`` (lm-eval prompt, optional k-shot from dev) | generate, extract the letter, acc |
 | gsm8k (test) | LM loss of the reference solution | generate, last number, acc (LLM-Adapters) |
-| glue (sst2 local; rte, qnli, mrpc, cola, qqp, mnli from the hub) | classification by verbaliser log-likelihood, acc | (same as loglik) |
+| glue (FL-TAC's five: sst2, mrpc, qqp, qnli, rte; local copy or hub) | classification by verbaliser log-likelihood, acc | (same as loglik) |
 | dolly (global_test) | LM loss / perplexity of the response | generate, ROUGE-L F1 |
 | mt_bench (80 questions) | – | two-turn answers, judge scores 1-10 (see ``judge.py``) |
 
@@ -20,8 +20,10 @@ Commonsense multiple choice has two formats: ``label`` (default) scores the LLM-
 fine-tuned on the commonsense mix learns; ``text`` scores the option texts as lm-evaluation-harness does
 (``Question: ...\\nAnswer:`` + option; WinoGrande by partial evaluation), the usual zero-shot baseline.
 
-The data directory is ``data_dir`` if given, else ``$FEDPEFT_DATA_DIR``, else ``../shared/data`` when it
-exists. Files are read with ``fedpeft.data.sources`` (the data layer), hub ids through its ``load_hub``.
+Data comes through the data layer's built-in names (``fedpeft.data.builtin.load_builtin``): the local
+copy under ``data_dir`` if given, else ``$FEDPEFT_DATA_DIR``, else ``../shared/data`` beside the
+repository; else the dataset's hub id, tried only when huggingface.co is reachable. A task whose data
+cannot be found is reported as skipped, with where it looked.
 """
 
 from __future__ import annotations
@@ -49,41 +51,43 @@ class SuiteDataMissing(RuntimeError):
 
 
 def default_data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
-    """``explicit``, else ``$FEDPEFT_DATA_DIR``, else ``../shared/data`` when it exists, else ``None``."""
-    if explicit:
-        return Path(explicit).expanduser()
-    env = os.environ.get("FEDPEFT_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    fallback = Path("../shared/data")
-    return fallback.resolve() if fallback.is_dir() else None
+    """``explicit``, else ``$FEDPEFT_DATA_DIR``, else ``../shared/data`` beside the repository when it
+    exists (the data layer's rule, ``fedpeft.data.builtin.data_dir``)."""
+    from fedpeft.data.builtin import data_dir
+
+    return data_dir(explicit)
 
 
-def _read(path: Path, fieldnames: Sequence[str] | None = None) -> list[dict]:
-    from fedpeft.data.sources import read_file
-
-    return read_file(path, fieldnames) if fieldnames else read_file(path)
+_HUB_REACHABLE: bool | None = None
 
 
-def _hub(name: str, config: str | None, split: str, limit: int | None = None) -> list[dict]:
-    from fedpeft.data.sources import load_hub
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers (asked once per process), so that an offline machine skips hub-only
+    tasks at once instead of after ``datasets``' retries."""
+    global _HUB_REACHABLE
+    if _HUB_REACHABLE is None:
+        import socket
 
-    return load_hub(name, config, split, limit=limit)
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return _HUB_REACHABLE
 
 
-def _local_or_hub(data_dir: Path | None, relative: str, hub: tuple[str, str | None, str] | None,
-                  convert: Callable[[list[dict]], list[dict]] | None = None,
-                  fieldnames: Sequence[str] | None = None) -> list[dict]:
-    if data_dir is not None and (data_dir / relative).is_file():
-        return _read(data_dir / relative, fieldnames)
-    where = f"{data_dir / relative}" if data_dir is not None else f"<data dir>/{relative} (no data dir set)"
-    if hub is None:
-        raise SuiteDataMissing(f"{where} not found and there is no hub copy; set --data-dir or FEDPEFT_DATA_DIR")
+def load_dataset_split(name: str, split: str, data_dir: Path | None) -> list[dict]:
+    """Records of a built-in dataset (``fedpeft.data.builtin``): the local copy under ``data_dir`` (else
+    the default data dir), else the hub when reachable (or when ``HF_HUB_OFFLINE`` asks for its cache)."""
+    from fedpeft.data.builtin import load_builtin
+    from fedpeft.data.sources import DataError, hub_offline
+
+    use_hub = hub_offline() or hub_reachable()
     try:
-        records = _hub(*hub)
-    except Exception as exc:  # noqa: BLE001 - DataError, ImportError, network errors: all mean "missing"
-        raise SuiteDataMissing(f"{where} not found and hub '{hub[0]}' failed: {exc}") from None
-    return convert(records) if convert else records
+        return load_builtin(name, split, data_dir, hub=use_hub)
+    except DataError as exc:
+        note = "" if use_hub else " (huggingface.co is unreachable)"
+        raise SuiteDataMissing(f"{exc}{note}") from None
 
 
 # ------------------------------------------------------------------------------------- commonsense
@@ -154,56 +158,23 @@ def _text_item(task: str, question: str, options: list[str], gold: int, index: s
     return MultipleChoiceItem(f"Question: {question}\nAnswer:", [" " + o for o in options], gold, index)
 
 
-def _hellaswag_preprocess(text: str) -> str:
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _hellaswag_from_hub(rows: list[dict]) -> list[dict]:
-    """Rowan/hellaswag rows -> LLM-Adapters records."""
-    out = []
-    for row in rows:
-        ctx = _hellaswag_preprocess(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
-        endings = " ".join(f"Ending{i + 1}: {_hellaswag_preprocess(e)}" for i, e in enumerate(row["endings"]))
-        instruction = (f"Please choose the correct ending to complete the given sentence: {ctx}\n\n{endings}\n\n"
-                       "Answer format: ending1/ending2/ending3/ending4")
-        answer = f"ending{int(row['label']) + 1}"
-        out.append({"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer})
-    return out
-
-
 def load_commonsense(task: str, data_dir: Path | None) -> list[dict]:
-    task = extraction.canonical_commonsense_task(task)
-    hub = ("Rowan/hellaswag", None, "validation") if task == "hellaswag" else None
-    return _local_or_hub(data_dir, f"commonsense/{task}/test.json", hub,
-                         _hellaswag_from_hub if task == "hellaswag" else None)
+    """The LLM-Adapters test set of a commonsense task (HellaSwag: the hub validation set, converted)."""
+    return load_dataset_split(extraction.canonical_commonsense_task(task), "test", data_dir)
 
 
 # -------------------------------------------------------------------------------------------- mmlu
 
-MMLU_FIELDS = ("question", "A", "B", "C", "D", "answer")
 
 
-def load_mmlu(data_dir: Path | None, split: str = "val") -> list[dict]:
+def load_mmlu(data_dir: Path | None, split: str = "validation") -> list[dict]:
     """MMLU rows with a ``subject`` field, subjects interleaved (round robin) so that a limit covers many."""
-    folder = data_dir / "mmlu" / split if data_dir is not None else None
     by_subject: dict[str, list[dict]] = {}
-    if folder is not None and folder.is_dir():
-        for path in sorted(folder.glob("*.csv")):
-            subject = re.sub(rf"_{split}$", "", path.stem)
-            by_subject[subject] = [dict(row, subject=subject) for row in _read(path, MMLU_FIELDS)]
-    else:
-        hub_split = {"val": "validation", "dev": "dev", "test": "test"}[split]
-        try:
-            rows = _hub("cais/mmlu", "all", hub_split)
-        except Exception as exc:  # noqa: BLE001
-            raise SuiteDataMissing(f"{folder or '<data dir>/mmlu/' + split} not found and hub 'cais/mmlu' failed: {exc}") from None
-        for row in rows:
-            choices = row["choices"]
-            by_subject.setdefault(row["subject"], []).append(
-                {"question": row["question"], **dict(zip("ABCD", choices)), "answer": "ABCD"[int(row["answer"])],
-                 "subject": row["subject"]})
+    for row in load_dataset_split("mmlu", split, data_dir):
+        if "choices" in row:  # hub layout: choices list + integer answer
+            row = {"question": row["question"], **dict(zip("ABCD", row["choices"])),
+                   "answer": "ABCD"[int(row["answer"])], "subject": row["subject"]}
+        by_subject.setdefault(row.get("subject", ""), []).append(row)
     out: list[dict] = []
     queues = [list(rows) for _, rows in sorted(by_subject.items())]
     while any(queues):
@@ -232,35 +203,29 @@ def mmlu_mc_items(rows: Sequence[dict], shots: dict[str, list[dict]] | None = No
 
 # ------------------------------------------------------------------------------------------- glue
 
-# lm-evaluation-harness prompts; labels index the verbalisers.
+# lm-evaluation-harness prompts; labels index the verbalisers. SST-2 is evaluated on the GLUE validation
+# set (872 rows: ``sst2/test.tsv`` of the local copy, whose ``dev.tsv`` is a slice of GLUE train).
 GLUE_TASKS: dict[str, dict] = {
-    "sst2": {"local": "sst2/test.tsv", "hub": ("nyu-mll/glue", "sst2", "validation"),
-             "prompt": "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:",
+    "sst2": {"split": "test", "prompt": "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:",
              "choices": [" negative", " positive"]},
-    "rte": {"hub": ("nyu-mll/glue", "rte", "validation"),
-            "prompt": "{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:", "choices": [" True", " False"]},
-    "qnli": {"hub": ("nyu-mll/glue", "qnli", "validation"),
-             "prompt": "{question}\n{sentence}\nQuestion: Does this response answer the question?\nAnswer:",
+    "rte": {"prompt": "{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:", "choices": [" True", " False"]},
+    "qnli": {"prompt": "{question}\n{sentence}\nQuestion: Does this response answer the question?\nAnswer:",
              "choices": [" yes", " no"]},
-    "mrpc": {"hub": ("nyu-mll/glue", "mrpc", "validation"),
-             "prompt": "Sentence 1: {sentence1}\nSentence 2: {sentence2}\nQuestion: Do both sentences mean the same thing?\nAnswer:",
-             "choices": [" no", " yes"]},
-    "cola": {"hub": ("nyu-mll/glue", "cola", "validation"),
-             "prompt": "{sentence}\nQuestion: Does this sentence make sense?\nAnswer:", "choices": [" no", " yes"]},
-    "qqp": {"hub": ("nyu-mll/glue", "qqp", "validation"),
-            "prompt": "Question 1: {question1}\nQuestion 2: {question2}\nQuestion: Do both questions ask the same thing?\nAnswer:",
-            "choices": [" no", " yes"]},
-    "mnli": {"hub": ("nyu-mll/glue", "mnli", "validation_matched"),
-             "prompt": "{premise}\nQuestion: {hypothesis} True, False or Neither?\nAnswer:",
-             "choices": [" True", " Neither", " False"]},
+    "mrpc": {"prompt": "Sentence 1: {sentence1}\nSentence 2: {sentence2}\nQuestion: Do both sentences mean the same "
+                       "thing?\nAnswer:", "choices": [" no", " yes"]},
+    "qqp": {"prompt": "Question 1: {question1}\nQuestion 2: {question2}\nQuestion: Do both questions ask the same "
+                      "thing?\nAnswer:", "choices": [" no", " yes"]},
 }
 
 
 def load_glue(task: str, data_dir: Path | None) -> list[dict]:
-    spec = GLUE_TASKS[task]
-    if spec.get("local") and data_dir is not None and (data_dir / spec["local"]).is_file():
-        return _read(data_dir / spec["local"])
-    return _local_or_hub(None if not spec.get("local") else data_dir, spec.get("local", f"glue/{task}"), spec["hub"])
+    split = GLUE_TASKS[task].get("split", "validation")
+    if task == "sst2":
+        try:
+            return load_dataset_split(task, split, data_dir)
+        except SuiteDataMissing:
+            split = "validation"  # the hub's validation split is the same 872 rows
+    return load_dataset_split(task, split, data_dir)
 
 
 def glue_mc_items(task: str, rows: Sequence[dict]) -> list[MultipleChoiceItem]:
@@ -379,7 +344,7 @@ def _run_commonsense(model, tokenizer, suite: str, task: str, options: EvalOptio
 
 
 def _run_mmlu(model, tokenizer, suite: str, task: str, options: EvalOptions, evaluator: str) -> TaskResult:
-    rows = _limited(load_mmlu(options.data_dir, "val"), options)
+    rows = _limited(load_mmlu(options.data_dir, "validation"), options)
     if evaluator == "multiple_choice":
         shots = None
         if options.num_fewshot:
@@ -408,7 +373,7 @@ def _run_mmlu(model, tokenizer, suite: str, task: str, options: EvalOptions, eva
 
 
 def load_gsm8k(data_dir: Path | None) -> list[dict]:
-    return _local_or_hub(data_dir, "gsm8k/test.jsonl", ("openai/gsm8k", "main", "test"))
+    return load_dataset_split("gsm8k", "test", data_dir)
 
 
 def _run_gsm8k(model, tokenizer, suite: str, task: str, options: EvalOptions, evaluator: str) -> TaskResult:
@@ -436,13 +401,8 @@ def _run_glue(model, tokenizer, suite: str, task: str, options: EvalOptions, eva
 
 
 def load_dolly(data_dir: Path | None) -> list[dict]:
-    if data_dir is not None:
-        for clients in ("4", "8", "10"):
-            path = data_dir / "dolly" / clients / "global_test.json"
-            if path.is_file():
-                return _read(path)
-    raise SuiteDataMissing(f"{data_dir or '<data dir>'}/dolly/<k>/global_test.json not found (the Dolly "
-                           "federated split has no hub copy); set --data-dir or FEDPEFT_DATA_DIR")
+    """The 80-row global test set of the federated Dolly split (no hub copy of that split)."""
+    return load_dataset_split("dolly", "test", data_dir)
 
 
 def _run_dolly(model, tokenizer, suite: str, task: str, options: EvalOptions, evaluator: str) -> TaskResult:
@@ -462,11 +422,7 @@ def _run_dolly(model, tokenizer, suite: str, task: str, options: EvalOptions, ev
 
 
 def load_mt_bench(data_dir: Path | None) -> list[dict]:
-    def convert(rows: list[dict]) -> list[dict]:  # HuggingFaceH4/mt_bench_prompts
-        return [{"question_id": r.get("prompt_id", i), "category": r.get("category", ""), "turns": list(r["prompt"]),
-                 "reference": list(r.get("reference") or [])} for i, r in enumerate(rows)]
-
-    return _local_or_hub(data_dir, "mt_bench/question.jsonl", ("HuggingFaceH4/mt_bench_prompts", None, "train"), convert)
+    return load_dataset_split("mt_bench", "test", data_dir)
 
 
 def _run_mt_bench(model, tokenizer, suite: str, task: str, options: EvalOptions, evaluator: str) -> TaskResult:

@@ -1,0 +1,150 @@
+"""Log-likelihood scoring against a hand computation on the tiny random Llama."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedpeft.evaluation.loglik import (ContinuationScore, MultipleChoiceItem, encode_pair, evaluate_lm_loss,
+                                       evaluate_multiple_choice, multiple_choice_predictions, score_continuations)
+from fedpeft.models.registry import tiny_llama
+
+torch.set_num_threads(1)
+
+PAIRS = [
+    ("The cat sat on the", " mat"),
+    ("Question: 2+2?\nAnswer:", " 4"),
+    ("Question: 2+2?\nAnswer:", " 5"),  # same input as the previous pair: one forward for both
+    ("Question: 2+2?\nAnswer: ", "four"),  # trailing space moves onto the continuation
+    ("", "hello world"),  # empty context: conditioned on BOS
+    ("ab" * 25, " xyz"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = tiny_llama(seed=0)
+    model.eval()
+    return model, tokenizer
+
+
+def hand_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, int, bool]:
+    """log p(continuation | context) from one unpadded forward: sum of log_softmax(logits)[t-1, token_t]."""
+    ctx, cont = encode_pair(tokenizer, context, continuation)
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].double(), dim=-1)
+    total, greedy = 0.0, True
+    for k, token in enumerate(cont):
+        row = logprobs[len(ctx) - 1 + k]
+        total += row[token].item()
+        greedy &= int(row.argmax()) == token
+    return total, len(cont), greedy
+
+
+def test_encode_pair_moves_trailing_whitespace_and_handles_empty_context(tiny):
+    _, tokenizer = tiny
+    ctx, cont = encode_pair(tokenizer, "Answer: ", "four")
+    assert tokenizer.decode(ctx) == "Answer:"
+    assert tokenizer.decode(cont) == " four"
+    ctx, cont = encode_pair(tokenizer, "", "hi")
+    assert ctx == [tokenizer.bos_token_id] and tokenizer.decode(cont) == "hi"
+    with pytest.raises(ValueError):
+        encode_pair(tokenizer, "x", "")
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_scores_equal_hand_computation(tiny, batch_size):
+    model, tokenizer = tiny
+    scores = score_continuations(model, tokenizer, PAIRS, batch_size=batch_size)
+    assert len(scores) == len(PAIRS)
+    for (context, continuation), score in zip(PAIRS, scores):
+        expected, n, greedy = hand_logprob(model, tokenizer, context, continuation)
+        assert score.num_tokens == n
+        assert score.logprob == pytest.approx(expected, abs=1e-4)
+        assert score.is_greedy == greedy
+
+
+def test_greedy_flag_true_for_the_argmax_token(tiny):
+    model, tokenizer = tiny
+    context = "Question: 2+2?\nAnswer:"
+    ids = torch.tensor([encode_pair(tokenizer, context, " 4")[0]])
+    with torch.no_grad():
+        best = int(model(ids).logits[0, -1].argmax())
+    best_text = tokenizer.decode([best])
+    [score] = score_continuations(model, tokenizer, [(context, best_text)])
+    if encode_pair(tokenizer, context, best_text)[1] == [best]:  # the decoded token re-encodes to itself
+        assert score.is_greedy
+
+
+def test_left_truncation_keeps_the_continuation(tiny):
+    model, tokenizer = tiny
+    context, continuation = "0123456789" * 6, " end"
+    [score] = score_continuations(model, tokenizer, [(context, continuation)], max_length=20)
+    # the model reads at most 20 tokens: (context + continuation)[:-1], so 17 context bytes survive
+    expected, n, _ = hand_logprob(model, tokenizer, context[-17:], continuation)
+    assert score.num_tokens == n == 4
+    assert score.logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_multiple_choice_acc_and_acc_norm_by_hand(tiny):
+    model, tokenizer = tiny
+    items = [
+        MultipleChoiceItem("Question: 2+2?\nAnswer:", [" 4", " 5", " four"], gold=0, id="a"),
+        MultipleChoiceItem("The sky is", [" blue", " green and wide"], gold=1, id="b"),
+        MultipleChoiceItem("", ["x y z", "x y z"], gold=0, id="c", contexts=["Pick:", "Choose:"]),
+    ]
+    result = evaluate_multiple_choice(model, tokenizer, items, batch_size=2, keep_records=True)
+    correct = correct_norm = 0
+    for item, record in zip(items, result.records):
+        lls = [hand_logprob(model, tokenizer, c, x)[0] for c, x in item.pairs()]
+        pred = max(range(len(lls)), key=lls.__getitem__)
+        pred_norm = max(range(len(lls)), key=lambda i: lls[i] / len(item.choices[i]))
+        assert record["pred"] == pred and record["pred_norm"] == pred_norm
+        correct += pred == item.gold
+        correct_norm += pred_norm == item.gold
+    assert result.num_examples == 3
+    assert result.metrics["acc"] == pytest.approx(correct / 3)
+    assert result.metrics["acc_norm"] == pytest.approx(correct_norm / 3)
+    assert result.examples_per_second > 0
+
+
+def test_acc_norm_divides_by_characters():
+    item = MultipleChoiceItem("q", [" a", " abcdefgh"], gold=1)
+    scores = [ContinuationScore(-10.0, 1, False), ContinuationScore(-12.0, 3, False)]
+    # summed: -10 > -12 picks 0; per character: -10/2 = -5 < -12/9 = -1.33 picks 1
+    assert multiple_choice_predictions(item, scores) == (0, 1)
+
+
+def test_lm_loss_matches_cross_entropy(tiny):
+    model, tokenizer = tiny
+    texts = ["hello world", "federated learning is fun"]
+    result = evaluate_lm_loss(model, tokenizer, texts, batch_size=2)
+    total, tokens = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            loss = model(ids, labels=ids).loss.item()
+        total += loss * (ids.shape[1] - 1)
+        tokens += ids.shape[1] - 1
+    assert result.metrics["tokens"] == tokens
+    assert result.metrics["loss"] == pytest.approx(total / tokens, abs=1e-4)
+    assert result.metrics["perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-4)
+    # (prompt, response) pairs score the response only
+    masked = evaluate_lm_loss(model, tokenizer, [("Say hi:", " hello")])
+    assert masked.metrics["tokens"] == len(" hello")
+
+
+def test_scoring_through_a_peft_model_and_restores_train_mode(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny_llama(seed=1)
+    wrapped = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    wrapped.train()
+    scores = score_continuations(wrapped, tokenizer, PAIRS[:3], batch_size=3)
+    assert wrapped.training
+    wrapped.eval()
+    for (context, continuation), score in zip(PAIRS[:3], scores):
+        assert score.logprob == pytest.approx(hand_logprob(wrapped, tokenizer, context, continuation)[0], abs=1e-4)
