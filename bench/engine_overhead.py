@@ -113,18 +113,22 @@ def main() -> None:
     per_step: dict[tuple[str, str], float] = {}
     details: dict[tuple[str, str], dict] = {}
     for model in args.models:
+        # repeats outermost, modes interleaved: load from other processes spreads over all modes alike
+        results: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+        for _ in range(args.repeats):
+            for mode in args.modes:
+                results[mode].append(launch(model, mode, args.threads, args.override))
         for mode in args.modes:
-            # interleave nothing: repeats of one setting back to back, medians reported
-            results = [launch(model, mode, args.threads, args.override) for _ in range(args.repeats)]
-            med = {k: statistics.median(r[k] for r in results) for k in ("process", "wall", "train", "loop", "peak_rss_mb")}
-            steps = results[0]["steps"]
+            runs = results[mode]
+            med = {k: statistics.median(r[k] for r in runs) for k in ("process", "wall", "train", "loop", "peak_rss_mb")}
+            steps = runs[0]["steps"]
             per_step[(model, mode)] = 1000 * med["train"] / steps
-            details[(model, mode)] = results[len(results) // 2]["breakdown"]
+            details[(model, mode)] = sorted(runs, key=lambda r: r["wall"])[len(runs) // 2]["breakdown"]
             print(f"{model:8} {mode:8} | {med['process']:>9.2f} {med['wall']:>7.2f} {med['train']:>7.2f} | "
                   f"{med['wall'] / med['train']:>9.3f} {med['loop'] / med['train']:>10.3f} | "
                   f"{per_step[(model, mode)]:>8.1f} {steps:>5} | {med['peak_rss_mb']:>12.0f}")
     print()
-    print("where the run's wall time went (median run of each setting), seconds:")
+    print("where the run's wall time went (the run of median wall time of each setting), seconds:")
     for (model, mode), parts in details.items():
         print(f"  {model:8} {mode:8} " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     for model in args.models:

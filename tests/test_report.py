@@ -179,3 +179,21 @@ def test_compare_default_out_dir(tmp_path):
     path = compare_runs([a])
     assert path == tmp_path / "runs" / "compare" / "compare.md"
     assert re.search(r"\| synthetic|fedit", path.read_text())
+
+
+def test_checkpoint_events_and_compression_fields(tmp_path):
+    events = synthetic_events()
+    for e in events:
+        if e["event"] == "round_end":
+            e["phase_seconds"]["checkpoint"] = 0.0
+        if e["event"] == "client_train":
+            e["uplink_bytes_raw"] = UPLINK * 4
+    events.insert(-1, {"event": "checkpoint", "time": 1.0, "round": 3, "seconds": 0.75})
+    events[0]["compression"] = "int8"
+    run_dir = write_log(tmp_path / "run", events)
+    run = load_run(run_dir)
+    assert run.phase_seconds()[3]["checkpoint"] == 0.75
+    assert run.time_breakdown()["checkpoint"] == 0.75
+    costs = {row[0]: row[1] for row in table_rows(write_report(run_dir).read_text(), "Costs")}
+    assert costs["uplink compression"].startswith(f"int8: {UPLINK * 9:,} bytes")
+    assert costs["uplink compression"].endswith("(4.00x smaller)")

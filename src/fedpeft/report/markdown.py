@@ -157,6 +157,15 @@ def _costs(run: RunLog) -> list[str]:
         ("training FLOPs (estimate, see fedpeft.metering.flops)", f"{flops:.3e}" if flops else "n/a (base_params not logged)"),
         ("peak RSS", f"{rss:,.0f} MiB" if rss is not None else "n/a"),
     ]
+    cuda = run.peak_cuda_mb()
+    if cuda is not None:
+        rows.append(("peak CUDA memory", f"{cuda:,.0f} MiB"))
+    raw = sum(e.get("uplink_bytes_raw") or 0 for e in run.client_train if isinstance(e.get("uplink_bytes_raw"), (int, float)))
+    sent = sum(e.get("uplink_bytes") or 0 for e in run.client_train if isinstance(e.get("uplink_bytes_raw"), (int, float)))
+    if raw and sent:
+        scheme = run.run_start.get("compression") or "on"
+        rows.append(("uplink compression", f"{scheme}: {fmt_exact_bytes(sent)} sent for {fmt_exact_bytes(raw)} "
+                     f"uncompressed ({raw / sent:.2f}x smaller)"))
     failed = len(run.client_failed)
     if failed:
         rows.append(("failed local jobs", str(failed)))

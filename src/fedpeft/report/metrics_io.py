@@ -266,6 +266,7 @@ class RunLog:
         """
         aggregates, evals = self.aggregate, self._last_per_round("eval")
         train = self._sum_client_field("seconds")
+        checkpoints = self.checkpoint_seconds()
         out: dict[int, dict[str, float]] = {}
         for r in sorted(set(self.round_end) | set(train) | set(aggregates)):
             if r <= 0:
@@ -285,6 +286,8 @@ class RunLog:
                 other = total - sum(phases.values())
                 if other > 1e-9:
                     phases["other"] = other
+            if r in checkpoints and not phases.get("checkpoint"):
+                phases["checkpoint"] = checkpoints[r]  # written after round_end: not part of its seconds
             out[r] = phases
         return out
 
@@ -295,6 +298,22 @@ class RunLog:
         times = [_num(e.get("time")) for e in self.events]
         times = [t for t in times if t is not None]
         return (max(times) - min(times)) if len(times) >= 2 else None
+
+    def checkpoint_seconds(self) -> dict[int, float]:
+        """Round -> checkpoint seconds, from ``checkpoint`` events ({round, seconds}) when the engine logs
+        them (the checkpoint is saved after ``round_end``, so ``phase_seconds.checkpoint`` cannot hold it),
+        else from ``round_end.phase_seconds.checkpoint``."""
+        out = {}
+        for r, e in self.round_end.items():
+            phases = e.get("phase_seconds")
+            value = _num(phases.get("checkpoint")) if isinstance(phases, dict) else None
+            if value:
+                out[r] = value
+        for r, e in self._last_per_round("checkpoint").items():
+            value = _num(e.get("seconds"))
+            if value is not None:
+                out[r] = value
+        return out
 
     def time_breakdown(self) -> dict[str, float]:
         """Where the run's wall time went: model load, local training, aggregation, evaluation
@@ -308,8 +327,7 @@ class RunLog:
             "local training": self.train_seconds(),
             "aggregation": sum(_num(e.get("seconds")) or 0.0 for e in self.aggregate.values()),
             "evaluation": sum(_num(e.get("seconds")) or 0.0 for e in self._last_per_round("eval").values()),
-            "checkpoint": sum((_num((e.get("phase_seconds") or {}).get("checkpoint")) or 0.0)
-                              for e in self.round_end.values() if isinstance(e.get("phase_seconds"), dict)),
+            "checkpoint": sum(self.checkpoint_seconds().values()),
         }
         out["other"] = max(0.0, wall - sum(out.values()))
         return out
@@ -319,6 +337,11 @@ class RunLog:
 
     def total_tokens(self) -> float:
         return sum(self._sum_client_field("tokens").values())
+
+    def peak_cuda_mb(self) -> float | None:
+        values = [_num(e.get("peak_cuda_mb")) for e in self.of("round_end") + self.of("run_end")]
+        values = [v for v in values if v is not None]
+        return max(values) if values else None
 
     def peak_rss_mb(self) -> float | None:
         values = [_num(e.get("peak_rss_mb")) for e in self.of("round_end") + self.of("run_end")]
