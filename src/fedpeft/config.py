@@ -70,6 +70,12 @@ class DataConfig(_Section):
     template: Literal["chat", "alpaca", "plain"] = "chat"
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     columns: dict[str, str] = Field(default_factory=dict, description="Column mapping source->field.")
+    split: str = Field("train", description="Split of a built-in dataset to train on.")
+    eval_split: str | None = Field(None, description="Evaluation split (default: the dataset's own, else a seeded hold-out).")
+    eval_source: str | None = Field(None, description="A different dataset (name or path) to evaluate on.")
+    task: str | None = Field(None, description="Task type for plain files (instruction, gsm8k, commonsense, mmlu, classification, math).")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="Task options, e.g. {shots: 5} or label_words.")
+    max_train_examples_per_task: int | None = Field(None, ge=1, description="Cap training records per task/label.")
 
 
 class FederationConfig(_Section):

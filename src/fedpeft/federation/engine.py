@@ -9,6 +9,7 @@ bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -28,7 +29,6 @@ from fedpeft.adapters import (
     set_adapter_state,
     set_trainable,
     state_bytes,
-    validate_update,
 )
 from fedpeft.config import ExperimentConfig, load_config
 from fedpeft.data.dataset import ExperimentData, load_experiment_data
@@ -41,8 +41,9 @@ from fedpeft.federation.local_trainer import round_lr, train_local
 from fedpeft.federation.metrics_log import MetricsLog
 from fedpeft.federation.progress import RunProgress
 from fedpeft.federation.sampling import derive_seed, index_stream, sample_clients
+from fedpeft.metering.allocator import malloc_mode, tune_malloc
 from fedpeft.metering.memory import peak_rss_mb
-from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, set_base_weights, wrap_lora
+from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, lora_modules, set_base_weights, wrap_lora
 from fedpeft.models.registry import load_base_model
 from fedpeft.strategies import build_strategy
 from fedpeft.strategies.base import ClientPlan, ClientUpdate
@@ -92,6 +93,7 @@ class Engine:
     # --- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.config
+        tune_malloc()  # keep CPU activation buffers in the heap between steps (see metering/allocator.py)
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,7 @@ class Engine:
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self, global_state: AdapterState, round_idx: int, final: bool = False) -> dict:
         ecfg = self.config.evaluation
-        set_adapter_state(self.model, global_state)
+        set_adapter_state(self.model, self.strategy.evaluation_state(global_state, self.store))
         result = exact_match_eval(
             self.model, self.tokenizer, self.data.evaluation, self.config.data.template,
             max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size,
@@ -166,13 +168,14 @@ class Engine:
         torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, plan.client_id, plan.job))
         batches = self._batches(examples, derive_seed(cfg.seed, "batches", round_idx, plan.client_id, plan.job))
         progress.start_client(plan.client_id, cfg.federation.local_steps)
-        result, losses = train_local(
-            self.model, params, batches, plan,
-            steps=cfg.federation.local_steps, grad_accumulation=cfg.federation.grad_accumulation, lr=lr,
-            optimizer_name=cfg.training.optimizer, weight_decay=cfg.training.weight_decay,
-            max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
-            num_examples=len(examples), on_step=progress.step,
-        )
+        with lora_scaling(self.model, plan.scaling):
+            result, losses = train_local(
+                self.model, params, batches, plan,
+                steps=cfg.federation.local_steps, grad_accumulation=cfg.federation.grad_accumulation, lr=lr,
+                optimizer_name=cfg.training.optimizer, weight_decay=cfg.training.weight_decay,
+                max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
+                num_examples=len(examples), on_step=progress.step,
+            )
         trained = get_adapter_state(self.model)
         update = self.strategy.client_update(round_idx, plan, trained, result, self.store)
         update.metrics.setdefault("loss", result.mean_loss)
@@ -213,7 +216,7 @@ class Engine:
             "run_start", run_dir=str(self.run_dir), resumed_from_round=start_round - 1,
             model_source=self.model_source, model_load_seconds=self.model_load_seconds,
             trainable_params=sum(p.numel() for p in adapter_parameters(self.model).values()),
-            adapter_bytes=adapter_bytes, num_clients=fed.num_clients, method=cfg.method.name,
+            adapter_bytes=adapter_bytes, num_clients=fed.num_clients, method=cfg.method.name, malloc=malloc_mode(),
             config=cfg.model_dump(mode="json"),
         )
         if start_round == 1:
@@ -244,7 +247,7 @@ class Engine:
                     down = state_bytes(plan.downlink) + state_bytes(plan.control)
                     try:
                         update = self._run_plan(round_idx, plan, global_state, lr, progress)
-                        validate_update(global_state, update.tensors)
+                        self.strategy.check_update(global_state, update)
                     except Exception as exc:  # a failing client never stops the round or corrupts the global state
                         log.warning("round %d client %d (%s) failed: %s", round_idx, plan.client_id, plan.job, exc)
                         self.metrics.log("client_failed", round=round_idx, client=plan.client_id, job=plan.job,
@@ -335,6 +338,23 @@ class Engine:
 
             save_file(base_weights(self.model, sorted(self.base_touched)), str(final / "base_weights.safetensors"))
         return final
+
+
+@contextlib.contextmanager
+def lora_scaling(model: torch.nn.Module, scaling: float | None):
+    """Temporarily set the LoRA scaling s of every LoRA layer (heterogeneous ranks: s_k = alpha / r_k)."""
+    if scaling is None:
+        yield
+        return
+    saved = {name: dict(layer.scaling) for name, layer in lora_modules(model).items()}
+    try:
+        for layer in lora_modules(model).values():
+            for adapter in layer.scaling:
+                layer.scaling[adapter] = scaling
+        yield
+    finally:
+        for name, layer in lora_modules(model).items():
+            layer.scaling.update(saved[name])
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:
