@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedpeft.data.tasks import rouge_l  # ROUGE-L F1 over lower-cased words (the data layer's)
 from fedpeft.evaluation import extraction
 from fedpeft.evaluation.loglik import (EvalResult, MultipleChoiceItem, evaluate_lm_loss,
                                        evaluate_multiple_choice)
@@ -233,31 +234,6 @@ def glue_mc_items(task: str, rows: Sequence[dict]) -> list[MultipleChoiceItem]:
     return [MultipleChoiceItem(spec["prompt"].format(**{k: str(v).strip() for k, v in row.items()}),
                                list(spec["choices"]), int(row["label"]), str(index))
             for index, row in enumerate(rows) if int(row["label"]) >= 0]
-
-
-# -------------------------------------------------------------------------------------- rouge-l
-
-
-def _tokens(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased word tokens (LCS-based, as rouge-score without stemming)."""
-    a, b = _tokens(prediction), _tokens(reference)
-    if not a or not b:
-        return 0.0
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(a), lcs / len(b)
-    return 2 * precision * recall / (precision + recall)
 
 
 # -------------------------------------------------------------------------------------------- tasks

@@ -1,0 +1,226 @@
+"""Suites by name over a small fake data directory (no ../shared needed), and the ``fedpeft eval`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedpeft.evaluation import suites
+from fedpeft.evaluation.suites import (EvalOptions, commonsense_mc_items, flat_metrics,
+                                       parse_commonsense_instruction, resolve_suite, rouge_l, run_suite)
+
+torch.set_num_threads(1)
+
+BOOLQ = "Please answer the following question with true or false, question: is the sky blue?\n\nAnswer format: true/false"
+PIQA = ("Please choose the correct solution to the question: How do I dry a towel?\n\nSolution1: Hang it in the sun."
+        "\n\nSolution2: Put it in the freezer.\n\nAnswer format: solution1/solution2")
+ARC = ("Please choose the correct answer to the question: Which is a planet?\n\nAnswer1: Mars Answer2: The Moon "
+       "Answer3: The Sun Answer4: Sirius\n\nAnswer format: answer1/answer2/answer3/answer4")
+WINO = ("Please choose the correct answer to fill in the blank to complete the given sentence: Sarah was a better "
+        "surgeon than Maria so _ got the easier cases.\n\nOption1: Sarah Option2: Maria Answer format: option1/option2")
+
+
+def _record(instruction: str, answer: str) -> dict:
+    return {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+
+    def write(relative: str, text: str):
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    write("commonsense/boolq/test.json", json.dumps([_record(BOOLQ, "true"), _record(BOOLQ.replace("blue", "green"), "false")]))
+    write("commonsense/piqa/test.json", json.dumps([_record(PIQA, "solution1")] * 2))
+    write("commonsense/ARC-Easy/test.json", json.dumps([_record(ARC, "answer1")]))
+    write("commonsense/winogrande/test.json", json.dumps([_record(WINO, "option2")]))
+    write("mmlu/val/astronomy_val.csv", 'What orbits the Earth?,The Moon,Mars,The Sun,Venus,A\n"Hot, bright star?",Moon,Sun,Mars,Pluto,B\n')
+    write("mmlu/val/anatomy_val.csv", "How many hearts do humans have?,1,2,3,4,A\n")
+    write("mmlu/dev/astronomy_dev.csv", "Closest star?,Sun,Sirius,Vega,Rigel,A\n")
+    write("mmlu/dev/anatomy_dev.csv", "Largest organ?,Skin,Liver,Heart,Lung,A\n")
+    write("gsm8k/test.jsonl", "\n".join(json.dumps({"question": f"What is {a} plus {a}?", "answer": f"{a}+{a}={2 * a}\n#### {2 * a}"})
+                                         for a in (1, 2, 3)))
+    write("sst2/test.tsv", "sentence\tlabel\na wonderful film\t1\na dull mess\t0\n")
+    write("dolly/10/global_test.json", json.dumps([
+        {"instruction": "Name a fruit.", "context": "", "response": "An apple.", "category": "brainstorming"},
+        {"instruction": "Summarise.", "context": "The cat sat.", "response": "A cat sat.", "category": "summarization"},
+    ]))
+    write("mt_bench/question.jsonl", json.dumps({"question_id": 81, "category": "writing", "turns": ["Hi?", "Again?"]}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from fedpeft.models.registry import tiny_llama
+
+    return tiny_llama(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setattr(suites, "_HUB_REACHABLE", False)  # never try the network in tests
+
+
+def test_resolve_suite():
+    assert [t for _, t in resolve_suite("commonsense8")] == suites.COMMONSENSE8
+    assert resolve_suite("boolq,gsm8k,boolq") == [("boolq", "boolq"), ("gsm8k", "gsm8k")]
+    assert resolve_suite("arc_challenge")[0][1] == "ARC-Challenge"
+    assert [t for _, t in resolve_suite("glue")] == ["sst2", "rte", "qnli", "mrpc", "qqp"]
+    with pytest.raises(ValueError, match="unknown suite or task 'squad'"):
+        resolve_suite("squad")
+
+
+def test_parse_commonsense_instructions():
+    assert parse_commonsense_instruction("boolq", BOOLQ) == ("is the sky blue?", ["true", "false"])
+    assert parse_commonsense_instruction("piqa", PIQA) == ("How do I dry a towel?", ["Hang it in the sun.", "Put it in the freezer."])
+    assert parse_commonsense_instruction("ARC-Easy", ARC) == ("Which is a planet?", ["Mars", "The Moon", "The Sun", "Sirius"])
+    question, options = parse_commonsense_instruction("winogrande", WINO)
+    assert options == ["Sarah", "Maria"] and question.endswith("got the easier cases.")
+
+
+def test_commonsense_item_formats(tiny):
+    _, tokenizer = tiny
+    [label] = commonsense_mc_items("ARC-Easy", [_record(ARC, "answer3")], "label", "alpaca", tokenizer)
+    assert label.context.endswith("### Response:\nthe correct answer is")
+    assert label.choices == [" answer1", " answer2", " answer3", " answer4"] and label.gold == 2
+    [text] = commonsense_mc_items("ARC-Easy", [_record(ARC, "answer1")], "text")
+    assert text.context == "Question: Which is a planet?\nAnswer:" and text.choices[0] == " Mars"
+    [wino] = commonsense_mc_items("winogrande", [_record(WINO, "option2")], "text")
+    assert wino.pairs()[1] == ("Sarah was a better surgeon than Maria so Maria", " got the easier cases.")
+    [boolq] = commonsense_mc_items("boolq", [_record(BOOLQ, "false")], "text")
+    assert boolq.choices == [" yes", " no"] and boolq.gold == 1
+
+
+def test_rouge_l():
+    assert rouge_l("the cat sat", "the cat sat") == 1.0
+    assert rouge_l("", "x") == 0.0
+    # LCS "cat sat": precision 2/6, recall 2/3
+    assert rouge_l("a cat sat on the mat", "the cat sat") == pytest.approx(2 * (2 / 6) * (2 / 3) / (2 / 6 + 2 / 3))
+
+
+def test_run_suite_loglik_on_tiny_model(tiny, data_dir):
+    model, tokenizer = tiny
+    seen = []
+    options = EvalOptions(data_dir=data_dir, template="plain", batch_size=4)
+    results = run_suite(model, tokenizer, "boolq,piqa,ARC-Easy,winogrande,hellaswag,mmlu,sst2,dolly,rte", options,
+                        on_result=seen.append)
+    assert [r.task for r in seen] == [r.task for r in results]
+    by_task = {r.task: r for r in results}
+    for task, n in [("boolq", 2), ("piqa", 2), ("ARC-Easy", 1), ("winogrande", 1), ("mmlu", 3), ("sst2", 2)]:
+        result = by_task[task]
+        assert result.skipped is None and result.num_examples == n and result.evaluator == "multiple_choice"
+        assert 0.0 <= result.metrics["acc"] <= 1.0 and 0.0 <= result.metrics["acc_norm"] <= 1.0
+        assert result.examples_per_second > 0
+    assert by_task["dolly"].evaluator == "lm_loss" and by_task["dolly"].metrics["loss"] > 0
+    assert by_task["hellaswag"].skipped and "hellaswag" in by_task["hellaswag"].skipped
+    assert by_task["rte"].skipped
+    flat = flat_metrics(results)
+    assert set(flat) >= {"boolq/acc", "boolq/acc_norm", "mmlu/acc", "mmlu/acc_macro", "sst2/acc", "dolly/perplexity"}
+    assert not any(key.startswith("hellaswag") for key in flat)
+
+
+def test_mmlu_interleaves_subjects_and_fewshot(tiny, data_dir):
+    rows = suites.load_mmlu(data_dir)
+    assert [r["subject"] for r in rows] == ["anatomy", "astronomy", "astronomy"]
+    shots = {"astronomy": [{"question": "Closest star?", "A": "Sun", "B": "Sirius", "C": "Vega", "D": "Rigel", "answer": "A"}]}
+    items = suites.mmlu_mc_items(rows[1:2], shots)
+    assert items[0].context.startswith("The following are multiple choice questions (with answers) about astronomy.")
+    assert "Closest star?\nA. Sun\nB. Sirius\nC. Vega\nD. Rigel\nAnswer: A\n\nWhat orbits the Earth?" in items[0].context
+    model, tokenizer = tiny
+    [result] = run_suite(model, tokenizer, "mmlu", EvalOptions(data_dir=data_dir, num_fewshot=1, limit=2))
+    assert result.num_examples == 2
+
+
+def test_run_suite_generate_and_limit(tiny, data_dir):
+    model, tokenizer = tiny
+    options = EvalOptions(data_dir=data_dir, mode="generate", template="plain", limit=2, max_new_tokens=3, batch_size=2)
+    results = run_suite(model, tokenizer, "gsm8k,boolq,mmlu,dolly,sst2", options)
+    by_task = {r.task: r for r in results}
+    assert by_task["gsm8k"].evaluator == "generate" and by_task["gsm8k"].num_examples == 2
+    assert 0.0 <= by_task["gsm8k"].metrics["acc"] <= 1.0
+    assert len(by_task["boolq"].extra["samples"]) == 2 and "output" in by_task["boolq"].extra["samples"][0]
+    assert "rougeL" in by_task["dolly"].metrics
+    assert by_task["sst2"].evaluator == "multiple_choice"  # no generation evaluator: falls back to loglik
+    both = run_suite(model, tokenizer, "gsm8k", EvalOptions(data_dir=data_dir, mode="both", limit=1, max_new_tokens=2))
+    assert [r.evaluator for r in both] == ["lm_loss", "generate"]
+    assert set(flat_metrics(both)) >= {"gsm8k/lm_loss/loss", "gsm8k/generate/acc"}
+
+
+def test_sampled_limit_is_seeded(tiny, data_dir):
+    model, tokenizer = tiny
+    a = run_suite(model, tokenizer, "gsm8k", EvalOptions(data_dir=data_dir, mode="loglik", limit=2, sample=True, seed=3))
+    b = run_suite(model, tokenizer, "gsm8k", EvalOptions(data_dir=data_dir, mode="loglik", limit=2, sample=True, seed=3))
+    assert a[0].metrics == b[0].metrics
+
+
+def test_eval_command_base_and_adapter(tmp_path, data_dir):
+    from peft import LoraConfig, get_peft_model
+    from typer.testing import CliRunner
+
+    from fedpeft.cli import app
+    from fedpeft.models.registry import tiny_llama
+
+    runner = CliRunner()
+    metrics = tmp_path / "base" / "metrics.jsonl"
+    result = runner.invoke(app, ["eval", "--model", "tiny-llama", "--suite", "boolq,sst2,hellaswag", "--limit", "2",
+                                 "--data-dir", str(data_dir), "--metrics", str(metrics), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    [event] = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert event["event"] == "eval_suite" and event["model"] == "tiny-llama"
+    assert set(event["metrics"]) >= {"boolq/acc", "sst2/acc"}
+    assert [t["task"] for t in event["tasks"]] == ["boolq", "sst2", "hellaswag"] and event["tasks"][2]["skipped"]
+
+    # a run directory: config.yaml names the model and template; the adapter lives in RUN_DIR/final
+    run_dir = tmp_path / "run"
+    model, _ = tiny_llama(seed=0)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(run_dir / "final"))
+    (run_dir / "config.yaml").write_text("model: {name: tiny-llama}\ndata: {template: alpaca}\n")
+    (run_dir / "metrics.jsonl").write_text('{"event": "run_end", "time": 0}\n')
+    result = runner.invoke(app, ["eval", "--adapter", str(run_dir / "final"), "--suite", "boolq", "--limit", "2",
+                                 "--data-dir", str(data_dir), "--mc-format", "text"])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["run_end", "eval_suite"]
+    assert events[1]["template"] == "alpaca" and events[1]["adapter"].endswith("final")
+
+
+def test_eval_command_rejects_bad_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedpeft.cli import app
+
+    def error_of(args) -> str:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code != 0
+        return " ".join(result.output.replace("│", " ").split())  # rich wraps the message in a box
+
+    assert "unknown suite or task 'nope'" in error_of(["eval", "--model", "tiny-llama", "--suite", "nope"])
+    assert "auto, loglik, generate, both" in error_of(["eval", "--model", "tiny-llama", "--mode", "fast"])
+    assert "does not exist" in error_of(["eval", "--adapter", str(tmp_path / "missing")])
+
+
+def test_load_model_for_eval_applies_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from fedpeft.evaluation.loglik import score_continuations
+    from fedpeft.models.registry import tiny_llama
+
+    model, tokenizer = tiny_llama(seed=0)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "final"))
+    pair = [("Question: 2+2?\nAnswer:", " 4")]
+    expected = score_continuations(peft_model, tokenizer, pair)[0].logprob
+    loaded, _, description = suites.load_model_for_eval("tiny-llama", tmp_path)  # RUN_DIR works too
+    assert "adapter" in description
+    assert score_continuations(loaded, tokenizer, pair)[0].logprob == pytest.approx(expected, abs=1e-5)
+    base, _, _ = suites.load_model_for_eval("tiny-llama")
+    assert score_continuations(base, tokenizer, pair)[0].logprob != pytest.approx(expected, abs=1e-3)
+    with pytest.raises(FileNotFoundError):
+        suites.load_model_for_eval("tiny-llama", tmp_path / "nothing")
