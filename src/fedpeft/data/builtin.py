@@ -367,4 +367,5 @@ def load_for_experiment(config: Any):
         scorer=task_types[0] if len(task_types) == 1 else "per_task",
         info={"source": data.source, "split": split, "eval_split": eval_split or "held_out",
               "task_types": {name: t.name for name, t in tasks.items()}},
+        tasks=tasks,
     )

@@ -14,6 +14,22 @@ class ExperimentData:
     label_field: str = "task"
     scorer: str = "exact_match"
     info: dict = field(default_factory=dict)
+    tasks: dict = field(default_factory=dict)
+    """Task name -> ``fedpeft.data.tasks.Task`` that scores predictions; empty: exact match."""
+
+    def score(self, prediction: str, record: dict) -> float:
+        task = self.tasks.get(str(record.get("task")))
+        if task is None:
+            from fedpeft.evaluation.generation import normalize_answer
+
+            return float(normalize_answer(prediction) == normalize_answer(record["output"]))
+        return float(task.score(prediction, record))
+
+    def metric_name(self, task_name: str) -> str:
+        task = self.tasks.get(task_name)
+        if task is None:
+            return "exact_match"
+        return "rougeL" if getattr(task, "metric", None) == "rougeL" else "accuracy"
 
     def labels(self) -> list[str]:
         missing = [i for i, r in enumerate(self.train) if self.label_field not in r]

@@ -49,10 +49,16 @@ def normalize_answer(text: str) -> str:
     return text[:-1].rstrip() if text.endswith(".") else text
 
 
-def exact_match_eval(model, tokenizer, records: Sequence[dict], template: str, max_new_tokens: int = 16,
-                     batch_size: int = 16, max_examples: int | None = None) -> dict:
-    """Exact match per task and overall on records ``{task, instruction, output}``."""
+def generation_eval(model, tokenizer, records: Sequence[dict], template: str, score=None, metric_name=None,
+                    max_new_tokens: int = 16, batch_size: int = 16, max_examples: int | None = None) -> dict:
+    """Greedy generation on every record, scored per task and overall.
+
+    ``score(prediction, record) -> float`` defaults to exact match after ``normalize_answer``;
+    ``metric_name(task) -> str`` names the metric (default ``exact_match``). Per task the first
+    ``max_examples`` records are used (all when None)."""
     start = time.perf_counter()
+    score = score or (lambda pred, rec: float(normalize_answer(pred) == normalize_answer(rec["output"])))
+    metric_name = metric_name or (lambda task: "exact_match")
     chosen: list[dict] = []
     per_task_count: dict[str, int] = defaultdict(int)
     for r in records:
@@ -61,12 +67,22 @@ def exact_match_eval(model, tokenizer, records: Sequence[dict], template: str, m
             chosen.append(r)
     prompts = [format_prompt(r, template, tokenizer) for r in chosen]
     predictions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    hits: dict[str, list[int]] = defaultdict(list)
+    scores: dict[str, list[float]] = defaultdict(list)
     for r, pred in zip(chosen, predictions):
-        hits[r["task"]].append(int(normalize_answer(pred) == normalize_answer(r["output"])))
-    metrics = {f"{task}/exact_match": sum(h) / len(h) for task, h in sorted(hits.items())}
-    all_hits = [h for hs in hits.values() for h in hs]
-    metrics["exact_match"] = sum(all_hits) / max(1, len(all_hits))
+        scores[r["task"]].append(score(pred, r))
+    metrics = {f"{task}/{metric_name(task)}": sum(v) / len(v) for task, v in sorted(scores.items())}
+    names = {metric_name(task) for task in scores}
+    overall = names.pop() if len(names) == 1 else "score"
+    all_scores = [v for vs in scores.values() for v in vs]
+    metrics[overall] = sum(all_scores) / max(1, len(all_scores))
     samples = [{"task": r["task"], "prompt": r["instruction"], "expected": r["output"], "predicted": p}
                for r, p in list(zip(chosen, predictions))[:: max(1, len(chosen) // 8)]]
-    return {"metrics": metrics, "examples": len(chosen), "seconds": time.perf_counter() - start, "samples": samples}
+    return {"metrics": metrics, "examples": len(chosen), "seconds": time.perf_counter() - start, "samples": samples,
+            "headline": overall}
+
+
+def exact_match_eval(model, tokenizer, records: Sequence[dict], template: str, max_new_tokens: int = 16,
+                     batch_size: int = 16, max_examples: int | None = None) -> dict:
+    """Exact match per task and overall on records ``{task, instruction, output}``."""
+    return generation_eval(model, tokenizer, records, template, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, max_examples=max_examples)

@@ -34,7 +34,7 @@ from fedpeft.config import ExperimentConfig, load_config
 from fedpeft.data.dataset import ExperimentData, load_experiment_data
 from fedpeft.data.encoding import collate, encode_records
 from fedpeft.data.partition import partition
-from fedpeft.evaluation.generation import exact_match_eval
+from fedpeft.evaluation.generation import generation_eval
 from fedpeft.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from fedpeft.federation.client_store import ClientStore
 from fedpeft.federation.local_trainer import round_lr, train_local
@@ -143,11 +143,13 @@ class Engine:
     def evaluate(self, global_state: AdapterState, round_idx: int, final: bool = False) -> dict:
         ecfg = self.config.evaluation
         set_adapter_state(self.model, self.strategy.evaluation_state(global_state, self.store))
-        result = exact_match_eval(
+        result = generation_eval(
             self.model, self.tokenizer, self.data.evaluation, self.config.data.template,
+            score=self.data.score, metric_name=self.data.metric_name,
             max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size,
             max_examples=None if final else ecfg.max_examples,
         )
+        self.headline_metric = result["headline"]
         self.metrics.log("eval", round=round_idx, metrics=result["metrics"], examples=result["examples"],
                          seconds=result["seconds"], samples=result["samples"])
         return result["metrics"]
@@ -288,7 +290,7 @@ class Engine:
                     t_eval = time.perf_counter()
                     metrics = self.evaluate(global_state, round_idx, final=is_last)
                     phases["evaluate"] = time.perf_counter() - t_eval
-                    progress.set_metric(metrics.get("exact_match"))
+                    progress.set_metric(self.headline_metric, metrics.get(self.headline_metric))
                     if is_last:
                         final_metrics = metrics
                 cum_up += round_up

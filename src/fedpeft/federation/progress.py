@@ -53,10 +53,10 @@ class RunProgress:
             self._progress.advance(self._clients)
             self._progress.update(self._clients, info=f"mean loss {self.loss:.3f}" if self.loss is not None else "")
 
-    def set_metric(self, value: float | None) -> None:
-        self.metric = value
+    def set_metric(self, name: str, value: float | None) -> None:
+        self.metric_name, self.metric = name, value
 
     def end_round(self) -> None:
         if self.enabled:
-            info = f"exact match {self.metric:.3f}" if self.metric is not None else ""
+            info = f"{self.metric_name} {self.metric:.3f}" if self.metric is not None else ""
             self._progress.update(self._rounds, advance=1, info=info)
