@@ -224,3 +224,48 @@ def test_load_model_for_eval_applies_adapter(tmp_path):
     assert score_continuations(base, tokenizer, pair)[0].logprob != pytest.approx(expected, abs=1e-3)
     with pytest.raises(FileNotFoundError):
         suites.load_model_for_eval("tiny-llama", tmp_path / "nothing")
+
+
+def test_lm_eval_bridge_skips_cleanly_when_not_installed(tiny, monkeypatch):
+    from fedpeft.evaluation import lm_eval_bridge
+
+    monkeypatch.setattr(lm_eval_bridge, "lm_eval_available", lambda: False)
+    model, tokenizer = tiny
+    [result] = run_suite(model, tokenizer, "lm_eval:hellaswag", EvalOptions())
+    assert result.skipped and "pip install lm-eval" in result.skipped
+    with pytest.raises(ValueError):
+        resolve_suite("lm_eval:")
+
+
+def test_lm_eval_bridge_hands_our_model_to_hflm(tiny, monkeypatch):
+    """A stand-in lm_eval package: the bridge passes the in-memory model and maps lm-eval's metric names."""
+    import importlib.machinery
+    import sys
+    import types
+
+    seen = {}
+
+    class HFLM:
+        def __init__(self, pretrained, tokenizer, batch_size, **kwargs):
+            seen["model"], seen["batch_size"] = pretrained, batch_size
+
+    def simple_evaluate(model, tasks, limit, num_fewshot):
+        seen["tasks"], seen["limit"] = tasks, limit
+        return {"results": {"arc_easy": {"alias": "arc_easy", "acc,none": 0.5, "acc_norm,none": 0.75,
+                                         "acc_stderr,none": 0.1}},
+                "n-samples": {"arc_easy": {"original": 2376, "effective": 4}}}
+
+    package = types.ModuleType("lm_eval")
+    package.__spec__ = importlib.machinery.ModuleSpec("lm_eval", None)
+    package.simple_evaluate = simple_evaluate
+    models = types.ModuleType("lm_eval.models")
+    huggingface = types.ModuleType("lm_eval.models.huggingface")
+    huggingface.HFLM = HFLM
+    for name, module in (("lm_eval", package), ("lm_eval.models", models), ("lm_eval.models.huggingface", huggingface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    model, tokenizer = tiny
+    results = run_suite(model, tokenizer, "lm_eval:arc_easy,lm_eval:nope", EvalOptions(limit=4, batch_size=3))
+    assert seen == {"model": model, "batch_size": 3, "tasks": ["arc_easy", "nope"], "limit": 4}
+    assert results[0].task == "arc_easy" and results[0].num_examples == 4
+    assert results[0].metrics == {"acc": 0.5, "acc_norm": 0.75, "acc_stderr": 0.1}
+    assert results[1].task == "nope" and results[1].skipped

@@ -446,11 +446,20 @@ SUITES: dict[str, list[str]] = {
 }
 
 
+LM_EVAL_PREFIX = "lm_eval:"
+
+
 def resolve_suite(name: str) -> list[tuple[str, str]]:
-    """``commonsense8`` / ``boolq,gsm8k`` / ``mmlu,glue`` -> [(suite, task)], in order, duplicates removed."""
+    """``commonsense8`` / ``boolq,gsm8k`` / ``mmlu,glue`` / ``lm_eval:hellaswag`` -> [(suite, task)], in
+    order, duplicates removed."""
     out: list[tuple[str, str]] = []
     for part in (p.strip() for p in name.split(",")):
         if not part:
+            continue
+        if part.startswith(LM_EVAL_PREFIX):  # a task of lm-evaluation-harness, run through the bridge
+            if not part[len(LM_EVAL_PREFIX):]:
+                raise ValueError(f"'{part}' names no lm-eval task (e.g. lm_eval:hellaswag)")
+            out.append(("lm_eval", part))
             continue
         if part in SUITES:
             out.extend((part, task) for task in SUITES[part])
@@ -471,6 +480,22 @@ def resolve_suite(name: str) -> list[tuple[str, str]]:
     return unique
 
 
+def _run_lm_eval_tasks(model, tokenizer, tasks: list[str], options: EvalOptions) -> list[TaskResult]:
+    from fedpeft.evaluation.lm_eval_bridge import INSTALL_HINT, lm_eval_available, run_lm_eval
+
+    names = [task[len(LM_EVAL_PREFIX):] for task in tasks]
+    if not lm_eval_available():
+        return [TaskResult("lm_eval", name, "lm_eval", skipped=INSTALL_HINT) for name in names]
+    try:
+        results = run_lm_eval(model, tokenizer, names, limit=options.limit, batch_size=options.batch_size,
+                              num_fewshot=options.num_fewshot or None)
+    except Exception as exc:  # noqa: BLE001 - an lm-eval failure (no network, unknown task) skips its tasks
+        return [TaskResult("lm_eval", name, "lm_eval", skipped=f"lm-eval failed: {exc}") for name in names]
+    out = [TaskResult("lm_eval", task, "lm_eval", r["metrics"], r["examples"], r["seconds"]) for task, r in results.items()]
+    missing = [name for name in names if name not in results]
+    return out + [TaskResult("lm_eval", name, "lm_eval", skipped="lm-eval returned no result") for name in missing]
+
+
 def run_suite(model, tokenizer, suite: str, options: EvalOptions | None = None,
               on_result: Callable[[TaskResult], None] | None = None) -> list[TaskResult]:
     """Run every task of ``suite`` (a suite name, task name or comma-separated list of them).
@@ -484,7 +509,16 @@ def run_suite(model, tokenizer, suite: str, options: EvalOptions | None = None,
     if options.data_dir is None:
         options.data_dir = default_data_dir()
     results = []
-    for suite_name, task in resolve_suite(suite):
+    resolved = resolve_suite(suite)
+    bridged = [task for _, task in resolved if task.startswith(LM_EVAL_PREFIX)]
+    if bridged:
+        for result in _run_lm_eval_tasks(model, tokenizer, bridged, options):
+            results.append(result)
+            if on_result:
+                on_result(result)
+    for suite_name, task in resolved:
+        if task.startswith(LM_EVAL_PREFIX):
+            continue
         spec = TASKS[task]
         modes = {"auto": spec.auto, "loglik": ("loglik",), "generate": ("generate",),
                  "both": ("loglik", "generate")}[options.mode]
