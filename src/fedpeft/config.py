@@ -134,6 +134,7 @@ class OutputConfig(_Section):
     run_name: str | None = Field(None, description="Run directory name (default: <name>-<timestamp>).")
     keep_checkpoints: int = Field(2, ge=1)
     progress: bool = True
+    report: bool = Field(True, description="Write RUN_DIR/report/report.md with plots at the end of the run.")
 
 
 class ExperimentConfig(_Section):

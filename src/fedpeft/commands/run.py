@@ -66,4 +66,5 @@ def register(app: typer.Typer) -> None:
             f"{summary.rounds} rounds in {summary.seconds:.1f} s, peak RSS {summary.peak_rss_mb:.0f} MiB, "
             f"uplink {summary.uplink_bytes / 1e6:.2f} MB, downlink {summary.downlink_bytes / 1e6:.2f} MB\n"
             f"final adapter (PEFT format): {summary.final_adapter_dir}\nevents: {summary.run_dir / 'metrics.jsonl'}"
+            + (f"\nreport: {summary.report_path}" if summary.report_path else "")
         )

@@ -71,6 +71,7 @@ class RunSummary:
     uplink_bytes: int = 0
     downlink_bytes: int = 0
     final_adapter_dir: Path | None = None
+    report_path: Path | None = None
 
 
 @dataclass
@@ -153,6 +154,32 @@ class Engine:
         self.metrics.log("eval", round=round_idx, metrics=result["metrics"], examples=result["examples"],
                          seconds=result["seconds"], samples=result["samples"])
         return result["metrics"]
+
+    def evaluate_personal(self, global_state: AdapterState, round_idx: int) -> dict[str, float]:
+        """Personalised methods (FedSA-LoRA, local-only): each client's own adapter on the evaluation
+        records of the labels it holds; reports the mean and spread over clients."""
+        ecfg = self.config.evaluation
+        per_client = {}
+        for client_id, idx in enumerate(self.client_indices):
+            state = self.strategy.personal_state(client_id, global_state, self.store)
+            held = {self.labels[i] for i in idx}
+            records = [r for r in self.data.evaluation if str(r.get(self.data.label_field, r.get("task"))) in held]
+            if state is None or not records:
+                continue
+            set_adapter_state(self.model, state)
+            result = generation_eval(self.model, self.tokenizer, records, self.config.data.template,
+                                     score=self.data.score, metric_name=self.data.metric_name,
+                                     max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size,
+                                     max_examples=ecfg.max_examples)
+            per_client[client_id] = result["metrics"][result["headline"]]
+        if not per_client:
+            return {}
+        values = np.array(list(per_client.values()))
+        metrics = {"personal/mean": float(values.mean()), "personal/std": float(values.std()),
+                   "personal/min": float(values.min()), "personal/max": float(values.max())}
+        self.metrics.log("eval", round=round_idx, split="personal", metrics=metrics,
+                         per_client={str(k): v for k, v in per_client.items()}, examples=len(per_client), seconds=0.0)
+        return metrics
 
     # --- one client job ---------------------------------------------------------------------------
     def _run_plan(self, round_idx: int, plan: ClientPlan, global_state: AdapterState, lr: float,
@@ -319,6 +346,8 @@ class Engine:
                 progress.end_round()
         if not final_metrics and start_round > fed.rounds:  # resumed a run that had already finished
             final_metrics = self.evaluate(global_state, fed.rounds, final=True)
+        if self.strategy.personalized:
+            final_metrics.update(self.evaluate_personal(global_state, fed.rounds))
         final_dir = self.save_final(global_state)
         seconds = elapsed_before + time.perf_counter() - t_start
         summary = RunSummary(self.run_dir, fed.rounds, seconds, initial_metrics, final_metrics, peak_rss_mb(),
@@ -327,6 +356,10 @@ class Engine:
                          final_metrics=final_metrics, peak_rss_mb=summary.peak_rss_mb,
                          cum_uplink_bytes=cum_up, cum_downlink_bytes=cum_down)
         self.metrics.close()
+        if self.config.output.report:
+            from fedpeft.report import write_report
+
+            summary.report_path = write_report(self.run_dir)
         return summary
 
     def save_final(self, global_state: AdapterState) -> Path:
