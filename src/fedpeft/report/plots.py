@@ -157,9 +157,12 @@ def plot_phase_times(run: RunLog, path: Path) -> Path | None:
     if not phases:
         return None
     rounds = list(phases)
-    names = [p for p in PHASES if any(p in v for v in phases.values())]
-    names += sorted({k for v in phases.values() for k in v} - set(names) - {"other"})
-    if any("other" in v for v in phases.values()):
+    def used(name: str) -> bool:  # a phase that never took time gets no legend entry
+        return any(v.get(name, 0.0) > 0 for v in phases.values())
+
+    names = [p for p in PHASES if used(p)]
+    names += sorted(k for k in {k for v in phases.values() for k in v} - set(names) - {"other"} - set(PHASES) if used(k))
+    if used("other"):
         names.append("other")
     fig = Figure(figsize=(max(6, 0.35 * len(rounds) + 3), 4))
     ax = fig.add_subplot()
