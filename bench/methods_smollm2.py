@@ -101,6 +101,8 @@ def summarise(run_dir: Path) -> dict:
         "failed_clients": len(of("client_failed")),
         "adapter_bytes": start.get("adapter_bytes"),
         "seconds": (of("run_end") or [{}])[0].get("seconds"),
+        "phase_seconds": {k: round(sum(e.get("phase_seconds", {}).get(k, 0.0) for e in rounds), 1)
+                          for k in ("train", "aggregate", "evaluate", "checkpoint")},
     }
 
 
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", help="keep the run directories under this folder (default: a temporary one)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "methods_smollm2.md"))
     args = parser.parse_args()
 
@@ -147,7 +150,8 @@ def main() -> None:
     wanted = [w for w in wanted if w[0] != "zero_shot"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = Path(args.keep) if args.keep else Path(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
         data_path = write_subset(data_dir(args.data_dir), args.per_task, tmp, args.seed)
         for index, (method, so) in enumerate(wanted):
             label = method if so == "none" else f"{method}+{so}"

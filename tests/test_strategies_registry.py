@@ -146,3 +146,13 @@ def test_resume_with_another_server_optimizer_is_refused():
     b = build_strategy(MethodConfig(name="fedit", server_optimizer=ServerOptimizerConfig(name="fedyogi")))
     with pytest.raises(ValueError, match="fedadam"):
         b.load_state_dict(a.state_dict())
+
+
+def test_method_catalog_describes_every_method():
+    from fedpeft.strategies import method_catalog
+
+    catalog = {m["name"]: m for m in method_catalog()}
+    assert set(catalog) == set(STRATEGIES)
+    assert all(m["summary"] for m in catalog.values())
+    assert catalog["flora"]["server_optimizer"] != "composes" and catalog["fedit"]["server_optimizer"] == "composes"
+    assert "mu" in catalog["fedprox"]["options"] and catalog["fedsa_lora"]["personalized"]

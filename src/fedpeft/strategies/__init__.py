@@ -33,6 +33,23 @@ def normalize_method_name(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
+def method_catalog() -> list[dict[str, Any]]:
+    """One entry per method, for ``fedpeft methods``: name, one-line summary, options, and whether a
+    server optimizer composes with it (with the reason when not)."""
+    from fedpeft.strategies.common import COMMON_OPTIONS
+
+    out = []
+    for name, cls in sorted(STRATEGIES.items()):
+        out.append({
+            "name": name,
+            "summary": getattr(cls, "summary", ""),
+            "options": sorted(getattr(cls, "option_names", frozenset()) - COMMON_OPTIONS),
+            "server_optimizer": getattr(cls, "server_optimizer_refusal", None) or "composes",
+            "personalized": bool(getattr(cls, "personalized", False)),
+        })
+    return out
+
+
 def build_strategy(method_config: Any) -> Strategy:
     """From a ``MethodConfig``. An unknown name is an error listing the valid names (no silent fallback);
     a server optimizer a method cannot use is an error giving the reason."""
@@ -44,5 +61,5 @@ def build_strategy(method_config: Any) -> Strategy:
 
 __all__ = [
     "AggregateResult", "ClientPlan", "ClientUpdate", "SERVER_OPTIMIZERS", "STRATEGIES", "Strategy", "TrainResult",
-    "build_strategy", "normalize_method_name",
+    "build_strategy", "method_catalog", "normalize_method_name",
 ]

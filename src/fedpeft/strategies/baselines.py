@@ -27,6 +27,7 @@ LOCAL_NAME = "local_adapter"
 
 class Centralized(MethodStrategy):
     name = "centralized"
+    summary = "baseline: one client holding all the data"
     server_optimizer_refusal = NO_AGGREGATE
 
     def __init__(self, options=None, server_optimizer=None) -> None:
@@ -47,6 +48,7 @@ class Centralized(MethodStrategy):
 
 class LocalOnly(MethodStrategy):
     name = "local_only"
+    summary = "baseline: each client trains alone, nothing shared (evaluate per client)"
     personalized = True
     server_optimizer_refusal = NO_AGGREGATE
 
@@ -79,6 +81,7 @@ class LocalOnly(MethodStrategy):
 
 class ZeroShot(MethodStrategy):
     name = "zero_shot"
+    summary = "baseline: the base model, no training"
     server_optimizer_refusal = NO_AGGREGATE
 
     def configure_round(self, round_idx: int, clients: Sequence[int], global_state: AdapterState, store: Any) -> list[ClientPlan]:

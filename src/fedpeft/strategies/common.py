@@ -24,6 +24,8 @@ class MethodStrategy(Strategy):
     ``server_optimizer_refusal`` (a reason) makes every server optimizer but ``none`` an error."""
 
     option_names: frozenset[str] = frozenset()
+    summary = ""
+    """One line for ``fedpeft methods``."""
     server_optimizer_refusal: str | None = None
 
     def __init__(self, options: Mapping[str, Any] | None = None, server_optimizer: Any | None = None) -> None:

@@ -25,6 +25,7 @@ from fedpeft.strategies.lora_math import delta_message, factored_svd, lora_scali
 
 class FedExLoRA(MethodStrategy):
     name = "fedex_lora"
+    summary = "FedIT + the averaging residual merged into the base weights (exact)"
     option_names = frozenset({"residual_rank"})
     server_optimizer_refusal = (
         "FedEx-LoRA adds the residual that makes the model equal the exact average of the client products, so "

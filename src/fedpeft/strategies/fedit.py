@@ -16,6 +16,7 @@ from fedpeft.strategies.common import MethodStrategy, aggregation_gap
 
 class FedIT(MethodStrategy):
     name = "fedit"
+    summary = "FedAvg on the LoRA factors: A and B averaged separately (not exact)"
 
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
         weights = example_weights(updates)

@@ -36,6 +36,7 @@ def proximal_term(anchor: Mapping[str, torch.Tensor], mu: float):
 
 class FedProx(FedIT):
     name = "fedprox"
+    summary = "FedIT + proximal term (mu/2)||theta - theta_global||^2 in the local loss"
     option_names = frozenset({"mu"})
 
     def __init__(self, options=None, server_optimizer=None) -> None:

@@ -25,6 +25,7 @@ NUM_EXAMPLES_KEY = "__num_examples__"
 
 class FedSALoRA(MethodStrategy):
     name = "fedsa_lora"
+    summary = "only A shared and averaged; each client keeps its own B (personalised)"
     personalized = True
 
     def _personal_b(self, client_id: int, store: Any) -> tuple[AdapterState | None, int]:

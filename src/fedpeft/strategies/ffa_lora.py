@@ -20,6 +20,7 @@ from fedpeft.strategies.lora_math import is_a, is_b
 
 class FFALoRA(MethodStrategy):
     name = "ffa_lora"
+    summary = "A frozen at a shared seed, only B trained and sent (exact, half the traffic)"
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         for name, p in model.named_parameters():

@@ -26,6 +26,7 @@ from fedpeft.strategies.lora_math import factored_svd, sliced_rank, stack_factor
 
 class FlexLoRA(HeterogeneousRankStrategy):
     name = "flexlora"
+    summary = "heterogeneous ranks; sum of client products redistributed by SVD"
     server_optimizer_refusal = (
         "FlexLoRA re-derives the factors by SVD every round, so a server optimizer's per-coordinate moments "
         "would not track the same directions across rounds"

@@ -62,6 +62,7 @@ def fresh_lora(template: AdapterState, rank: int, seed: int) -> AdapterState:
 
 class FLoRA(MethodStrategy):
     name = "flora"
+    summary = "stacked fresh LoRAs of any rank merged into the base weights (exact)"
     option_names = frozenset({"client_ranks", "rank_scaling"})
     server_optimizer_refusal = (
         "FLoRA trains a fresh adapter every round and merges the stacked update into the base weights; there is "

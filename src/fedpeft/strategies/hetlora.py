@@ -125,6 +125,7 @@ class HeterogeneousRankStrategy(MethodStrategy):
 
 class ZeroPadding(HeterogeneousRankStrategy):
     name = "zero_padding"
+    summary = "heterogeneous ranks zero-padded to r_max and averaged by examples (not exact)"
 
 
 def _tail_norm(state: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
@@ -141,6 +142,7 @@ def _tail_norm(state: Mapping[str, torch.Tensor], start: int, stop: int) -> torc
 
 class HetLoRA(HeterogeneousRankStrategy):
     name = "hetlora"
+    summary = "zero-padding weighted by update norm, optional rank self-pruning (not exact)"
     option_names = HeterogeneousRankStrategy.option_names | {"prune", "prune_gamma", "prune_lambda", "min_rank"}
 
     def __init__(self, options=None, server_optimizer=None) -> None:

@@ -46,6 +46,7 @@ def corrected_gradient(correction: Mapping[str, torch.Tensor]):
 
 class Scaffold(MethodStrategy):
     name = "scaffold"
+    summary = "control variates correct client drift (option II); uplink doubles"
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
