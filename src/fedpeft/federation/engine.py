@@ -9,7 +9,6 @@ bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -27,26 +26,24 @@ from fedpeft.adapters import (
     adapter_parameters,
     get_adapter_state,
     set_adapter_state,
-    set_trainable,
     state_bytes,
 )
 from fedpeft.config import ExperimentConfig, load_config
 from fedpeft.data.dataset import ExperimentData, load_experiment_data
-from fedpeft.data.encoding import collate, encode_records
-from fedpeft.data.partition import partition
 from fedpeft.evaluation.generation import generation_eval
+from fedpeft.federation.client import ClientRunner, prepare_client_data
 from fedpeft.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from fedpeft.federation.client_store import ClientStore
 from fedpeft.federation.local_trainer import round_lr, train_local
 from fedpeft.federation.metrics_log import MetricsLog
 from fedpeft.federation.progress import RunProgress
-from fedpeft.federation.sampling import derive_seed, index_stream, sample_clients
+from fedpeft.federation.sampling import sample_clients
 from fedpeft.metering.allocator import malloc_mode, tune_malloc
 from fedpeft.metering.memory import peak_rss_mb
-from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, lora_modules, set_base_weights, wrap_lora
+from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, set_base_weights, wrap_lora
 from fedpeft.models.registry import load_base_model
 from fedpeft.strategies import build_strategy
-from fedpeft.strategies.base import ClientPlan, ClientUpdate
+from fedpeft.strategies.base import ClientUpdate
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +99,7 @@ class Engine:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         # Data first: bad data fails before a model is loaded.
         self.data = load_experiment_data(cfg)
-        labels = self.data.labels()
-        pcfg = cfg.data.partition
-        self.client_indices = partition(labels, cfg.federation.num_clients, pcfg.kind, cfg.seed,
-                                        alpha=pcfg.alpha, min_frac=pcfg.min_frac,
-                                        classes_per_client=pcfg.classes_per_client)
-        self.labels = labels
+        self.data.labels()  # a missing partition field fails here, before the model loads
         loaded = load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
                                  gguf_file=cfg.model.gguf_file)
         self.model_source, self.model_load_seconds = loaded.source, loaded.load_seconds
@@ -121,24 +113,12 @@ class Engine:
         options.setdefault("seed", cfg.seed)
         self.strategy = build_strategy(cfg.method.model_copy(update={"options": options}))
         self.strategy.prepare_model(self.model)
-        self.encoded, dropped = encode_records(self.data.train, self.tokenizer, cfg.data.template, cfg.training.max_seq_len)
-        if dropped:
-            log.warning("dropped %d of %d training examples whose target does not fit in training.max_seq_len=%d",
-                        dropped, len(self.encoded), cfg.training.max_seq_len)
-        self.client_indices = [[i for i in idx if self.encoded[i] is not None] for idx in self.client_indices]
+        self.client_data = prepare_client_data(cfg, self.data, self.tokenizer)
+        self.client_indices, self.labels = self.client_data.indices, self.client_data.labels
         self.store = ClientStore(self.run_dir / "client_store")
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.base_touched: set[str] = set()
-
-    def _batches(self, indices: list[int], seed: int):
-        stream = index_stream(indices, seed)
-        size = self.config.federation.batch_size
-        while True:
-            yield collate([self.encoded[next(stream)] for _ in range(size)], self.tokenizer.pad_token_id)
-
-    def _client_examples(self, client_id: int, data_key: str | None) -> list[int]:
-        idx = self.client_indices[client_id]
-        return idx if data_key is None else [i for i in idx if self.labels[i] == data_key]
+        self.runner = ClientRunner(self.model, self.strategy, cfg, self.client_data, self.store)
 
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self, global_state: AdapterState, round_idx: int, final: bool = False) -> dict:
@@ -180,37 +160,6 @@ class Engine:
         self.metrics.log("eval", round=round_idx, split="personal", metrics=metrics,
                          per_client={str(k): v for k, v in per_client.items()}, examples=len(per_client), seconds=0.0)
         return metrics
-
-    # --- one client job ---------------------------------------------------------------------------
-    def _run_plan(self, round_idx: int, plan: ClientPlan, global_state: AdapterState, lr: float,
-                  progress: RunProgress) -> ClientUpdate:
-        cfg = self.config
-        examples = self._client_examples(plan.client_id, plan.data_key)
-        if not examples:
-            raise ValueError(f"client {plan.client_id} has no training examples"
-                             + (f" for '{plan.data_key}'" if plan.data_key else ""))
-        set_adapter_state(self.model, global_state)
-        if plan.init_state is not None or plan.downlink:
-            set_adapter_state(self.model, plan.init_state if plan.init_state is not None else plan.downlink)
-        set_trainable(self.model, plan.trainable)
-        params = {n: p for n, p in adapter_parameters(self.model).items() if p.requires_grad}
-        torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, plan.client_id, plan.job))
-        batches = self._batches(examples, derive_seed(cfg.seed, "batches", round_idx, plan.client_id, plan.job))
-        progress.start_client(plan.client_id, cfg.federation.local_steps)
-        with lora_scaling(self.model, plan.scaling):
-            result, losses = train_local(
-                self.model, params, batches, plan,
-                steps=cfg.federation.local_steps, grad_accumulation=cfg.federation.grad_accumulation, lr=lr,
-                optimizer_name=cfg.training.optimizer, weight_decay=cfg.training.weight_decay,
-                max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
-                num_examples=len(examples), on_step=progress.step,
-            )
-        trained = get_adapter_state(self.model)
-        update = self.strategy.client_update(round_idx, plan, trained, result, self.store)
-        update.metrics.setdefault("loss", result.mean_loss)
-        update.metrics["_losses"] = losses
-        update.metrics["_result"] = result
-        return update
 
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -266,7 +215,7 @@ class Engine:
                 lr = round_lr(round_idx, fed.rounds, cfg.training.lr, cfg.training.lr_min, cfg.training.schedule)
                 self.store.begin_round(round_idx)
                 sampled = sample_clients(cfg.seed, round_idx, fed.num_clients, fed.clients_per_round)
-                self.strategy.begin_round(round_idx, ServerContext(self.model, self.tokenizer, cfg, self.data, self._batches))
+                self.strategy.begin_round(round_idx, ServerContext(self.model, self.tokenizer, cfg, self.data, self.client_data.batches))
                 plans = self.strategy.configure_round(round_idx, sampled, global_state, self.store)
                 progress.start_round(round_idx, len(plans))
                 updates: list[ClientUpdate] = []
@@ -275,7 +224,9 @@ class Engine:
                 for n, plan in enumerate(plans, start=1):
                     down = state_bytes(plan.downlink) + state_bytes(plan.control)
                     try:
-                        update = self._run_plan(round_idx, plan, global_state, lr, progress)
+                        local = self.runner.run(round_idx, plan, global_state, lr,
+                                                on_start=progress.start_client, on_step=progress.step)
+                        update, result, losses = local.update, local.result, local.losses
                         self.strategy.check_update(global_state, update)
                     except Exception as exc:  # a failing client never stops the round or corrupts the global state
                         log.warning("round %d client %d (%s) failed: %s", round_idx, plan.client_id, plan.job, exc)
@@ -287,8 +238,6 @@ class Engine:
                     up = state_bytes(update.tensors) + state_bytes(update.control)
                     round_up += up
                     round_down += down
-                    result = update.metrics.pop("_result")
-                    losses = update.metrics.pop("_losses")
                     self.metrics.log(
                         "client_train", round=round_idx, client=plan.client_id, job=plan.job, steps=result.steps,
                         loss=result.mean_loss, last_loss=result.last_loss, losses=losses, lr=lr,
@@ -373,23 +322,6 @@ class Engine:
 
             save_file(base_weights(self.model, sorted(self.base_touched)), str(final / "base_weights.safetensors"))
         return final
-
-
-@contextlib.contextmanager
-def lora_scaling(model: torch.nn.Module, scaling: float | None):
-    """Temporarily set the LoRA scaling s of every LoRA layer (heterogeneous ranks: s_k = alpha / r_k)."""
-    if scaling is None:
-        yield
-        return
-    saved = {name: dict(layer.scaling) for name, layer in lora_modules(model).items()}
-    try:
-        for layer in lora_modules(model).values():
-            for adapter in layer.scaling:
-                layer.scaling[adapter] = scaling
-        yield
-    finally:
-        for name, layer in lora_modules(model).items():
-            layer.scaling.update(saved[name])
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:

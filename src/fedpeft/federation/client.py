@@ -1,0 +1,125 @@
+"""The client side of a round: the same code runs in the in-process engine and in a Flower ClientApp.
+
+``ClientData`` holds the encoded training records and which of them each client owns;
+``ClientRunner.run`` takes one ClientPlan, loads its adapter state into the shared model, trains
+with the local trainer and returns the strategy's ClientUpdate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from fedpeft.adapters import AdapterState, adapter_parameters, get_adapter_state, set_adapter_state, set_trainable
+from fedpeft.data.encoding import EncodedExample, collate, encode_records
+from fedpeft.data.partition import partition
+from fedpeft.federation.local_trainer import train_local
+from fedpeft.federation.sampling import derive_seed, index_stream
+from fedpeft.models.peft_wrap import lora_modules
+from fedpeft.strategies.base import ClientPlan, ClientUpdate, Strategy, TrainResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientData:
+    encoded: list[EncodedExample | None]
+    labels: list[str]
+    indices: list[list[int]]
+    """Per client, the indices of its (encodable) training records."""
+    pad_id: int
+    batch_size: int
+
+    def examples(self, client_id: int, data_key: str | None = None) -> list[int]:
+        idx = self.indices[client_id]
+        return idx if data_key is None else [i for i in idx if self.labels[i] == data_key]
+
+    def batches(self, indices: list[int], seed: int):
+        """Endless batches over ``indices`` in a seeded order (epochs without replacement)."""
+        stream = index_stream(indices, seed)
+        while True:
+            yield collate([self.encoded[next(stream)] for _ in range(self.batch_size)], self.pad_id)
+
+
+def prepare_client_data(config, data, tokenizer) -> ClientData:
+    """Partition ``data.train`` over the configured clients and encode it (deterministic from the seed,
+    so every process that calls this (the engine, each Flower client) sees the same split)."""
+    labels = data.labels()
+    pcfg = config.data.partition
+    indices = partition(labels, config.federation.num_clients, pcfg.kind, config.seed, alpha=pcfg.alpha,
+                        min_frac=pcfg.min_frac, classes_per_client=pcfg.classes_per_client)
+    encoded, dropped = encode_records(data.train, tokenizer, config.data.template, config.training.max_seq_len)
+    if dropped:
+        log.warning("dropped %d of %d training examples whose target does not fit in training.max_seq_len=%d",
+                    dropped, len(encoded), config.training.max_seq_len)
+    indices = [[i for i in idx if encoded[i] is not None] for idx in indices]
+    return ClientData(encoded, labels, indices, tokenizer.pad_token_id, config.federation.batch_size)
+
+
+@contextlib.contextmanager
+def lora_scaling(model: torch.nn.Module, scaling: float | None):
+    """Temporarily set the LoRA scaling s of every LoRA layer (heterogeneous ranks: s_k = alpha / r_k)."""
+    if scaling is None:
+        yield
+        return
+    layers = lora_modules(model)
+    saved = {name: dict(layer.scaling) for name, layer in layers.items()}
+    try:
+        for layer in layers.values():
+            for adapter in layer.scaling:
+                layer.scaling[adapter] = scaling
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.scaling.update(saved[name])
+
+
+@dataclass
+class LocalResult:
+    update: ClientUpdate
+    result: TrainResult
+    losses: list[float]
+
+
+class ClientRunner:
+    def __init__(self, model: torch.nn.Module, strategy: Strategy, config, data: ClientData, store) -> None:
+        self.model = model
+        self.strategy = strategy
+        self.config = config
+        self.data = data
+        self.store = store
+
+    def run(self, round_idx: int, plan: ClientPlan, start_state: AdapterState | None, lr: float,
+            on_start=None, on_step=None) -> LocalResult:
+        """Train one plan. ``start_state`` is loaded first (the engine passes the global adapter), then
+        ``plan.init_state`` (or ``plan.downlink``) over it."""
+        cfg = self.config
+        examples = self.data.examples(plan.client_id, plan.data_key)
+        if not examples:
+            raise ValueError(f"client {plan.client_id} has no training examples"
+                             + (f" for '{plan.data_key}'" if plan.data_key else ""))
+        if start_state is not None:
+            set_adapter_state(self.model, start_state)
+        if plan.init_state is not None or plan.downlink:
+            set_adapter_state(self.model, plan.init_state if plan.init_state is not None else plan.downlink)
+        self.strategy.attach_client_hooks(round_idx, plan, self.store)
+        set_trainable(self.model, plan.trainable)
+        params = {n: p for n, p in adapter_parameters(self.model).items() if p.requires_grad}
+        torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, plan.client_id, plan.job))
+        batches = self.data.batches(examples, derive_seed(cfg.seed, "batches", round_idx, plan.client_id, plan.job))
+        if on_start is not None:
+            on_start(plan.client_id, cfg.federation.local_steps)
+        with lora_scaling(self.model, plan.scaling):
+            result, losses = train_local(
+                self.model, params, batches, plan,
+                steps=cfg.federation.local_steps, grad_accumulation=cfg.federation.grad_accumulation, lr=lr,
+                optimizer_name=cfg.training.optimizer, weight_decay=cfg.training.weight_decay,
+                max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
+                num_examples=len(examples), on_step=on_step,
+            )
+        update = self.strategy.client_update(round_idx, plan, get_adapter_state(self.model), result, self.store)
+        update.metrics.setdefault("loss", result.mean_loss)
+        return LocalResult(update, result, losses)
