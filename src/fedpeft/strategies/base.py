@@ -120,6 +120,12 @@ class Strategy:
     def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
         return ClientPlan(client_id=client_id, downlink=global_state)
 
+    def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        """Runs on the client before training. A plan crosses the network as data only (tensors and
+        JSON-able fields); callables such as ``extra_loss`` / ``grad_transform`` that a method needs
+        are (re)built here from the plan's data and the client's own store, so that the in-process
+        engine and a Flower ClientApp train identically. Default: nothing."""
+
     def client_update(
         self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any
     ) -> ClientUpdate:
@@ -153,6 +159,11 @@ class Strategy:
     def evaluation_state(self, global_state: AdapterState, store: Any) -> AdapterState:
         """The adapter evaluated as "the global model" (FedSA-LoRA: global A with the mean personal B)."""
         return global_state
+
+    def task_evaluation_states(self, global_state: AdapterState, store: Any) -> dict[str, AdapterState] | None:
+        """Per-task adapters for evaluation (FL-TAC's cluster adapters): partition label -> the adapter
+        that label's evaluation records are scored with. None (default): ``evaluation_state`` for all."""
+        return None
 
     # --- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
