@@ -205,3 +205,23 @@ def test_engine_runs_fltac_on_the_tiny_model(tmp_path):
     lines = (art / ASSIGNMENTS_FILE).read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [1, 2]
     assert (art / "adapters_round_2.pt").exists()
+
+
+def test_cluster_on_delta_separates_tasks_whose_adapters_started_far_apart():
+    """Adapters that returned from different starting points: clustering the raw adapters groups them by
+    start, clustering the update (adapter - what the server sent) groups them by task."""
+    cs = centres(scale=1.0)
+    starts = {cid: adapter(R, seed=500 + cid) for cid in CLIENT_TASKS}
+    starts = {cid: {k: 50 * v for k, v in s.items()} for cid, s in starts.items()}
+    results = {}
+    for mode in ("adapter", "delta"):
+        strategy = make("fltac", r=R, num_tasks=len(TASKS), seed=7, cluster_on=mode)
+        glob = strategy.init_global(adapter(R, seed=1, zero_b=True))
+        updates = []
+        for cid, tasks in CLIENT_TASKS.items():
+            for j, t in enumerate(tasks):
+                strategy._sent[f"{cid}/t{j}"] = starts[cid]
+                updates.append(ClientUpdate(client_id=cid, tensors={k: starts[cid][k] + cs[t][k] for k in glob},
+                                            num_examples=5, job=f"t{j}", metrics={TRUE_TASK: t}))
+        results[mode] = strategy.aggregate(1, glob, updates).metrics["cluster_accuracy"]
+    assert results["delta"] == 1.0 and results["adapter"] < 1.0

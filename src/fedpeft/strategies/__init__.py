@@ -7,12 +7,15 @@ from typing import Any
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, Strategy, TrainResult
 from fedpeft.strategies.baselines import Centralized, LocalOnly, ZeroShot
 from fedpeft.strategies.fedex_lora import FedExLoRA
+from fedpeft.strategies.fedgpl import FedGPL
 from fedpeft.strategies.fedit import FedIT
+from fedpeft.strategies.fedls import FedLS
 from fedpeft.strategies.fedprox import FedProx
 from fedpeft.strategies.fedsa_lora import FedSALoRA
 from fedpeft.strategies.ffa_lora import FFALoRA
 from fedpeft.strategies.flexlora import FlexLoRA
 from fedpeft.strategies.flora import FLoRA
+from fedpeft.strategies.fltac import FLTAC
 from fedpeft.strategies.hetlora import HetLoRA, ZeroPadding
 from fedpeft.strategies.scaffold import Scaffold
 from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, build_server_optimizer
@@ -23,6 +26,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         FedIT, FedProx, Scaffold,
         FFALoRA, FLoRA, FedExLoRA, FedSALoRA, ZeroPadding, HetLoRA, FlexLoRA,
         Centralized, LocalOnly, ZeroShot,
+        FLTAC, FedLS, FedGPL,
     )
 }
 """Method name -> class. Every name is its own class with its own rule (no aliases, no fallback)."""

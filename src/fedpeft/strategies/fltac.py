@@ -167,6 +167,7 @@ class FLTAC(MethodStrategy):
         self.log_offset = 0
         # client-runtime view (recomputed each round, not state)
         self.client_tasks: list[list[str]] | None = None
+        self._sent: dict[str, AdapterState] = {}  # cluster_on=delta: "client/job" -> state sent this round
         self._truncate_log = True  # at the first begin_round: a fresh run starts the jsonl empty
 
     # --- set-up / per round -----------------------------------------------------------------------
@@ -204,6 +205,7 @@ class FLTAC(MethodStrategy):
             if store is not None and cluster in self.clusters:
                 store.put(int(cid), STORE_PREFIX + job, self.clusters[cluster])
         self.pending = {}
+        self._sent = {}
         if self.client_tasks is None:
             raise RuntimeError("fltac: begin_round must run before configure_round (it learns each client's tasks)")
         plans = []
@@ -211,17 +213,15 @@ class FLTAC(MethodStrategy):
             for j, task in enumerate(self.client_tasks[cid]):
                 job = f"t{j}"
                 start = self._start_state(cid, job, store)
-                plans.append(ClientPlan(client_id=cid, downlink=start, job=job, data_key=task,
-                                        info={"start_state": start} if self.cluster_on == "delta" else {}))
+                if self.cluster_on == "delta":  # server-side memory of what each adapter started from
+                    self._sent[f"{cid}/{job}"] = start
+                plans.append(ClientPlan(client_id=cid, downlink=start, job=job, data_key=task))
         return plans
 
     def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any
                       ) -> ClientUpdate:
         update = super().client_update(round_idx, plan, trained, result, store)
         update.metrics[TRUE_TASK] = plan.data_key  # for the clustering-accuracy log only
-        if self.cluster_on == "delta":
-            start = plan.info["start_state"]
-            update.metrics["_start"] = {k: start[k] for k in update.tensors}
         return update
 
     # --- server -----------------------------------------------------------------------------------
@@ -234,8 +234,9 @@ class FLTAC(MethodStrategy):
                 raise ValueError(f"fltac: client {u.client_id} must upload its whole adapter")
         states = [u.tensors for u in updates]
         sizes = [int(u.num_examples) for u in updates]
-        if self.cluster_on == "delta":
-            vecs = [flatten(u.tensors, keys) - flatten(u.metrics["_start"], keys) for u in updates]
+        if self.cluster_on == "delta":  # (client, job) is only the return address of an adapter
+            vecs = [flatten(u.tensors, keys) - flatten(self._sent.get(f"{u.client_id}/{u.job}", self.initial), keys)
+                    for u in updates]
         else:
             vecs = [flatten(u.tensors, keys) for u in updates]
         matrix = torch.stack(vecs).double().numpy()
