@@ -269,3 +269,32 @@ def test_lm_eval_bridge_hands_our_model_to_hflm(tiny, monkeypatch):
     assert results[0].task == "arc_easy" and results[0].num_examples == 4
     assert results[0].metrics == {"acc": 0.5, "acc_norm": 0.75, "acc_stderr": 0.1}
     assert results[1].task == "nope" and results[1].skipped
+
+
+def test_flat_metrics_suite_means():
+    from fedpeft.evaluation.suites import TaskResult
+
+    results = [TaskResult("commonsense8", "boolq", "multiple_choice", {"acc": 0.5, "acc_norm": 0.25}, 2, 1.0),
+               TaskResult("commonsense8", "piqa", "multiple_choice", {"acc": 1.0, "acc_norm": 0.75}, 2, 1.0),
+               TaskResult("commonsense8", "hellaswag", "multiple_choice", skipped="no data")]
+    flat = flat_metrics(results)
+    assert flat == {"boolq/acc": 0.5, "boolq/acc_norm": 0.25, "piqa/acc": 1.0, "piqa/acc_norm": 0.75,
+                    "commonsense8/acc": 0.75}
+
+
+def test_eval_command_mt_bench_with_a_local_judge(tmp_path, data_dir):
+    """The tiny model as its own judge never writes [[rating]]: every turn is a recorded failure, exit 0."""
+    from typer.testing import CliRunner
+
+    from fedpeft.cli import app
+
+    metrics = tmp_path / "metrics.jsonl"
+    result = CliRunner().invoke(app, ["eval", "--model", "tiny-llama", "--suite", "mt_bench", "--data-dir", str(data_dir),
+                                      "--judge-url", "local", "--judge-model", "tiny-llama", "--judge-max-tokens", "4", "--max-new-tokens", "2",
+                                      "--metrics", str(metrics)])
+    assert result.exit_code == 0, result.output
+    [event] = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert event["metrics"]["mt_bench/judge_failures"] == 2.0 and "mt_bench/score" not in event["metrics"]
+    [details] = list(tmp_path.glob("eval-mt_bench-*.json"))
+    saved = json.loads(details.read_text())["mt_bench"]
+    assert len(saved["answers"]["81"]) == 2 and saved["failures"][0]["error"] == "judge reply has no [[rating]]"

@@ -102,9 +102,14 @@ def register(app: typer.Typer) -> None:
         lenient: bool = typer.Option(False, "--lenient", help="Case-insensitive commonsense label extraction."),
         sample: bool = typer.Option(False, "--sample", help="--limit draws a seeded random sample, not the first N."),
         seed: int = typer.Option(0, "--seed"),
-        judge_url: str = typer.Option(None, "--judge-url", help="OpenAI-compatible API root for MT-Bench (or $FEDPEFT_JUDGE_URL)."),
-        judge_model: str = typer.Option(None, "--judge-model", help="Judge model name (or $FEDPEFT_JUDGE_MODEL)."),
+        judge_url: str = typer.Option(None, "--judge-url",
+                                      help="OpenAI-compatible API root for MT-Bench (or $FEDPEFT_JUDGE_URL); "
+                                           "'local' grades with --judge-model loaded by fedpeft."),
+        judge_model: str = typer.Option(None, "--judge-model",
+                                        help="Judge model name (or $FEDPEFT_JUDGE_MODEL); a model spec with --judge-url local."),
         judge_timeout: float = typer.Option(120.0, "--judge-timeout", help="Seconds per judge request."),
+        judge_max_tokens: int = typer.Option(None, "--judge-max-tokens", min=1,
+                                             help="Judgment length (default 2048 remote, 512 local)."),
         metrics_path: Path = typer.Option(None, "--metrics",
                                           help="metrics.jsonl to append to (default: RUN_DIR/metrics.jsonl with --adapter, "
                                                "else runs/eval/metrics.jsonl)."),
@@ -152,8 +157,14 @@ def register(app: typer.Typer) -> None:
                 "chat" if getattr(tokenizer, "chat_template", None) else "alpaca")
 
         judge = None
-        settings = JudgeSettings.from_env(judge_url, judge_model, timeout=judge_timeout)
-        if settings is not None:
+        settings = JudgeSettings.from_env(judge_url, judge_model, timeout=judge_timeout, max_tokens=judge_max_tokens)
+        if settings is not None and settings.base_url == "local":
+            from fedpeft.evaluation.judge import LocalModelJudge
+            from fedpeft.models.registry import load_base_model
+
+            judge_loaded = load_base_model(settings.model, dtype=dtype)
+            judge = LocalModelJudge(judge_loaded.model, judge_loaded.tokenizer, max_new_tokens=judge_max_tokens or 512)
+        elif settings is not None:
             judge = OpenAIChatClient(settings)
         elif "mt_bench" in [task for _, task in resolve_suite(suite)]:
             console.print("[yellow]no judge configured[/yellow] (--judge-url/--judge-model or FEDPEFT_JUDGE_URL/"
