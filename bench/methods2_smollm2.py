@@ -1,0 +1,214 @@
+"""FedIT vs FL-TAC vs FedLS vs FedGPL on SmolLM2-135M-Instruct: metric per task, uplink bytes,
+clustering accuracy (FL-TAC), time per round.
+
+Data: the generated multi-task set (``--data generated``, default: four tasks with exact answers,
+Dirichlet(0.5) per task with min_frac 0.01 over the clients) or Dolly's categories (``--data dolly``,
+ROUGE-L, ``--per-task`` training records per category). Every method runs the same clients (all of
+them every round: FL-TAC's clustering needs the tasks present), rounds, local steps per adapter and
+seed. FL-TAC trains one adapter per (client, local task), so it runs more local jobs per round.
+
+FL-TAC is evaluated twice: with its single "global" adapter (the sample-weighted mean of the cluster
+adapters: what the engine evaluates) and per task, each task's records scored with the cluster adapter
+its clients' adapters were assigned to in the last round (``Strategy.task_evaluation_states``).
+
+    python bench/methods2_smollm2.py                                    # ~10-20 min on 2 busy cores
+    python bench/methods2_smollm2.py --methods fedit fltac --rounds 2
+    python bench/methods2_smollm2.py --model tiny-llama --eval-per-task 2   # seconds: smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["fedit", "fltac", "fedls", "fedgpl"]
+GENERATED_TASKS = ["arithmetic", "reverse", "uppercase", "unit_conversion"]
+
+
+def overrides_for(args, method: str, run_dir: Path) -> list[str]:
+    rank = args.fltac_rank if method == "fltac" and args.fltac_rank else args.rank
+    ov = [
+        f"model.name={args.model}", f"model.threads={args.threads}", f"seed={args.seed}",
+        f"peft.r={rank}", f"peft.alpha={2 * rank}", "peft.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+        "data.template=chat", "data.partition.kind=dirichlet", "data.partition.alpha=0.5", "data.partition.min_frac=0.01",
+        f"federation.num_clients={args.clients}", f"federation.clients_per_round={args.clients}",
+        f"federation.rounds={args.rounds}", f"federation.local_steps={args.steps}", f"federation.batch_size={args.batch}",
+        f"method.name={method}", f"training.lr={args.lr}", f"training.lr_min={args.lr / 4}",
+        f"training.max_seq_len={args.seq_len}", "evaluation.every_rounds=0", "evaluation.before_training=false",
+        f"evaluation.max_new_tokens={args.max_new_tokens}", "evaluation.batch_size=32",
+        "output.progress=false", "output.report=false",
+    ]
+    if args.data == "generated":
+        ov += ["data.source=generated", f"data.tasks=[{','.join(GENERATED_TASKS)}]",
+               f"data.train_examples_per_task={args.per_task}", f"data.eval_examples_per_task={args.eval_per_task}",
+               "data.partition.by=task"]
+    else:
+        ov += ["data.source=dolly", "data.partition.by=category", f"data.max_train_examples_per_task={args.per_task}",
+               f"evaluation.max_examples={args.eval_per_task}"]
+    if method == "fltac":
+        ov += [f"method.options.artifact_dir={run_dir}", "method.options.min_task_examples=4"]
+    if method == "fedls":
+        ov += ["method.options.variant=all_momentum", "method.options.min_prob=0.4", "method.options.max_prob=0.99"]
+    if method == "fedgpl":
+        ov += ["method.options.grad_eval=lora_per_l1", "method.options.min_layer_num=2", "method.options.max_layer_num=6",
+               f"method.options.server_batch={args.server_examples}"]
+    return ov
+
+
+def events_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def per_task_cluster_eval(run_dir: Path, args) -> dict[str, float]:
+    """FL-TAC per task: each task's evaluation records with the cluster adapter assigned to that task."""
+    import torch
+
+    from fedpeft.adapters import set_adapter_state
+    from fedpeft.config import load_config
+    from fedpeft.data.dataset import load_experiment_data
+    from fedpeft.evaluation.generation import generation_eval
+    from fedpeft.models.peft_wrap import wrap_lora
+    from fedpeft.models.registry import load_base_model
+    from fedpeft.strategies import build_strategy
+
+    cfg = load_config(run_dir / "config.yaml")
+    latest = (run_dir / "checkpoints" / "LATEST").read_text().strip()
+    blob = torch.load(run_dir / "checkpoints" / latest / "strategy.pt", weights_only=False)
+    strategy = build_strategy(cfg.method)
+    strategy.load_state_dict(blob["strategy"])
+    states = strategy.task_evaluation_states({}, None) or {}
+    data = load_experiment_data(cfg)
+    loaded = load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed)
+    model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed)
+    label = data.label_field
+    out = {}
+    for task, state in sorted(states.items()):
+        records = [r for r in data.evaluation if str(r.get(label, r.get("task"))) == task]
+        if not records:
+            continue
+        set_adapter_state(model, state)
+        res = generation_eval(model, loaded.tokenizer, records, cfg.data.template, score=data.score,
+                              metric_name=data.metric_name, max_new_tokens=cfg.evaluation.max_new_tokens,
+                              batch_size=cfg.evaluation.batch_size, max_examples=cfg.evaluation.max_examples)
+        out[task] = res["metrics"][res["headline"]]
+    return out
+
+
+def summarise(run_dir: Path) -> dict:
+    ev = events_of(run_dir)
+    of = lambda kind: [e for e in ev if e.get("event") == kind]
+    rounds = of("round_end")
+    aggs = of("aggregate")
+    final = of("eval")[-1]["metrics"] if of("eval") else {}
+    train_agg = [e["phase_seconds"]["train"] + e["phase_seconds"]["aggregate"] for e in rounds]
+    row = {
+        "metrics": final,
+        "uplink_total": sum(e["uplink_bytes"] for e in rounds),
+        "uplink_per_round": sum(e["uplink_bytes"] for e in rounds) / max(1, len(rounds)),
+        "jobs_per_round": len(of("client_train")) / max(1, len(rounds)),
+        "round_seconds": sum(train_agg) / max(1, len(train_agg)),
+        "failed": len(of("client_failed")),
+    }
+    if aggs and "cluster_accuracy" in aggs[-1]:
+        row["cluster_accuracy"] = [round(e["cluster_accuracy"], 3) for e in aggs]
+    if aggs and "uplink_ratio" in aggs[-1]:
+        row["uplink_ratio"] = [round(e["uplink_ratio"], 3) for e in aggs]
+    if aggs and "selected_layers" in aggs[-1]:
+        row["selected_layers"] = [e["selected_layers"] for e in aggs]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="*", default=METHODS)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--data", choices=["generated", "dolly"], default="generated")
+    parser.add_argument("--per-task", type=int, default=120)
+    parser.add_argument("--eval-per-task", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=10)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--fltac-rank", type=int, help="FL-TAC's per-task rank (the paper uses a lower one); default --rank")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--server-examples", type=int, default=8, help="FedGPL: server-held training records")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--keep", help="keep run directories under this folder")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "methods2_smollm2.md"))
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from fedpeft.federation.engine import run_experiment
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for method in args.methods:
+            run_dir = root / method
+            print(f"== {method}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                run_experiment(REPO / "configs" / "tiny.yaml", overrides=overrides_for(args, method, run_dir), run_dir=run_dir)
+                row = summarise(run_dir)
+                if method == "fltac":
+                    row["per_task_cluster"] = per_task_cluster_eval(run_dir, args)
+            except Exception as exc:  # one broken method must not hide the others
+                row = {"error": f"{type(exc).__name__}: {exc}"}
+            row.update(method=method, wall=time.perf_counter() - t0)
+            print(json.dumps({k: v for k, v in row.items()}, default=str), flush=True)
+            rows.append(row)
+    write_table(args, rows)
+
+
+def write_table(args, rows) -> None:
+    fmt_b = lambda b: f"{b / 1e6:.2f} MB" if b >= 1e6 else f"{b / 1e3:.1f} kB"
+    tasks = sorted({k.split("/")[0] for r in rows for k in r.get("metrics", {}) if "/" in k})
+    head = "| method | " + " | ".join(tasks) + " | overall | uplink total | uplink/round | jobs/round | train+agg s/round | cluster acc | notes |"
+    lines = [
+        f"# FedIT vs FL-TAC vs FedLS vs FedGPL on {args.model}, data {args.data}: {args.clients} clients (all per round), "
+        f"{args.rounds} rounds, {args.steps} local steps x batch {args.batch} per adapter, LoRA r={args.rank} q/k/v/o, "
+        f"{args.per_task} train / {args.eval_per_task} eval per task, lr {args.lr}, seed {args.seed}",
+        "", head, "|" + "---|" * (len(tasks) + 8),
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | error: {r['error'][:150]} |" + " |" * (len(tasks) + 6))
+            continue
+        m = r["metrics"]
+        per = [next((f"{v:.2f}" for k, v in m.items() if k.startswith(t + "/")), "") for t in tasks]
+        overall = next((f"{m[k]:.3f}" for k in ("exact_match", "rougeL", "accuracy", "score") if k in m), "")
+        notes = []
+        if "uplink_ratio" in r:
+            notes.append("uplink ratio vs FedIT " + "/".join(f"{x:.2f}" for x in r["uplink_ratio"]))
+        if "selected_layers" in r:
+            notes.append("layers " + "; ".join(",".join(map(str, s)) for s in r["selected_layers"]))
+        acc = "/".join(f"{x:.2f}" for x in r.get("cluster_accuracy", [])) or "-"
+        label = r["method"] + (" (mean adapter)" if r["method"] == "fltac" else "")
+        lines.append(f"| {label} | " + " | ".join(per) + f" | {overall} | {fmt_b(r['uplink_total'])} | "
+                     f"{fmt_b(r['uplink_per_round'])} | {r['jobs_per_round']:.1f} | {r['round_seconds']:.1f} | {acc} | "
+                     + "; ".join(notes) + " |")
+        if r.get("per_task_cluster"):
+            pt = r["per_task_cluster"]
+            vals = [f"{pt[t]:.2f}" if t in pt else "" for t in tasks]
+            mean = sum(pt.values()) / len(pt)
+            lines.append("| fltac (per-task cluster adapter) | " + " | ".join(vals) + f" | {mean:.3f} (task mean) | | | | | | |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
