@@ -38,6 +38,7 @@ from fedpeft.federation.local_trainer import round_lr, train_local
 from fedpeft.federation.metrics_log import MetricsLog
 from fedpeft.federation.progress import RunProgress
 from fedpeft.federation.sampling import sample_clients
+from fedpeft.federation.transport import InProcessTransport, Transport
 from fedpeft.metering.allocator import malloc_mode, tune_malloc
 from fedpeft.metering.memory import peak_rss_mb
 from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, set_base_weights, wrap_lora
@@ -83,10 +84,12 @@ class ServerContext:
 
 
 class Engine:
-    def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False) -> None:
+    def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False,
+                 transport: Transport | None = None) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.transport = transport  # None: InProcessTransport (federation/transport.py)
 
     # --- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -119,6 +122,8 @@ class Engine:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.base_touched: set[str] = set()
         self.runner = ClientRunner(self.model, self.strategy, cfg, self.client_data, self.store)
+        if self.transport is None:
+            self.transport = InProcessTransport(self.runner)
 
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self, global_state: AdapterState, round_idx: int, final: bool = False) -> dict:
@@ -221,11 +226,11 @@ class Engine:
                 updates: list[ClientUpdate] = []
                 round_up = round_down = 0
                 t_train = time.perf_counter()
-                for n, plan in enumerate(plans, start=1):
+                jobs = self.transport.jobs(round_idx, plans, global_state, lr, progress)
+                for n, (plan, run_job) in enumerate(jobs, start=1):
                     down = state_bytes(plan.downlink) + state_bytes(plan.control)
                     try:
-                        local = self.runner.run(round_idx, plan, global_state, lr,
-                                                on_start=progress.start_client, on_step=progress.step)
+                        local = run_job()
                         update, result, losses = local.update, local.result, local.losses
                         self.strategy.check_update(global_state, update)
                     except Exception as exc:  # a failing client never stops the round or corrupts the global state
