@@ -197,3 +197,12 @@ def test_checkpoint_events_and_compression_fields(tmp_path):
     costs = {row[0]: row[1] for row in table_rows(write_report(run_dir).read_text(), "Costs")}
     assert costs["uplink compression"].startswith(f"int8: {UPLINK * 9:,} bytes")
     assert costs["uplink compression"].endswith("(4.00x smaller)")
+
+
+def test_eval_splits_of_one_round_are_merged(tmp_path):
+    events = synthetic_events()
+    events.insert(-1, {"event": "eval", "time": 1.0, "round": 3, "split": "personal",
+                       "metrics": {"personal/mean": 0.625}, "examples": 3, "seconds": 2.0})
+    run = load_run(write_log(tmp_path / "run", events))
+    assert run.evals[3]["exact_match"] == 0.4375 and run.evals[3]["personal/mean"] == 0.625
+    assert run.eval_seconds()[3] == pytest.approx(2.25)

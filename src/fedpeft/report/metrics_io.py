@@ -153,12 +153,30 @@ class RunLog:
     def aggregate(self) -> dict[int, dict[str, Any]]:
         return self._last_per_round("aggregate")
 
+    def eval_events(self) -> dict[int, list[dict[str, Any]]]:
+        """Round -> its eval events, the last one of each ``split`` (global, personal, ...)."""
+        by_key: dict[tuple[int, str], dict[str, Any]] = {}
+        for e in self.of("eval"):
+            r = _round(e)
+            if r is not None:
+                by_key[(r, str(e.get("split", "global")))] = e
+        out: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for (r, _), e in by_key.items():
+            out[r].append(e)
+        return dict(sorted(out.items()))
+
+    def eval_seconds(self) -> dict[int, float]:
+        """Round -> seconds of all its evaluations (every split)."""
+        return {r: sum(_num(e.get("seconds")) or 0.0 for e in events) for r, events in self.eval_events().items()}
+
     @property
     def evals(self) -> dict[int, dict[str, float]]:
-        """Round -> flat numeric evaluation metrics."""
+        """Round -> flat numeric evaluation metrics, the metrics of every split of that round merged."""
         out = {}
-        for r, e in self._last_per_round("eval").items():
-            metrics = flatten_metrics(e.get("metrics"))
+        for r, events in self.eval_events().items():
+            metrics: dict[str, float] = {}
+            for e in events:
+                metrics.update(flatten_metrics(e.get("metrics")))
             if metrics:
                 out[r] = metrics
         return out
@@ -264,7 +282,7 @@ class RunLog:
         From ``round_end.phase_seconds`` when logged; otherwise rebuilt from the client jobs
         (train), the aggregate event and the eval event of the round.
         """
-        aggregates, evals = self.aggregate, self._last_per_round("eval")
+        aggregates, eval_seconds = self.aggregate, self.eval_seconds()
         train = self._sum_client_field("seconds")
         checkpoints = self.checkpoint_seconds()
         out: dict[int, dict[str, float]] = {}
@@ -279,7 +297,7 @@ class RunLog:
                 phases = {
                     "train": train.get(r, 0.0),
                     "aggregate": _num(aggregates.get(r, {}).get("seconds")) or 0.0,
-                    "evaluate": _num(evals.get(r, {}).get("seconds")) or 0.0,
+                    "evaluate": eval_seconds.get(r, 0.0),
                 }
             total = _num(end.get("seconds"))
             if total is not None:
@@ -326,7 +344,7 @@ class RunLog:
             "model load": _num(self.run_start.get("model_load_seconds")) or 0.0,
             "local training": self.train_seconds(),
             "aggregation": sum(_num(e.get("seconds")) or 0.0 for e in self.aggregate.values()),
-            "evaluation": sum(_num(e.get("seconds")) or 0.0 for e in self._last_per_round("eval").values()),
+            "evaluation": sum(self.eval_seconds().values()),
             "checkpoint": sum(self.checkpoint_seconds().values()),
         }
         out["other"] = max(0.0, wall - sum(out.values()))
