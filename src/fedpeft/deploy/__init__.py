@@ -1,0 +1,1 @@
+"""Deployment of fedpeft experiments across machines (``fedpeft.deploy.flower``: on Flower)."""

@@ -1,0 +1,143 @@
+"""The Flower ClientApp: the client side of a round, the same ``ClientRunner`` as the in-process engine.
+
+``train``: decode the plan (``serde``), train it with ``ClientRunner.run`` on this node's data, reply
+with the ClientUpdate and TrainResult. ``query``: answer which client ids this node serves (from its
+node config), so the server can route each client's plan to its node.
+
+Everything a handler needs (config, data split, base model + PEFT wrap, strategy, client store) is built
+once per process and kept in a module global keyed by (run, node). Flower 1.41/1.42 start a fresh
+``flwr-clientapp`` process per message under the default ``--isolation subprocess``, so in a real
+deployment the build is paid per message; model loading is therefore from a local path or cache
+(node config ``model-path``, ``FEDPEFT_CACHE_DIR``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+@dataclass
+class ClientWorker:
+    config: Any
+    node: Any
+    model: Any
+    strategy: Any
+    runner: Any
+    store: Any
+    build_seconds: float
+
+
+_WORKER: tuple[str, ClientWorker] | None = None
+
+
+def _key(run_config: dict, node_config: dict, run_id: int) -> str:
+    blob = json.dumps([sorted(map(str, run_config.items())), sorted(map(str, node_config.items())), run_id])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def build_worker(run_config: dict, node_config: dict, run_id: int = 0, node_id: int = 0) -> ClientWorker:
+    """Config + data + model + strategy + ClientRunner for this node (what ``Engine._setup`` builds on
+    the server, minus evaluation, logging and checkpoints)."""
+    import time
+
+    import torch
+
+    from fedpeft.deploy.flower.settings import DeploySettings, NodeSettings
+    from fedpeft.deploy.flower.store import NodeClientStore
+    from fedpeft.data.dataset import load_experiment_data
+    from fedpeft.federation.client import ClientRunner, prepare_client_data
+    from fedpeft.metering.allocator import tune_malloc
+    from fedpeft.models.peft_wrap import wrap_lora
+    from fedpeft.models.registry import load_base_model
+    from fedpeft.strategies import build_strategy
+
+    start = time.perf_counter()
+    settings = DeploySettings.from_run_config(run_config)
+    node = NodeSettings.from_node_config(node_config)
+    experiment = json.loads(json.dumps(settings.experiment))
+    if node.model_path:
+        experiment.setdefault("model", {})["name"] = node.model_path
+    if node.data_path:
+        experiment.setdefault("data", {})["source"] = node.data_path
+    from fedpeft.config import build_config
+
+    cfg = build_config(experiment)
+    node.check(cfg.federation.num_clients)
+    tune_malloc()
+    if cfg.model.threads:
+        torch.set_num_threads(cfg.model.threads)
+    data = load_experiment_data(cfg)
+    loaded = load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
+                             gguf_file=cfg.model.gguf_file)
+    model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed)
+    # The same option defaults as Engine._setup (keep in step; a shared helper would be better).
+    options = dict(cfg.method.options)
+    options.setdefault("r", cfg.peft.r)
+    options.setdefault("lora_alpha", cfg.peft.alpha)
+    options.setdefault("rslora", cfg.peft.rslora)
+    options.setdefault("num_clients", cfg.federation.num_clients)
+    options.setdefault("seed", cfg.seed)
+    strategy = build_strategy(cfg.method.model_copy(update={"options": options}))
+    strategy.prepare_model(model)
+    client_data = prepare_client_data(cfg, data, loaded.tokenizer)
+    if node.data_path:  # the whole local file belongs to this node's one client
+        own = [i for i, e in enumerate(client_data.encoded) if e is not None]
+        client_data.indices = [own if c == node.client_ids[0] else [] for c in range(cfg.federation.num_clients)]
+    store_dir = Path(node.client_store) if node.client_store else (
+        Path(tempfile.gettempdir()) / "fedpeft-client-store" / f"node-{node_id}" / f"run-{run_id}")
+    store = NodeClientStore(store_dir)
+    runner = ClientRunner(model, strategy, cfg, client_data, store)
+    return ClientWorker(cfg, node, model, strategy, runner, store, time.perf_counter() - start)
+
+
+def get_worker(context: Context, run_id: int) -> ClientWorker:
+    global _WORKER
+    run_config, node_config = dict(context.run_config), dict(context.node_config)
+    key = _key(run_config, node_config, run_id)
+    if _WORKER is None or _WORKER[0] != key:
+        _WORKER = None  # free the previous run's model first
+        _WORKER = (key, build_worker(run_config, node_config, run_id, context.node_id))
+    return _WORKER[1]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from fedpeft.deploy.flower.serde import decode_plan, encode_result
+    from fedpeft.models.peft_wrap import set_base_weights
+
+    worker = get_worker(context, msg.metadata.run_id)
+    received = decode_plan(msg.content)
+    plan = received.plan
+    if plan.client_id not in worker.node.client_ids:
+        raise ValueError(f"this node serves clients {worker.node.client_ids}, not client {plan.client_id}")
+    if received.base_weights:
+        set_base_weights(worker.model, received.base_weights)
+    worker.store.begin_round(received.round_idx)
+    local = worker.runner.run(received.round_idx, plan, received.start_state, received.lr)
+    content = encode_result(local.update, local.result, local.losses)
+    content["node"] = ConfigRecord({"pid": os.getpid(), "build-seconds": float(worker.build_seconds)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which client ids this node serves (cheap: reads the node config, loads nothing)."""
+    from fedpeft.deploy.flower.settings import NodeSettings
+
+    node = NodeSettings.from_node_config(dict(context.node_config))
+    return Message(content=RecordDict({"node": ConfigRecord({"client-ids": json.dumps(node.client_ids)})}),
+                   reply_to=msg)

@@ -1,0 +1,189 @@
+"""ClientPlan <-> Flower records, and the client's reply (ClientUpdate + TrainResult) back.
+
+A plan crosses the wire as data only: tensors in ``ArrayRecord``s, the other fields in one
+``ConfigRecord``. Callables (``extra_loss``, ``grad_transform``) never travel: the client's
+``Strategy.attach_client_hooks`` rebuilds them from the plan's data, so a plan that still carries one
+is refused here with a message naming the method (it would otherwise train differently than in
+process). Tensors round-trip bit-exactly (bfloat16, which numpy lacks, travels as its int16 bits).
+
+Message layout (record names in a ``RecordDict``)::
+
+    server -> client (message type "train")
+      plan      ConfigRecord  round, lr, client-id, job, data-key, trainable, upload, scaling, info
+      downlink  ArrayRecord   plan.downlink
+      init      ArrayRecord   plan.init_state (absent: same as downlink)
+      control   ArrayRecord   plan.control
+      start     ArrayRecord   global keys the plan does not set (what the engine's start_state adds)
+      base      ArrayRecord   base weights the method changed (FLoRA, FedEx-LoRA), full values
+    client -> server
+      update    ConfigRecord  client-id, job, num-examples, metrics (JSON: a strategy may add non-floats)
+      tensors   ArrayRecord   update.tensors
+      control   ArrayRecord   update.control
+      train     MetricRecord  TrainResult fields and the per-step losses
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedpeft.adapters import AdapterState
+from fedpeft.strategies.base import ClientPlan, ClientUpdate, TrainResult
+
+_VIEWED = {torch.bfloat16: torch.int16}
+"""dtypes numpy cannot hold, sent as same-sized integer bits."""
+_DTYPES = {str(dtype): dtype for dtype in _VIEWED}
+
+
+class PlanNotSerializable(ValueError):
+    """A ClientPlan that cannot cross the network (it carries a callable)."""
+
+
+def state_to_record(state: Mapping[str, torch.Tensor]) -> tuple[ArrayRecord, dict[str, str]]:
+    """An adapter dict as an ArrayRecord (+ the keys whose dtype travels as integer bits)."""
+    arrays, viewed = {}, {}
+    for key, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.dtype in _VIEWED:
+            viewed[key] = str(tensor.dtype)
+            tensor = tensor.view(_VIEWED[tensor.dtype])
+        arrays[key] = tensor
+    return ArrayRecord(arrays), viewed
+
+
+def record_to_state(record: ArrayRecord, viewed: Mapping[str, str] | None = None) -> AdapterState:
+    state = dict(record.to_torch_state_dict())
+    for key, dtype in (viewed or {}).items():
+        state[key] = state[key].view(_DTYPES[dtype])
+    return state
+
+
+def _put_state(content: RecordDict, name: str, state: Mapping[str, torch.Tensor] | None, viewed: dict) -> None:
+    if state is None:
+        return
+    record, record_viewed = state_to_record(state)
+    content[name] = record
+    if record_viewed:
+        viewed[name] = record_viewed
+
+
+def _get_state(content: RecordDict, name: str, viewed: Mapping[str, Any]) -> AdapterState | None:
+    if name not in content:
+        return None
+    return record_to_state(content[name], viewed.get(name))
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays in a message (what dominates its size on the wire)."""
+    total = 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(len(array.data) for array in record.values())
+    return total
+
+
+# --- server -> client -------------------------------------------------------------------------
+
+
+@dataclass
+class PlanMessage:
+    round_idx: int
+    lr: float
+    plan: ClientPlan
+    start_state: AdapterState
+    base_weights: dict[str, torch.Tensor]
+
+
+def encode_plan(round_idx: int, plan: ClientPlan, global_state: Mapping[str, torch.Tensor], lr: float,
+                base_weights: Mapping[str, torch.Tensor] | None = None, method: str = "") -> RecordDict:
+    """The message content for one plan. ``global_state`` supplies the keys the plan leaves unset (in
+    process the engine loads the global adapter before the plan's own state)."""
+    for attr in ("extra_loss", "grad_transform"):
+        if getattr(plan, attr) is not None:
+            raise PlanNotSerializable(
+                f"method '{method or '?'}' puts a callable in ClientPlan.{attr} (client {plan.client_id}): a plan "
+                "must cross the network as data only; build the callable on the client in "
+                "Strategy.attach_client_hooks from plan data (plan.info / plan.control) instead")
+    try:
+        info = json.dumps(plan.info)
+    except TypeError as exc:
+        raise PlanNotSerializable(f"method '{method or '?'}': ClientPlan.info of client {plan.client_id} is not "
+                                  f"JSON-serialisable ({exc})") from None
+    content = RecordDict()
+    own = plan.init_state if plan.init_state is not None else plan.downlink
+    fields = {
+        "round": int(round_idx), "lr": float(lr), "client-id": int(plan.client_id), "job": plan.job,
+        "data-key": json.dumps(plan.data_key), "trainable": json.dumps(plan.trainable),
+        "upload": json.dumps(plan.upload), "scaling": json.dumps(plan.scaling), "info": info,
+        "has-init": plan.init_state is not None,
+    }
+    viewed: dict[str, dict[str, str]] = {}
+    _put_state(content, "downlink", plan.downlink, viewed)
+    if plan.init_state is not None and plan.init_state is not plan.downlink:
+        _put_state(content, "init", plan.init_state, viewed)
+    elif plan.init_state is not None:
+        fields["init-is-downlink"] = True
+    _put_state(content, "control", plan.control, viewed)
+    _put_state(content, "start", {k: v for k, v in global_state.items() if k not in own}, viewed)
+    _put_state(content, "base", dict(base_weights or {}), viewed)
+    fields["viewed"] = json.dumps(viewed)
+    content["plan"] = ConfigRecord(fields)
+    return content
+
+
+def decode_plan(content: RecordDict) -> PlanMessage:
+    fields = content["plan"]
+    viewed = json.loads(str(fields["viewed"]))
+    downlink = _get_state(content, "downlink", viewed) or {}
+    init_state = None
+    if fields["has-init"]:
+        init_state = downlink if fields.get("init-is-downlink") else _get_state(content, "init", viewed)
+    plan = ClientPlan(
+        client_id=int(fields["client-id"]), downlink=downlink, init_state=init_state,
+        trainable=json.loads(str(fields["trainable"])), upload=json.loads(str(fields["upload"])),
+        job=str(fields["job"]), data_key=json.loads(str(fields["data-key"])),
+        control=_get_state(content, "control", viewed) or {}, scaling=json.loads(str(fields["scaling"])),
+        info=json.loads(str(fields["info"])),
+    )
+    return PlanMessage(int(fields["round"]), float(fields["lr"]), plan,
+                       _get_state(content, "start", viewed) or {}, _get_state(content, "base", viewed) or {})
+
+
+# --- client -> server -------------------------------------------------------------------------
+
+
+def encode_result(update: ClientUpdate, result: TrainResult, losses: list[float]) -> RecordDict:
+    content = RecordDict()
+    viewed: dict[str, dict[str, str]] = {}
+    _put_state(content, "tensors", update.tensors, viewed)
+    _put_state(content, "control", update.control, viewed)
+    content["update"] = ConfigRecord({
+        "client-id": int(update.client_id), "job": update.job, "num-examples": int(update.num_examples),
+        "metrics": json.dumps(update.metrics, default=float), "viewed": json.dumps(viewed),
+    })
+    train = {k: (float(v) if isinstance(v, float) else int(v)) for k, v in asdict(result).items()}
+    train["losses"] = [float(x) for x in losses]
+    if not train["losses"]:
+        del train["losses"]  # a MetricRecord cannot hold an empty list
+    content["train"] = MetricRecord(train)
+    return content
+
+
+def decode_result(content: RecordDict) -> tuple[ClientUpdate, TrainResult, list[float]]:
+    fields = content["update"]
+    viewed = json.loads(str(fields["viewed"]))
+    update = ClientUpdate(
+        client_id=int(fields["client-id"]), tensors=_get_state(content, "tensors", viewed) or {},
+        num_examples=int(fields["num-examples"]), job=str(fields["job"]),
+        control=_get_state(content, "control", viewed) or {}, metrics=json.loads(str(fields["metrics"])),
+    )
+    train = dict(content["train"])
+    losses = [float(x) for x in train.pop("losses", [])]
+    names = TrainResult.__dataclass_fields__
+    result = TrainResult(**{k: v for k, v in train.items() if k in names})
+    return update, result, losses

@@ -1,0 +1,126 @@
+"""What a deployed run is told: Flower run config (same for the server and every client) and node config
+(one per SuperNode). Plain Python, no Flower or torch import, so the CLI can use it cheaply.
+
+Run config (``[tool.flwr.app.config]`` of the generated app, ``flwr run --run-config`` overrides it):
+
+==================  ==========================================================================
+``experiment``      the resolved experiment config as JSON (``fedpeft deploy`` fills it from
+                    YAML + overrides, so no config file is needed on the other machines)
+``run-dir``         where the ServerApp writes the run (a path on the SuperLink's machine;
+                    empty: ``output.dir/<name>-<time>`` relative to the SuperLink's directory)
+``resume``          continue ``run-dir`` from its last completed round
+``min-clients``     fewest replies a round aggregates; fewer stops the run (last checkpoint kept)
+``round-timeout``   seconds a round waits for replies at most
+``straggler-timeout``  once ``min-clients`` replies are in, seconds to wait for the others (0: no limit
+                    other than ``round-timeout``); a killed SuperNode is noticed this fast
+``node-wait``       seconds to wait at the start for SuperNodes that serve every client
+==================  ==========================================================================
+
+Node config (``flower-supernode --node-config '...'``):
+
+==================  ==========================================================================
+``partition-id``    the client id this node trains (an index into the shared partition); or
+``partition-ids``   several, as a string ``"0,2"`` (a rehearsal with fewer nodes than clients)
+``num-partitions``  optional; checked against ``federation.num_clients``
+``data-path``       a local data file: the node trains on all of it as client ``partition-id``
+                    (real deployments; the file's format as for ``data.source``)
+``model-path``      a local model directory or .gguf file (replaces ``model.name`` on this node)
+``client-store``    directory for client-private state (default: a temp dir per node and run)
+==================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+RUN_CONFIG_DEFAULTS: dict[str, Any] = {
+    "experiment": "",
+    "run-dir": "",
+    "resume": False,
+    "min-clients": 1,
+    "round-timeout": 600.0,
+    "straggler-timeout": 0.0,
+    "node-wait": 120.0,
+}
+
+
+@dataclass
+class DeploySettings:
+    experiment: dict[str, Any]
+    run_dir: str = ""
+    resume: bool = False
+    min_clients: int = 1
+    round_timeout: float = 600.0
+    straggler_timeout: float = 0.0
+    node_wait: float = 120.0
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> "DeploySettings":
+        values = {**RUN_CONFIG_DEFAULTS, **dict(run_config)}
+        text = str(values["experiment"]).strip()
+        if not text:
+            raise ValueError("Flower run config has no 'experiment': start the run with `fedpeft deploy run` "
+                             "or generate the app with `fedpeft deploy app --config X.yaml`")
+        return cls(
+            experiment=json.loads(text), run_dir=str(values["run-dir"]), resume=bool(values["resume"]),
+            min_clients=int(values["min-clients"]), round_timeout=float(values["round-timeout"]),
+            straggler_timeout=float(values["straggler-timeout"]), node_wait=float(values["node-wait"]),
+        )
+
+    def config(self):
+        from fedpeft.config import build_config
+
+        return build_config(dict(self.experiment))
+
+
+@dataclass
+class NodeSettings:
+    client_ids: list[int]
+    num_partitions: int | None = None
+    data_path: str | None = None
+    model_path: str | None = None
+    client_store: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> "NodeSettings":
+        cfg = dict(node_config)
+        if "partition-ids" in cfg:
+            raw = cfg.pop("partition-ids")
+            ids = [int(x) for x in str(raw).replace(" ", "").split(",") if x != ""]
+        elif "partition-id" in cfg:
+            ids = [int(cfg.pop("partition-id"))]
+        else:
+            raise ValueError("node config needs 'partition-id' (or 'partition-ids=\"0,2\"'): start the SuperNode "
+                             "with --node-config 'partition-id=0'")
+        if not ids:
+            raise ValueError("node config 'partition-ids' is empty")
+        num = cfg.pop("num-partitions", None)
+        settings = cls(ids, int(num) if num is not None else None, _opt(cfg.pop("data-path", None)),
+                       _opt(cfg.pop("model-path", None)), _opt(cfg.pop("client-store", None)), cfg)
+        if settings.data_path and len(ids) != 1:
+            raise ValueError("node config 'data-path' serves exactly one client: give a single 'partition-id'")
+        return settings
+
+    def check(self, num_clients: int) -> None:
+        if self.num_partitions is not None and self.num_partitions != num_clients:
+            raise ValueError(f"node config num-partitions={self.num_partitions} but the experiment has "
+                             f"federation.num_clients={num_clients}")
+        bad = [c for c in self.client_ids if not 0 <= c < num_clients]
+        if bad:
+            raise ValueError(f"node config partition id(s) {bad} outside 0..{num_clients - 1} "
+                             f"(federation.num_clients={num_clients})")
+
+
+def _opt(value: Any) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+def node_config_string(values: dict[str, Any]) -> str:
+    """``{'partition-ids': '0,2'}`` -> ``partition-ids="0,2"`` for ``flower-supernode --node-config``."""
+    parts = []
+    for key, value in values.items():
+        parts.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return " ".join(parts)
