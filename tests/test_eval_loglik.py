@@ -143,8 +143,23 @@ def test_scoring_through_a_peft_model_and_restores_train_mode(tiny):
     model, tokenizer = tiny_llama(seed=1)
     wrapped = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     wrapped.train()
-    scores = score_continuations(wrapped, tokenizer, PAIRS[:3], batch_size=3)
+    pairs = PAIRS[:3] + [("The sky is", " blue"), ("The sky is", " green and wide")]  # both scoring paths
+    scores = score_continuations(wrapped, tokenizer, pairs, batch_size=3)
     assert wrapped.training
     wrapped.eval()
-    for (context, continuation), score in zip(PAIRS[:3], scores):
+    for (context, continuation), score in zip(pairs, scores):
         assert score.logprob == pytest.approx(hand_logprob(wrapped, tokenizer, context, continuation)[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_shared_context_cache_equals_hand_computation(tiny, batch_size):
+    """Options of different lengths after a shared context: the context's KV cache is reused per option."""
+    model, tokenizer = tiny
+    pairs = [("Question: which planet is red?\nAnswer:", option) for option in (" Mars", " the planet Jupiter", " Sun", " x")]
+    pairs += [("Short q?", " yes indeed"), ("Short q?", " no"), ("A longer unrelated context here.", " alone")]
+    shared = score_continuations(model, tokenizer, pairs, batch_size=batch_size, share_context=True)
+    plain = score_continuations(model, tokenizer, pairs, batch_size=batch_size, share_context=False)
+    for (context, continuation), a, b in zip(pairs, shared, plain):
+        expected, n, greedy = hand_logprob(model, tokenizer, context, continuation)
+        assert a.logprob == pytest.approx(expected, abs=1e-4) and b.logprob == pytest.approx(expected, abs=1e-4)
+        assert a.num_tokens == b.num_tokens == n and a.is_greedy == b.is_greedy == greedy
