@@ -134,7 +134,8 @@ def _final_metrics(run: RunLog) -> list[str]:
         best = _best(series, name) if series else None
         rows.append([name, fmt(base), fmt(value), ("+" if change and change > 0 else "") + fmt(change) if change is not None else "n/a",
                      f"{fmt(best[1])} (round {best[0]})" if best else "n/a"])
-    final_label = f"final (round {last_round})" if last_round is not None else "final"
+    word = "final" if run.complete else "last evaluated"
+    final_label = f"{word} (round {last_round})" if last_round is not None else word
     return ["## Final metrics", "", *table(["metric", "base (round 0)", final_label, "change", "best"], rows), ""]
 
 
@@ -150,7 +151,7 @@ def _costs(run: RunLog) -> list[str]:
         ("uplink, total", fmt_exact_bytes(uplink)),
         ("downlink, total", fmt_exact_bytes(downlink)),
         ("uplink per round (mean)", format_bytes(uplink / rounds) if rounds else "n/a"),
-        ("wall time", fmt_seconds(wall)),
+        ("wall time" if run.complete else "wall time (first to last event; partial log)", fmt_seconds(wall)),
         ("local training compute (sum of client_train.seconds)", fmt_seconds(train) if train else "n/a"),
         ("wall time / local training compute", f"{wall / train:.3f}" if wall and train else "n/a"),
         ("training tokens", fmt(tokens) if tokens else "n/a"),
