@@ -29,6 +29,19 @@ log = logging.getLogger(__name__)
 
 app = ClientApp()
 
+KILL_ENV = "FEDPEFT_DEPLOY_KILL_AT"
+"""Testing aid: ``<round>:<client>`` or ``<experiment name>:<round>:<client>`` in a SuperNode's environment
+makes its ClientApp SIGKILL the node's process group (the SuperNode, its SuperExec and this ClientApp)
+when asked to train that client in that round: a machine dying mid-round, at a deterministic moment."""
+
+
+def _maybe_kill(name: str, round_idx: int, client_id: int) -> None:
+    target = os.environ.get(KILL_ENV)
+    if target and target in (f"{round_idx}:{client_id}", f"{name}:{round_idx}:{client_id}"):
+        import signal
+
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
 
 @dataclass
 class ClientWorker:
@@ -56,9 +69,9 @@ def build_worker(run_config: dict, node_config: dict, run_id: int = 0, node_id: 
 
     import torch
 
+    from fedpeft.data.dataset import load_experiment_data
     from fedpeft.deploy.flower.settings import DeploySettings, NodeSettings
     from fedpeft.deploy.flower.store import NodeClientStore
-    from fedpeft.data.dataset import load_experiment_data
     from fedpeft.federation.client import ClientRunner, prepare_client_data
     from fedpeft.metering.allocator import tune_malloc
     from fedpeft.models.peft_wrap import wrap_lora
@@ -126,6 +139,7 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"this node serves clients {worker.node.client_ids}, not client {plan.client_id}")
     if received.base_weights:
         set_base_weights(worker.model, received.base_weights)
+    _maybe_kill(worker.config.name, received.round_idx, plan.client_id)
     worker.store.begin_round(received.round_idx)
     local = worker.runner.run(received.round_idx, plan, received.start_state, received.lr)
     content = encode_result(local.update, local.result, local.losses)

@@ -158,6 +158,8 @@ class LocalFederation:
     workdir: Path
     node_configs: list[dict[str, Any]]
     env_extra: dict[str, str] = field(default_factory=dict)
+    node_env: dict[int, dict[str, str]] = field(default_factory=dict)
+    """Extra environment for SuperNode i (e.g. a testing hook)."""
     isolation: str = "subprocess"
     port: int = 0
     superlink: subprocess.Popen | None = None
@@ -169,13 +171,13 @@ class LocalFederation:
         self.logs = self.workdir / "logs"
         self.env = flower_env(self.flwr_home, self.env_extra)
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
+    def _spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
-        handle = open(self.logs / log_name, "w")
-        return subprocess.Popen(args, env=self.env, stdout=handle, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                start_new_session=True)
+        with open(self.logs / log_name, "w") as handle:  # the child keeps its own descriptor
+            return subprocess.Popen(args, env={**self.env, **(env or {})}, stdout=handle, stderr=subprocess.STDOUT,
+                                    cwd=self.workdir, start_new_session=True)
 
-    def start(self, timeout: float = 60.0) -> "LocalFederation":
+    def start(self, timeout: float = 60.0) -> LocalFederation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.superlink = self._spawn([tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
@@ -191,7 +193,8 @@ class LocalFederation:
         i = len(self.supernodes)
         proc = self._spawn([tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
                             "--node-config", node_config_string(node_config), "--host", "127.0.0.1",
-                            "--port", str(port), "--isolation", self.isolation], f"supernode-{i}.log")
+                            "--port", str(port), "--isolation", self.isolation], f"supernode-{i}.log",
+                           self.node_env.get(i))
         wait_port(port, timeout, proc, f"flower-supernode {i}")
         self.supernodes.append(proc)
         return proc
@@ -238,7 +241,7 @@ class LocalFederation:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self) -> LocalFederation:
         try:
             return self.start()
         except BaseException:

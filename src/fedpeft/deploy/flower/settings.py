@@ -57,7 +57,7 @@ class DeploySettings:
     node_wait: float = 120.0
 
     @classmethod
-    def from_run_config(cls, run_config: dict[str, Any]) -> "DeploySettings":
+    def from_run_config(cls, run_config: dict[str, Any]) -> DeploySettings:
         values = {**RUN_CONFIG_DEFAULTS, **dict(run_config)}
         text = str(values["experiment"]).strip()
         if not text:
@@ -85,7 +85,7 @@ class NodeSettings:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_node_config(cls, node_config: dict[str, Any]) -> "NodeSettings":
+    def from_node_config(cls, node_config: dict[str, Any]) -> NodeSettings:
         cfg = dict(node_config)
         if "partition-ids" in cfg:
             raw = cfg.pop("partition-ids")

@@ -1,0 +1,212 @@
+"""``fedpeft deploy``: run an experiment config on a Flower federation (needs ``fedpeft[flower]``).
+
+  rehearsal  a SuperLink + N SuperNodes on 127.0.0.1 (--insecure), run, read the run status, stop them
+  app        write the Flower app folder of a config (for ``flwr run`` by hand)
+  run        submit a config to a running SuperLink and wait for its status
+
+See docs/deploy.md for real machines (TLS, node authentication).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import typer
+
+deploy_app = typer.Typer(
+    name="deploy",
+    help="Run an experiment on a Flower federation: a local rehearsal or real machines (docs/deploy.md).",
+    no_args_is_help=True,
+)
+
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": False}
+
+
+def _need_flower() -> None:
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        typer.echo("error: Flower is not installed; install it with: pip install 'fedpeft[flower]'", err=True)
+        raise typer.Exit(2) from None
+
+
+def _load(config: Path, overrides: list[str]):
+    from fedpeft.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait) -> dict:
+    return {"run_dir": str(Path(run_dir).resolve()) if run_dir else None, "min_clients": min_clients,
+            "round_timeout": round_timeout, "straggler_timeout": straggler_timeout, "node_wait": node_wait}
+
+
+def _print_outcome(run_dir: Path, run_id: int, status: str, seconds: float) -> None:
+    from fedpeft.federation.metrics_log import read_events
+
+    typer.echo(f"Flower run {run_id}: {status} ({seconds:.1f} s)")
+    events_path = run_dir / "metrics.jsonl"
+    if not events_path.is_file():
+        return
+    events = read_events(events_path)
+    rounds = [e for e in events if e["event"] == "round_end"]
+    failed = [e for e in events if e["event"] == "client_failed"]
+    for e in rounds:
+        typer.echo(f"  round {e['round']}: {e['seconds']:.1f} s, up {e['uplink_bytes']} B, down {e['downlink_bytes']} B, "
+                   f"peak RSS {e['peak_rss_mb']:.0f} MiB (server)")
+    for e in failed:
+        typer.echo(f"  client_failed: round {e['round']} client {e['client']}: {e['error']}")
+    end = [e for e in events if e["event"] == "run_end"]
+    if end:
+        typer.echo(f"  final metrics: {json.dumps(end[-1]['final_metrics'])}")
+    typer.echo(f"run directory: {run_dir}")
+
+
+SETTING_OPTIONS = dict(
+    run_dir=typer.Option(None, "--run-dir", help="Run directory (on the SuperLink's machine)."),
+    min_clients=typer.Option(None, "--min-clients", help="Fewest replies a round aggregates (default 1)."),
+    round_timeout=typer.Option(None, "--round-timeout", help="Seconds a round waits for replies (default 600)."),
+    straggler_timeout=typer.Option(None, "--straggler-timeout",
+                                   help="Once min-clients replied, seconds to wait for the rest (default 0: until "
+                                        "round-timeout)."),
+    node_wait=typer.Option(None, "--node-wait", help="Seconds to wait at start for SuperNodes (default 120)."),
+)
+
+
+@deploy_app.command("rehearsal", context_settings=EXTRA, help=(
+    "Start a SuperLink and N SuperNodes on 127.0.0.1 (--insecure), run the config on them, read the run's status "
+    "from Flower, stop the processes. Node i serves clients i, i+N, ... of the config's partition.\n\n"
+    "Example: fedpeft deploy rehearsal --config configs/tiny.yaml --clients 2 federation.rounds=2"))
+def rehearsal(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML."),
+    clients: int = typer.Option(2, "--clients", "-n", help="Number of SuperNodes to start."),
+    workdir: Path = typer.Option(None, "--workdir", help="Flower home, logs, client stores (default: a temp dir)."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Give up on the run after this many seconds."),
+    run_dir: Path = SETTING_OPTIONS["run_dir"],
+    min_clients: int = SETTING_OPTIONS["min_clients"],
+    round_timeout: float = SETTING_OPTIONS["round_timeout"],
+    straggler_timeout: float = SETTING_OPTIONS["straggler_timeout"],
+    node_wait: float = SETTING_OPTIONS["node_wait"],
+) -> None:
+    _need_flower()
+    import time
+
+    from fedpeft.deploy.flower.app import write_app
+    from fedpeft.deploy.flower.local import DeployError, LocalFederation, pull_logs, rehearsal_node_configs
+    from fedpeft.federation.engine import default_run_dir
+
+    cfg = _load(config, list(ctx.args))
+    run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="fedpeft-rehearsal-")).resolve()
+    try:
+        nodes = rehearsal_node_configs(clients, cfg.federation.num_clients, workdir / "client-stores")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--clients") from None
+    app_dir = write_app(workdir / "app", cfg, **_settings(run_dir, min_clients, round_timeout, straggler_timeout,
+                                                          node_wait))
+    typer.echo(f"rehearsal: SuperLink + {clients} SuperNodes on 127.0.0.1, logs in {workdir / 'logs'}", err=True)
+    start = time.perf_counter()
+    try:
+        with LocalFederation(workdir, nodes) as federation:
+            run_id, status = federation.run(app_dir, timeout=timeout)
+            if status != "finished:completed":
+                typer.echo(pull_logs(run_id, federation.env)[-6000:], err=True)
+    except DeployError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    _print_outcome(run_dir, run_id, status, time.perf_counter() - start)
+    if status != "finished:completed":
+        raise typer.Exit(1)
+
+
+@deploy_app.command("app", context_settings=EXTRA, help=(
+    "Write the Flower app folder of a config (pyproject.toml with the resolved experiment in its run config), "
+    "to run by hand: flwr run DIR <connection> --stream.\n\n"
+    "Example: fedpeft deploy app --config configs/quickstart.yaml --out flower-app --run-dir /srv/runs/q1"))
+def app_folder(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
+    run_dir: Path = SETTING_OPTIONS["run_dir"],
+    min_clients: int = SETTING_OPTIONS["min_clients"],
+    round_timeout: float = SETTING_OPTIONS["round_timeout"],
+    straggler_timeout: float = SETTING_OPTIONS["straggler_timeout"],
+    node_wait: float = SETTING_OPTIONS["node_wait"],
+) -> None:
+    _need_flower()
+    from fedpeft.deploy.flower.app import write_app
+
+    cfg = _load(config, list(ctx.args))
+    settings = _settings(None, min_clients, round_timeout, straggler_timeout, node_wait)
+    settings["run_dir"] = str(run_dir) if run_dir else None  # a path on the SuperLink's machine, kept as given
+    folder = write_app(out, cfg, **settings)
+    typer.echo(f"wrote {folder / 'pyproject.toml'}; run it with: flwr run {folder} <connection> --stream")
+
+
+@deploy_app.command("run", context_settings=EXTRA, help=(
+    "Submit a config to a running SuperLink and wait until Flower reports the run finished (the exit code "
+    "follows the run's status, not flwr's).\n\n"
+    "Example: fedpeft deploy run --config configs/quickstart.yaml --superlink link.example.org:9093 "
+    "--root-certificates ca.crt --run-dir /srv/runs/q1 --min-clients 3 --straggler-timeout 120"))
+def run(
+    ctx: typer.Context,
+    config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML."),
+    superlink: str = typer.Option(None, "--superlink", help="SuperLink address host:port (saved as connection "
+                                  "'fedpeft' in $FLWR_HOME/config.toml)."),
+    connection: str = typer.Option(None, "--connection", help="An existing connection in $FLWR_HOME/config.toml."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP (rehearsals only)."),
+    root_certificates: Path = typer.Option(None, "--root-certificates", help="CA certificate (PEM) of the SuperLink."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the run to finish."),
+    timeout: float = typer.Option(86400.0, "--timeout", help="Give up waiting after this many seconds."),
+    run_dir: Path = SETTING_OPTIONS["run_dir"],
+    min_clients: int = SETTING_OPTIONS["min_clients"],
+    round_timeout: float = SETTING_OPTIONS["round_timeout"],
+    straggler_timeout: float = SETTING_OPTIONS["straggler_timeout"],
+    node_wait: float = SETTING_OPTIONS["node_wait"],
+) -> None:
+    _need_flower()
+    import os
+    import time
+
+    from fedpeft.deploy.flower.app import write_app
+    from fedpeft.deploy.flower.local import DeployError, flower_env, submit, wait_for_run, write_connection
+
+    if bool(superlink) == bool(connection):
+        raise typer.BadParameter("give either --superlink HOST:PORT or --connection NAME", param_hint="--superlink")
+    cfg = _load(config, list(ctx.args))
+    env = flower_env(os.environ.get("FLWR_HOME"))
+    if superlink:
+        home = Path(env.get("FLWR_HOME") or Path.home() / ".flwr")
+        write_connection(home, superlink, name="fedpeft", insecure=insecure,
+                         root_certificates=str(root_certificates.resolve()) if root_certificates else None,
+                         make_default=False)
+        connection = "fedpeft"
+    settings = _settings(None, min_clients, round_timeout, straggler_timeout, node_wait)
+    settings["run_dir"] = str(run_dir) if run_dir else None
+    app_dir = write_app(Path(tempfile.mkdtemp(prefix="fedpeft-app-")), cfg, **settings)
+    start = time.perf_counter()
+    try:
+        run_id = submit(app_dir, env, connection)
+        typer.echo(f"submitted Flower run {run_id} (logs: flwr log {run_id} {connection})", err=True)
+        if not wait:
+            return
+        status = wait_for_run(run_id, env, connection, timeout=timeout, poll=5.0)
+    except DeployError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"Flower run {run_id}: {status} ({time.perf_counter() - start:.1f} s)")
+    if run_dir and Path(run_dir).is_dir():
+        _print_outcome(Path(run_dir), run_id, status, time.perf_counter() - start)
+    if status != "finished:completed":
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(deploy_app, name="deploy")

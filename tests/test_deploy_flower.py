@@ -1,0 +1,334 @@
+"""Deployment on Flower: serialisation, the FlowerTransport under the engine's round loop, and real
+SuperLink + SuperNode processes on 127.0.0.1.
+
+The fast tests run the real ClientApp handler in process behind a fake Grid (no Flower processes); the
+``slow`` ones start ``flower-superlink`` and two ``flower-supernode`` processes (about 2 minutes on 2
+busy cores: Flower starts a fresh ClientApp process, which imports torch, for every message).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedpeft[flower]'); deployment tests skipped")
+
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from fedpeft.config import load_config  # noqa: E402
+from fedpeft.deploy.flower import client_app  # noqa: E402
+from fedpeft.deploy.flower.app import run_config_values, write_app  # noqa: E402
+from fedpeft.deploy.flower.local import rehearsal_node_configs  # noqa: E402
+from fedpeft.deploy.flower.serde import (  # noqa: E402
+    PlanNotSerializable,
+    decode_plan,
+    decode_result,
+    encode_plan,
+    encode_result,
+)
+from fedpeft.deploy.flower.settings import DeploySettings, NodeSettings  # noqa: E402
+from fedpeft.deploy.flower.transport import FlowerTransport  # noqa: E402
+from fedpeft.federation.engine import Engine, run_experiment  # noqa: E402
+from fedpeft.federation.transport import InProcessTransport  # noqa: E402
+from fedpeft.strategies.base import ClientPlan, ClientUpdate, TrainResult  # noqa: E402
+
+BASE = ["federation.rounds=2", "federation.num_clients=2", "output.report=false"]
+
+
+def _events(run_dir, kind=None):
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in events if kind is None or e["event"] == kind]
+
+
+def _final(run_dir):
+    return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+
+
+def _assert_same_adapter(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _train_losses(run_dir):
+    return {(e["round"], e["client"]): e["losses"] for e in _events(run_dir, "client_train")}
+
+
+# --- serialisation -------------------------------------------------------------------------------
+
+
+def test_plan_round_trip_is_exact():
+    downlink = {"a.lora_A": torch.randn(4, 8), "a.lora_B": torch.randn(8, 4)}
+    plan = ClientPlan(client_id=3, downlink=downlink, init_state={**downlink, "b.lora_B": torch.randn(2, 2)},
+                      trainable=["a.lora_B"], upload=None, job="task-1", data_key="arithmetic",
+                      control={"c": torch.randn(3).to(torch.bfloat16)}, scaling=0.5, info={"rank": 2, "x": [1, 2]})
+    global_state = {**downlink, "b.lora_B": torch.zeros(2, 2), "z.lora_A": torch.ones(1, 3)}
+    base = {"layers.0.q_proj": torch.randn(5, 5)}
+    got = decode_plan(encode_plan(7, plan, global_state, 0.01, base))
+    assert (got.round_idx, got.lr) == (7, 0.01)
+    p = got.plan
+    assert (p.client_id, p.job, p.data_key, p.trainable, p.upload, p.scaling, p.info) == (
+        3, "task-1", "arithmetic", ["a.lora_B"], None, 0.5, {"rank": 2, "x": [1, 2]})
+    _assert_same_adapter(p.downlink, downlink)
+    _assert_same_adapter(p.init_state, plan.init_state)
+    assert p.control["c"].dtype == torch.bfloat16 and torch.equal(p.control["c"], plan.control["c"])
+    _assert_same_adapter(got.start_state, {"z.lora_A": global_state["z.lora_A"]})  # keys the plan leaves unset
+    _assert_same_adapter(got.base_weights, base)
+    plain = decode_plan(encode_plan(1, ClientPlan(client_id=0, downlink=downlink), downlink, 1e-3)).plan
+    assert plain.init_state is None and plain.trainable is None and plain.data_key is None and plain.control == {}
+
+
+def test_result_round_trip_is_exact():
+    update = ClientUpdate(client_id=2, tensors={"k": torch.randn(3, 4)}, num_examples=17, job="j",
+                          control={"c": torch.randn(2)}, metrics={"loss": 1.5, "note": "x"})
+    result = TrainResult(steps=2, examples_seen=8, num_examples=17, mean_loss=1.5, last_loss=1.25, lr=0.01,
+                         seconds=0.3, tokens=99)
+    got_update, got_result, losses = decode_result(encode_result(update, result, [1.75, 1.25]))
+    assert got_result == result and losses == [1.75, 1.25]
+    assert (got_update.client_id, got_update.num_examples, got_update.job, got_update.metrics) == (2, 17, "j", update.metrics)
+    _assert_same_adapter(got_update.tensors, update.tensors)
+    _assert_same_adapter(got_update.control, update.control)
+
+
+def test_plan_with_a_callable_is_refused():
+    plan = ClientPlan(client_id=0, downlink={}, extra_loss=lambda params: torch.zeros(()))
+    with pytest.raises(PlanNotSerializable, match="attach_client_hooks"):
+        encode_plan(1, plan, {}, 0.1, method="fedprox")
+
+
+def test_settings_parsing():
+    node = NodeSettings.from_node_config({"partition-ids": "0, 2", "num-partitions": 4, "client-store": "/x"})
+    assert node.client_ids == [0, 2] and node.client_store == "/x"
+    node.check(4)
+    with pytest.raises(ValueError, match="num_clients=2"):
+        node.check(2)
+    with pytest.raises(ValueError, match="partition-id"):
+        NodeSettings.from_node_config({"data-path": "/d.jsonl"})
+    assert rehearsal_node_configs(2, 5)[1]["partition-ids"] == "1,3"
+    with pytest.raises(ValueError, match="at least one client"):
+        rehearsal_node_configs(3, 2)
+    cfg = load_config("configs/tiny.yaml")
+    settings = DeploySettings.from_run_config(run_config_values(cfg, min_clients=2, straggler_timeout=5))
+    assert settings.config() == cfg and settings.min_clients == 2 and settings.straggler_timeout == 5.0
+    with pytest.raises(ValueError, match="experiment"):
+        DeploySettings.from_run_config({})
+
+
+def test_app_folder_is_a_valid_flower_app(tmp_path):
+    import tomli
+    from flwr.common.config import validate_config
+
+    folder = write_app(tmp_path / "app", load_config("configs/tiny.yaml"), run_dir="/srv/run")
+    doc = tomli.loads((folder / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(doc, check_module=True, project_dir=folder)
+    assert ok, errors
+    assert doc["tool"]["flwr"]["app"]["config"]["run-dir"] == "/srv/run"
+
+
+# --- the transport under the engine, with the real ClientApp in process --------------------------
+
+
+class FakeGrid:
+    """The part of Flower's Grid that FlowerTransport uses, answering in process with the real ClientApp
+    handler. ``tamper(message, reply)`` may change or drop (return None) a reply."""
+
+    def __init__(self, run_config, node_configs, tamper=None):
+        self.run_config = run_config
+        self.nodes = {100 + i: cfg for i, cfg in enumerate(node_configs)}
+        self.tamper = tamper
+        self.replies: dict[str, Message] = {}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id
+            node = msg.metadata.dst_node_id
+            context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
+                              run_config=self.run_config)
+            try:
+                reply = client_app.app(msg, context)
+            except Exception as exc:  # what flwr-clientapp turns an exception into
+                reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            if self.tamper is not None:
+                reply = self.tamper(msg, reply)
+            if reply is not None:
+                self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+@pytest.fixture(autouse=True)
+def _offline_flower(tmp_path, monkeypatch):
+    from fedpeft.deploy.flower.local import OFFLINE_ENV
+
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages are stamped with the process's Flower task identity (set by flwr-serverapp when deployed)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _fake_engine(cfg, run_dir, tmp_path, tamper=None, **settings):
+    run_config = run_config_values(cfg, **settings)
+    nodes = rehearsal_node_configs(2, cfg.federation.num_clients, tmp_path / "stores")
+    transport = FlowerTransport(FakeGrid(run_config, nodes, tamper), DeploySettings.from_run_config(run_config))
+    engine = Engine(cfg, run_dir, transport=transport)
+    transport.engine = engine
+    return engine
+
+
+def test_flower_transport_matches_in_process_engine(tmp_path):
+    cfg = load_config("configs/tiny.yaml", BASE)
+    deployed = _fake_engine(cfg, tmp_path / "deployed", tmp_path).run()
+    reference = run_experiment(cfg, run_dir=tmp_path / "ref")
+    _assert_same_adapter(_final(deployed.run_dir), _final(reference.run_dir))
+    assert _train_losses(deployed.run_dir) == _train_losses(reference.run_dir)
+    rounds = _events(deployed.run_dir, "deploy_round")
+    assert [e["round"] for e in rounds] == [1, 2] and all(e["answered"] == 2 for e in rounds)
+    # same event kinds as a simulated run, plus deploy_round
+    kinds = {e["event"] for e in _events(deployed.run_dir)}
+    assert kinds - {e["event"] for e in _events(reference.run_dir)} == {"deploy_round"}
+
+
+def _tamper_updates(msg, reply):
+    """Client 0: wrongly shaped tensor; client 1: NaN; client 2: an unreadable reply; client 3 honest."""
+    if reply.has_error() or msg.metadata.message_type != "train":
+        return reply
+    cid = int(msg.content["plan"]["client-id"])
+    content = reply.content
+    if cid in (0, 1):
+        update, result, losses = decode_result(content)
+        key = next(iter(update.tensors))
+        update.tensors[key] = torch.zeros(3, 3) if cid == 0 else torch.full_like(update.tensors[key], math.nan)
+        content = encode_result(update, result, losses)
+    elif cid == 2:
+        content = RecordDict({"tensors": ArrayRecord({"x": torch.zeros(1)})})
+    else:
+        return reply
+    return Message(content, reply_to=msg)
+
+
+def test_corrupted_updates_are_rejected_and_logged(tmp_path):
+    cfg = load_config("configs/tiny.yaml", ["federation.rounds=1", "federation.num_clients=4",
+                                            "federation.clients_per_round=4", "evaluation.before_training=false",
+                                            "output.report=false"])
+    summary = _fake_engine(cfg, tmp_path / "run", tmp_path, tamper=_tamper_updates).run()
+    failed = {e["client"]: e["error"] for e in _events(summary.run_dir, "client_failed")}
+    assert set(failed) == {0, 1, 2}
+    assert "shape" in failed[0] and "NaN" in failed[1] and "undecodable" in failed[2]
+    assert _events(summary.run_dir, "aggregate")[0]["clients"] == [3]
+    assert all(torch.isfinite(v).all() for v in _final(summary.run_dir).values())
+
+
+def test_fewer_replies_than_min_clients_stops_the_run(tmp_path):
+    cfg = load_config("configs/tiny.yaml", BASE + ["evaluation.before_training=false"])
+
+    def drop_client_1(msg, reply):
+        is_train = msg.metadata.message_type == "train"
+        return None if is_train and int(msg.content["plan"]["client-id"]) == 1 else reply
+
+    engine = _fake_engine(cfg, tmp_path / "run", tmp_path, tamper=drop_client_1, min_clients=2, round_timeout=1.0)
+    with pytest.raises(RuntimeError, match="min-clients=2"):
+        engine.run()
+    failed = _events(tmp_path / "run", "client_failed")
+    assert [(e["round"], e["client"]) for e in failed] == [(1, 1)] and "no reply" in failed[0]["error"]
+    assert not _events(tmp_path / "run", "round_end")  # the round did not complete
+
+
+# --- real Flower processes -----------------------------------------------------------------------
+
+
+class DropClient:
+    """In-process reference for a dropout: client ``client`` fails in round ``round``."""
+
+    def __init__(self, inner, round_idx, client_id):
+        self.inner, self.round_idx, self.client_id = inner, round_idx, client_id
+
+    def jobs(self, round_idx, plans, global_state, lr, progress):
+        for plan, job in self.inner.jobs(round_idx, plans, global_state, lr, progress):
+            if (round_idx, plan.client_id) == (self.round_idx, self.client_id):
+                def job():
+                    raise RuntimeError("dropped")
+            yield plan, job
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    from fedpeft.deploy.flower.client_app import KILL_ENV
+    from fedpeft.deploy.flower.local import LocalFederation
+
+    work = tmp_path_factory.mktemp("flower")
+    nodes = rehearsal_node_configs(2, 2, work / "stores")
+    env = {"FEDPEFT_CACHE_DIR": str(work / "cache")}
+    fed = LocalFederation(work, nodes, env_extra=env, node_env={1: {KILL_ENV: "killed:1:1"}})
+    with fed:
+        yield fed
+
+
+@pytest.mark.slow
+def test_rehearsal_matches_in_process_engine(federation, tmp_path):
+    cfg = load_config("configs/tiny.yaml", BASE)
+    app = write_app(tmp_path / "app", cfg, run_dir=str(tmp_path / "deployed"))
+    run_id, status = federation.run(app, timeout=400)
+    assert status == "finished:completed", (run_id, status)
+    deployed = tmp_path / "deployed"
+    for name in ("config.yaml", "metrics.jsonl", "final/adapter_model.safetensors", "final/adapter_config.json",
+                 "checkpoints/LATEST", "deploy.json"):
+        assert (deployed / name).exists(), name
+    reference = run_experiment(cfg, run_dir=tmp_path / "ref")
+    assert (deployed / "config.yaml").read_text() == (reference.run_dir / "config.yaml").read_text()
+    _assert_same_adapter(_final(deployed), _final(reference.run_dir))  # bit-identical, not just close
+    assert _train_losses(deployed) == _train_losses(reference.run_dir)
+    assert [e["round"] for e in _events(deployed, "round_end")] == [1, 2]
+    assert not _events(deployed, "client_failed")
+
+
+@pytest.mark.slow
+def test_supernode_killed_mid_round_is_a_logged_dropout(federation, tmp_path):
+    # SuperNode 1 SIGKILLs its own process group when asked to train client 1 in round 1 of the run
+    # named "killed" (FEDPEFT_DEPLOY_KILL_AT in its environment, see the fixture).
+    cfg = load_config("configs/tiny.yaml", BASE + ["name=killed", "federation.rounds=1",
+                                                   "evaluation.before_training=false"])
+    app = write_app(tmp_path / "app", cfg, run_dir=str(tmp_path / "deployed"), min_clients=1, straggler_timeout=2)
+    run_id, status = federation.run(app, timeout=300)
+    assert status == "finished:completed", (run_id, status)
+    assert federation.supernodes[1].poll() is not None  # the node is really gone
+    deployed = tmp_path / "deployed"
+    failed = _events(deployed, "client_failed")
+    assert [(e["round"], e["client"]) for e in failed] == [(1, 1)]
+    assert "no reply" in failed[0]["error"] or "Flower error" in failed[0]["error"]
+    assert _events(deployed, "aggregate")[0]["clients"] == [0]
+    assert _events(deployed, "deploy_round")[0]["answered"] == 1
+    # the round aggregated exactly what the engine aggregates when client 1 drops out in process
+    ref = _run_with_dropout(Engine(cfg, tmp_path / "ref"), 1, 1)
+    _assert_same_adapter(_final(deployed), _final(ref))
+
+
+def _run_with_dropout(engine, round_idx, client_id):
+    original_setup = engine._setup
+
+    def setup():
+        original_setup()
+        engine.transport = DropClient(InProcessTransport(engine.runner), round_idx, client_id)
+
+    engine._setup = setup
+    return engine.run().run_dir
