@@ -61,7 +61,7 @@ def primary_metric(names: Sequence[str]) -> str | None:
 
 
 def _grid(count: int) -> tuple[int, int]:
-    cols = min(3, count)
+    cols = 2 if count == 4 else min(3, count)
     return math.ceil(count / cols), cols
 
 
@@ -69,6 +69,12 @@ def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+def _unit_interval(ax, name: str, values: Sequence[float]) -> None:
+    """Scores in [0, 1] (accuracy, exact match) keep 0 in view, so flat or tiny curves are not magnified."""
+    if values and not lower_is_better(name) and min(values) >= 0 and max(values) <= 1:
+        ax.set_ylim(-0.03, min(1.03, max(0.1, max(values) * 1.1 + 0.02)))
 
 
 def _integer_rounds(ax) -> None:
@@ -115,6 +121,7 @@ def plot_eval_metrics(run: RunLog, path: Path) -> Path | None:
         ax = fig.add_subplot(rows, cols, i + 1)
         points = [(r, m[name]) for r, m in evals.items() if name in m]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="#4C72B0")
+        _unit_interval(ax, name, [p[1] for p in points])
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("round")
         ax.set_ylabel(name.rsplit("/", 1)[-1])
@@ -145,6 +152,7 @@ def plot_uplink_vs_metric(run: RunLog, path: Path) -> Path | None:
         ax.set_xlabel(f"cumulative uplink ({unit})")
         ax.set_ylabel(name)
         ax.margins(x=0.08, y=0.12)
+        _unit_interval(ax, name, [y for _, y, _ in points])
         ax.grid(alpha=0.3)
     fig.suptitle(f"Metric vs communication (uplink, all clients): {run.name}", fontsize=10)
     fig.tight_layout()
