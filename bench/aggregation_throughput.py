@@ -101,10 +101,12 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}; MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')} "
           f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', 'unset')}")
 
-    src = torch.cat(flat_pool)
-    dst = torch.empty_like(src)
-    memcpy = src.numel() * 4 / timed(lambda: dst.copy_(src), args.repeats) / 1e9
-    del src, dst
+    def memcpy_bandwidth() -> float:
+        src = torch.cat(flat_pool)
+        dst = torch.empty_like(src)
+        return src.numel() * 4 / timed(lambda: dst.copy_(src), args.repeats) / 1e9
+
+    memcpy = memcpy_bandwidth()
 
     header = f"{'K':>4} | {'FedAvg s':>9} {'GB/s':>6} | {'flat add_ s':>11} {'GB/s':>6} | {'FedAvg/ref':>10} | {'FLoRA stack s':>13} {'GB/s':>6}"
     print(header)

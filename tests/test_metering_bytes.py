@@ -10,8 +10,6 @@ tiny config: LoRA r=4 on q_proj (64 -> 64) and v_proj (64 -> 32, 2 kv heads of 1
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from fedpeft.federation.engine import run_experiment
