@@ -16,25 +16,25 @@ import torch
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedpeft[flower]'); deployment tests skipped")
 
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from safetensors.torch import load_file
 
-from fedpeft.config import load_config  # noqa: E402
-from fedpeft.deploy.flower import client_app  # noqa: E402
-from fedpeft.deploy.flower.app import run_config_values, write_app  # noqa: E402
-from fedpeft.deploy.flower.local import rehearsal_node_configs  # noqa: E402
-from fedpeft.deploy.flower.serde import (  # noqa: E402
+from fedpeft.config import load_config
+from fedpeft.deploy.flower import client_app
+from fedpeft.deploy.flower.app import run_config_values, write_app
+from fedpeft.deploy.flower.local import rehearsal_node_configs
+from fedpeft.deploy.flower.serde import (
     PlanNotSerializable,
     decode_plan,
     decode_result,
     encode_plan,
     encode_result,
 )
-from fedpeft.deploy.flower.settings import DeploySettings, NodeSettings  # noqa: E402
-from fedpeft.deploy.flower.transport import FlowerTransport  # noqa: E402
-from fedpeft.federation.engine import Engine, run_experiment  # noqa: E402
-from fedpeft.federation.transport import InProcessTransport  # noqa: E402
-from fedpeft.strategies.base import ClientPlan, ClientUpdate, TrainResult  # noqa: E402
+from fedpeft.deploy.flower.settings import DeploySettings, NodeSettings
+from fedpeft.deploy.flower.transport import FlowerTransport
+from fedpeft.federation.engine import Engine, run_experiment
+from fedpeft.federation.transport import InProcessTransport
+from fedpeft.strategies.base import ClientPlan, ClientUpdate, TrainResult
 
 BASE = ["federation.rounds=2", "federation.num_clients=2", "output.report=false"]
 
@@ -189,7 +189,7 @@ def _task_identity():
 
 def _fake_engine(cfg, run_dir, tmp_path, tamper=None, **settings):
     run_config = run_config_values(cfg, **settings)
-    nodes = rehearsal_node_configs(2, cfg.federation.num_clients, tmp_path / "stores")
+    nodes = rehearsal_node_configs(2, cfg.federation.num_clients, tmp_path / "stores", warm_worker=False)
     transport = FlowerTransport(FakeGrid(run_config, nodes, tamper), DeploySettings.from_run_config(run_config))
     engine = Engine(cfg, run_dir, transport=transport)
     transport.engine = engine

@@ -89,6 +89,8 @@ def rehearsal(
     clients: int = typer.Option(2, "--clients", "-n", help="Number of SuperNodes to start."),
     workdir: Path = typer.Option(None, "--workdir", help="Flower home, logs, client stores (default: a temp dir)."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Give up on the run after this many seconds."),
+    warm_worker: bool = typer.Option(True, "--warm-worker/--cold", help="Keep the model loaded in a worker per "
+                                     "node (default), or build it in every ClientApp process."),
     run_dir: Path = SETTING_OPTIONS["run_dir"],
     min_clients: int = SETTING_OPTIONS["min_clients"],
     round_timeout: float = SETTING_OPTIONS["round_timeout"],
@@ -106,7 +108,8 @@ def rehearsal(
     run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="fedpeft-rehearsal-")).resolve()
     try:
-        nodes = rehearsal_node_configs(clients, cfg.federation.num_clients, workdir / "client-stores")
+        nodes = rehearsal_node_configs(clients, cfg.federation.num_clients, workdir / "client-stores",
+                                       warm_worker=warm_worker)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--clients") from None
     app_dir = write_app(workdir / "app", cfg, **_settings(run_dir, min_clients, round_timeout, straggler_timeout,

@@ -4,11 +4,13 @@
 with the ClientUpdate and TrainResult. ``query``: answer which client ids this node serves (from its
 node config), so the server can route each client's plan to its node.
 
-Everything a handler needs (config, data split, base model + PEFT wrap, strategy, client store) is built
+Everything training needs (config, data split, base model + PEFT wrap, strategy, client store) is built
 once per process and kept in a module global keyed by (run, node). Flower 1.41/1.42 start a fresh
-``flwr-clientapp`` process per message under the default ``--isolation subprocess``, so in a real
-deployment the build is paid per message; model loading is therefore from a local path or cache
-(node config ``model-path``, ``FEDPEFT_CACHE_DIR``).
+``flwr-clientapp`` process per message, so by default (node config ``warm-worker=true``) this process
+stays thin (flwr only, no torch) and forwards the plan to the node's warm worker (``worker.py``), which
+builds once per run and keeps the model loaded; with ``warm-worker=false`` the build is paid per message
+in the ClientApp process itself. Either way the model is loaded from a local path or cache (node config
+``model-path``, ``FEDPEFT_CACHE_DIR``).
 """
 
 from __future__ import annotations
@@ -117,23 +119,23 @@ def build_worker(run_config: dict, node_config: dict, run_id: int = 0, node_id: 
     return ClientWorker(cfg, node, model, strategy, runner, store, time.perf_counter() - start)
 
 
-def get_worker(context: Context, run_id: int) -> ClientWorker:
+def get_worker(run_config: dict, node_config: dict, run_id: int, node_id: int) -> ClientWorker:
     global _WORKER
-    run_config, node_config = dict(context.run_config), dict(context.node_config)
     key = _key(run_config, node_config, run_id)
     if _WORKER is None or _WORKER[0] != key:
         _WORKER = None  # free the previous run's model first
-        _WORKER = (key, build_worker(run_config, node_config, run_id, context.node_id))
+        _WORKER = (key, build_worker(run_config, node_config, run_id, node_id))
     return _WORKER[1]
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def handle_train(content: RecordDict, run_config: dict, node_config: dict, run_id: int, node_id: int) -> RecordDict:
+    """Train the plan in ``content``; returns the reply content. Runs in the ClientApp process (cold) or
+    in the node's warm worker (``worker.py``)."""
     from fedpeft.deploy.flower.serde import decode_plan, encode_result
     from fedpeft.models.peft_wrap import set_base_weights
 
-    worker = get_worker(context, msg.metadata.run_id)
-    received = decode_plan(msg.content)
+    worker = get_worker(run_config, node_config, run_id, node_id)
+    received = decode_plan(content)
     plan = received.plan
     if plan.client_id not in worker.node.client_ids:
         raise ValueError(f"this node serves clients {worker.node.client_ids}, not client {plan.client_id}")
@@ -142,16 +144,41 @@ def train(msg: Message, context: Context) -> Message:
     _maybe_kill(worker.config.name, received.round_idx, plan.client_id)
     worker.store.begin_round(received.round_idx)
     local = worker.runner.run(received.round_idx, plan, received.start_state, received.lr)
-    content = encode_result(local.update, local.result, local.losses)
-    content["node"] = ConfigRecord({"pid": os.getpid(), "build-seconds": float(worker.build_seconds)})
+    reply = encode_result(local.update, local.result, local.losses)
+    reply["node"] = ConfigRecord({"pid": os.getpid(), "build-seconds": float(worker.build_seconds)})
+    return reply
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from fedpeft.deploy.flower.settings import NodeSettings
+
+    run_config, node_config = dict(context.run_config), dict(context.node_config)
+    node = NodeSettings.from_node_config(node_config)
+    if node.warm_worker:
+        from fedpeft.deploy.flower import worker
+
+        content = worker.call("train", msg.content, run_config, node_config, msg.metadata.run_id, context.node_id,
+                              idle=node.worker_idle)
+    else:
+        content = handle_train(msg.content, run_config, node_config, msg.metadata.run_id, context.node_id)
     return Message(content=content, reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which client ids this node serves (cheap: reads the node config, loads nothing)."""
+    """Which client ids this node serves (cheap: reads the node config; starts the warm worker, which
+    builds in the background)."""
     from fedpeft.deploy.flower.settings import NodeSettings
 
-    node = NodeSettings.from_node_config(dict(context.node_config))
+    node_config = dict(context.node_config)
+    node = NodeSettings.from_node_config(node_config)
+    if node.warm_worker:  # a run starts with this query: let the node's worker build meanwhile
+        from fedpeft.deploy.flower import worker
+
+        sock = worker.ensure_started(dict(context.run_config), node_config, msg.metadata.run_id, context.node_id,
+                                     node.worker_idle, wait=False)
+        if sock is not None:
+            sock.close()
     return Message(content=RecordDict({"node": ConfigRecord({"client-ids": json.dumps(node.client_ids)})}),
                    reply_to=msg)

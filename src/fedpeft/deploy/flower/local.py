@@ -252,7 +252,8 @@ class LocalFederation:
         self.stop()
 
 
-def rehearsal_node_configs(num_nodes: int, num_clients: int, store_root: Path | None = None) -> list[dict[str, Any]]:
+def rehearsal_node_configs(num_nodes: int, num_clients: int, store_root: Path | None = None,
+                           warm_worker: bool = True) -> list[dict[str, Any]]:
     """Clients spread round-robin over ``num_nodes`` nodes: node i serves clients i, i+N, i+2N, ..."""
     if num_nodes < 1:
         raise ValueError("a rehearsal needs at least one SuperNode")
@@ -262,7 +263,8 @@ def rehearsal_node_configs(num_nodes: int, num_clients: int, store_root: Path | 
     configs = []
     for i in range(num_nodes):
         ids = list(range(i, num_clients, num_nodes))
-        config: dict[str, Any] = {"partition-ids": ",".join(map(str, ids)), "num-partitions": num_clients}
+        config: dict[str, Any] = {"partition-ids": ",".join(map(str, ids)), "num-partitions": num_clients,
+                                  "warm-worker": warm_worker}
         if store_root is not None:
             config["client-store"] = str(Path(store_root) / f"node-{i}")
         configs.append(config)

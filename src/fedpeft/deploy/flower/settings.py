@@ -26,6 +26,10 @@ Node config (``flower-supernode --node-config '...'``):
                     (real deployments; the file's format as for ``data.source``)
 ``model-path``      a local model directory or .gguf file (replaces ``model.name`` on this node)
 ``client-store``    directory for client-private state (default: a temp dir per node and run)
+``warm-worker``     true (default): a long-lived worker process per (node, run) keeps the model loaded
+                    across rounds (Flower starts a fresh ClientApp process per message); false: build
+                    everything in each ClientApp process
+``worker-idle``     seconds without work after which the warm worker exits (default 900)
 ==================  ==========================================================================
 """
 
@@ -82,6 +86,8 @@ class NodeSettings:
     data_path: str | None = None
     model_path: str | None = None
     client_store: str | None = None
+    warm_worker: bool = True
+    worker_idle: float = 900.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -98,8 +104,12 @@ class NodeSettings:
         if not ids:
             raise ValueError("node config 'partition-ids' is empty")
         num = cfg.pop("num-partitions", None)
+        warm = cfg.pop("warm-worker", True)
+        if isinstance(warm, str):
+            warm = warm.strip().lower() not in ("false", "0", "no", "off")
         settings = cls(ids, int(num) if num is not None else None, _opt(cfg.pop("data-path", None)),
-                       _opt(cfg.pop("model-path", None)), _opt(cfg.pop("client-store", None)), cfg)
+                       _opt(cfg.pop("model-path", None)), _opt(cfg.pop("client-store", None)), bool(warm),
+                       float(cfg.pop("worker-idle", 900.0)), cfg)
         if settings.data_path and len(ids) != 1:
             raise ValueError("node config 'data-path' serves exactly one client: give a single 'partition-id'")
         return settings
@@ -122,5 +132,6 @@ def node_config_string(values: dict[str, Any]) -> str:
     """``{'partition-ids': '0,2'}`` -> ``partition-ids="0,2"`` for ``flower-supernode --node-config``."""
     parts = []
     for key, value in values.items():
-        parts.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+        text = json.dumps(value) if isinstance(value, (str, bool)) else str(value)  # TOML: "x", true, 3
+        parts.append(f"{key}={text}")
     return " ".join(parts)
