@@ -102,3 +102,20 @@ def test_bad_data_fails_before_model_load(tmp_path, monkeypatch):
     cfg = load_config("configs/tiny.yaml", ["data.tasks=[arithmetic, nosuchtask]"])
     with pytest.raises(ValueError, match="unknown generated task 'nosuchtask'"):
         Engine(cfg, tmp_path / "run").run()
+
+
+def test_uplink_compression_bytes_and_effect(tmp_path, finished_run):
+    """int8 on the wire: exactly numel + 4 bytes per tensor, and a final adapter close to the fp32 run's."""
+    summary = run_experiment("configs/tiny.yaml", ["federation.rounds=2", "federation.uplink_compression=int8"],
+                             run_dir=tmp_path / "int8")
+    from safetensors.torch import load_file
+
+    plain = load_file(str(finished_run.final_adapter_dir / "adapter_model.safetensors"))
+    numel = sum(v.numel() for v in plain.values())
+    for e in _events(summary.run_dir, "client_train"):
+        assert e["uplink_bytes"] == numel + 4 * len(plain)
+        assert e["uplink_bytes_raw"] == 4 * numel
+    got = load_file(str(summary.final_adapter_dir / "adapter_model.safetensors"))
+    worst = max(float((got[k] - plain[k]).abs().max()) for k in plain)
+    scale = max(float(v.abs().max()) for v in plain.values())
+    assert 0 < worst < 0.05 * scale

@@ -85,6 +85,8 @@ class FederationConfig(_Section):
     local_steps: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
     grad_accumulation: int = Field(1, ge=1)
+    uplink_compression: Literal["none", "fp16", "bf16", "int8", "int8_channel"] = Field(
+        "none", description="Wire compression of client updates (the update minus the global state is encoded).")
 
     @model_validator(mode="after")
     def _sampled_le_total(self) -> "FederationConfig":
@@ -135,6 +137,8 @@ class OutputConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     progress: bool = True
     report: bool = Field(True, description="Write RUN_DIR/report/report.md with plots at the end of the run.")
+    live_loggers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Also stream metrics to TensorBoard / Weights & Biases when installed.")
 
 
 class ExperimentConfig(_Section):

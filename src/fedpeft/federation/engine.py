@@ -40,7 +40,9 @@ from fedpeft.federation.progress import RunProgress
 from fedpeft.federation.sampling import sample_clients
 from fedpeft.federation.transport import InProcessTransport, Transport
 from fedpeft.metering.allocator import malloc_mode, tune_malloc
-from fedpeft.metering.memory import peak_rss_mb
+from fedpeft.metering.compression import decode, encode
+from fedpeft.metering.flops import count_parameters
+from fedpeft.metering.memory import peak_cuda_mb, peak_rss_mb
 from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, set_base_weights, wrap_lora
 from fedpeft.models.registry import load_base_model
 from fedpeft.strategies import build_strategy
@@ -119,7 +121,10 @@ class Engine:
         self.client_data = prepare_client_data(cfg, self.data, self.tokenizer)
         self.client_indices, self.labels = self.client_data.indices, self.client_data.labels
         self.store = ClientStore(self.run_dir / "client_store")
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        from fedpeft.metering.loggers import make_loggers
+
+        self.live = make_loggers(cfg.output.live_loggers, self.run_dir, cfg.model_dump(mode="json"))
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", listener=self.live.log_event if self.live else None)
         self.base_touched: set[str] = set()
         self.runner = ClientRunner(self.model, self.strategy, cfg, self.client_data, self.store)
         if self.transport is None:
@@ -144,6 +149,7 @@ class Engine:
         """Personalised methods (FedSA-LoRA, local-only): each client's own adapter on the evaluation
         records of the labels it holds; reports the mean and spread over clients."""
         ecfg = self.config.evaluation
+        start = time.perf_counter()
         per_client = {}
         for client_id, idx in enumerate(self.client_indices):
             state = self.strategy.personal_state(client_id, global_state, self.store)
@@ -163,7 +169,8 @@ class Engine:
         metrics = {"personal/mean": float(values.mean()), "personal/std": float(values.std()),
                    "personal/min": float(values.min()), "personal/max": float(values.max())}
         self.metrics.log("eval", round=round_idx, split="personal", metrics=metrics,
-                         per_client={str(k): v for k, v in per_client.items()}, examples=len(per_client), seconds=0.0)
+                         per_client={str(k): v for k, v in per_client.items()}, examples=len(per_client),
+                         seconds=time.perf_counter() - start)
         return metrics
 
     # --- the run --------------------------------------------------------------------------------
@@ -199,6 +206,7 @@ class Engine:
             "run_start", run_dir=str(self.run_dir), resumed_from_round=start_round - 1,
             model_source=self.model_source, model_load_seconds=self.model_load_seconds,
             trainable_params=sum(p.numel() for p in adapter_parameters(self.model).values()),
+            base_params=count_parameters(self.model)[0], compression=fed.uplink_compression,
             adapter_bytes=adapter_bytes, num_clients=fed.num_clients, method=cfg.method.name, malloc=malloc_mode(),
             config=cfg.model_dump(mode="json"),
         )
@@ -240,14 +248,18 @@ class Engine:
                         round_down += down
                         progress.end_client(None)
                         continue
-                    up = state_bytes(update.tensors) + state_bytes(update.control)
+                    raw_up = state_bytes(update.tensors) + state_bytes(update.control)
+                    up = raw_up
+                    if fed.uplink_compression != "none":
+                        update.tensors, tensor_bytes = compress_update(update.tensors, global_state, fed.uplink_compression)
+                        up = tensor_bytes + state_bytes(update.control)
                     round_up += up
                     round_down += down
                     self.metrics.log(
                         "client_train", round=round_idx, client=plan.client_id, job=plan.job, steps=result.steps,
                         loss=result.mean_loss, last_loss=result.last_loss, losses=losses, lr=lr,
                         examples=result.num_examples, examples_seen=result.examples_seen, tokens=result.tokens,
-                        seconds=result.seconds, downlink_bytes=down, uplink_bytes=up,
+                        seconds=result.seconds, downlink_bytes=down, uplink_bytes=up, uplink_bytes_raw=raw_up,
                     )
                     updates.append(update)
                     progress.end_client(result.mean_loss)
@@ -279,7 +291,8 @@ class Engine:
                 self.metrics.log(
                     "round_end", round=round_idx, seconds=time.perf_counter() - round_start,
                     uplink_bytes=round_up, downlink_bytes=round_down, cum_uplink_bytes=cum_up,
-                    cum_downlink_bytes=cum_down, phase_seconds=phases, peak_rss_mb=peak_rss_mb(), lr=lr,
+                    cum_downlink_bytes=cum_down, phase_seconds=phases, peak_rss_mb=peak_rss_mb(),
+                    peak_cuda_mb=peak_cuda_mb(), lr=lr,
                 )
                 t_ckpt = time.perf_counter()
                 state = {
@@ -297,6 +310,8 @@ class Engine:
                 )
                 self.store.collect_garbage()
                 phases["checkpoint"] = time.perf_counter() - t_ckpt
+                # After the offset saved above: a resume from this round drops this line, nothing else.
+                self.metrics.log("checkpoint", round=round_idx, seconds=phases["checkpoint"])
                 progress.end_round()
         if not final_metrics and start_round > fed.rounds:  # resumed a run that had already finished
             final_metrics = self.evaluate(global_state, fed.rounds, final=True)
@@ -308,8 +323,9 @@ class Engine:
                              cum_up, cum_down, final_dir)
         self.metrics.log("run_end", rounds=fed.rounds, seconds=seconds, initial_metrics=initial_metrics,
                          final_metrics=final_metrics, peak_rss_mb=summary.peak_rss_mb,
-                         cum_uplink_bytes=cum_up, cum_downlink_bytes=cum_down)
+                         cum_uplink_bytes=cum_up, cum_downlink_bytes=cum_down, peak_cuda_mb=peak_cuda_mb())
         self.metrics.close()
+        self.live.close()
         if self.config.output.report:
             from fedpeft.report import write_report
 
@@ -327,6 +343,18 @@ class Engine:
 
             save_file(base_weights(self.model, sorted(self.base_touched)), str(final / "base_weights.safetensors"))
         return final
+
+
+def compress_update(tensors: AdapterState, reference: AdapterState, scheme: str) -> tuple[AdapterState, int]:
+    """What the server receives when a client sends ``tensors`` compressed with ``scheme``: the update
+    minus the global state is encoded (deltas have a smaller range than values), decoded, and added back.
+    Returns the received tensors and the exact encoded byte count."""
+    delta = {k: v - reference[k] if k in reference and reference[k].shape == v.shape else v for k, v in tensors.items()}
+    payload, nbytes = encode(delta, scheme)
+    decoded = decode(payload, scheme)
+    received = {k: decoded[k] + reference[k] if k in reference and reference[k].shape == v.shape else decoded[k]
+                for k, v in tensors.items()}
+    return received, nbytes
 
 
 def default_run_dir(config: ExperimentConfig) -> Path:

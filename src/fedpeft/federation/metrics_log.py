@@ -23,7 +23,9 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsLog:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, listener=None) -> None:
+        self.listener = listener
+        """Optional callable receiving every record (live loggers)."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -32,6 +34,8 @@ class MetricsLog:
         record = {"event": event, "time": time.time(), **_jsonable(fields)}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self.listener is not None:
+            self.listener(record)
 
     def offset(self) -> int:
         """Byte length of the log, synced to disk: the point a resume truncates back to."""
