@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,7 @@ def handle_train(content: RecordDict, run_config: dict, node_config: dict, run_i
 def train(msg: Message, context: Context) -> Message:
     from fedpeft.deploy.flower.settings import NodeSettings
 
+    handler_start = time.time()
     run_config, node_config = dict(context.run_config), dict(context.node_config)
     node = NodeSettings.from_node_config(node_config)
     if node.warm_worker:
@@ -162,7 +164,21 @@ def train(msg: Message, context: Context) -> Message:
                               idle=node.worker_idle)
     else:
         content = handle_train(msg.content, run_config, node_config, msg.metadata.run_id, context.node_id)
+    # Wall-clock stamps for the server's latency split (deploy_round events; same clock in a rehearsal).
+    timing = dict(content["node"]) if "node" in content else {}
+    timing.update({"process-start": _process_start(), "handler-start": handler_start, "handler-end": time.time(),
+                   "warm": node.warm_worker})
+    content["node"] = ConfigRecord(timing)
     return Message(content=content, reply_to=msg)
+
+
+def _process_start() -> float:
+    try:
+        import psutil
+
+        return float(psutil.Process().create_time())
+    except Exception:  # diagnostics only
+        return 0.0
 
 
 @app.query()

@@ -169,7 +169,14 @@ class LocalFederation:
         self.workdir = Path(self.workdir)
         self.flwr_home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
-        self.env = flower_env(self.flwr_home, self.env_extra)
+        # SuperExec looks for new tasks every 1 s by default; on one machine polling is cheap
+        self.env = flower_env(self.flwr_home, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", **self.env_extra})
+
+    def process_groups(self) -> set[int]:
+        """Process groups of the federation: everything its processes started (ServerApp, ClientApps,
+        warm workers) lives in one of them."""
+        procs = [*self.supernodes, *([self.superlink] if self.superlink else [])]
+        return {p.pid for p in procs if p.poll() is None}
 
     def _spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)

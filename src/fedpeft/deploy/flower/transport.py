@@ -42,6 +42,20 @@ def _raise(exc: BaseException):
     raise exc
 
 
+def _latency_split(node: Any, pushed_at: float, pulled_at: float) -> dict[str, float]:
+    """Where a reply's wait went, from the ClientApp's wall-clock stamps (one clock in a rehearsal; across
+    machines the split is off by their clock skew): ``queue`` push -> ClientApp process start (SuperNode
+    and SuperExec polling, process spawn), ``startup`` process start -> handler (interpreter, flwr import,
+    FAB install, pulling the message), ``handler`` (training, plus the build when cold or first), ``return``
+    handler end -> reply pulled by the server (SuperNode push, polling)."""
+    out = {"build_seconds": float(node.get("build-seconds", 0.0))}
+    start, begin, end = (float(node.get(k, 0.0)) for k in ("process-start", "handler-start", "handler-end"))
+    if start and begin and end:
+        out.update(queue_seconds=start - pushed_at, startup_seconds=begin - start, handler_seconds=end - begin,
+                   return_seconds=pulled_at - end)
+    return out
+
+
 class FlowerTransport:
     def __init__(self, grid: Any, settings: DeploySettings, engine: Any = None) -> None:
         self.grid = grid
@@ -59,6 +73,7 @@ class FlowerTransport:
         Returns the message ids (None where the push was refused), the replies by message id and the
         seconds after the push at which each reply was pulled."""
         start = time.monotonic()
+        self.pushed_at = time.time()
         ids = list(self.grid.push_messages(messages)) if messages else []
         pending = {mid for mid in ids if mid}
         replies: dict[str, Message] = {}
@@ -170,7 +185,7 @@ class FlowerTransport:
                     outcomes[i] = LocalResult(update, result, losses)
                     entry["client_seconds"] = result.seconds
                     if "node" in reply.content:
-                        entry["build_seconds"] = float(reply.content["node"]["build-seconds"])
+                        entry.update(_latency_split(reply.content["node"], self.pushed_at, self.pushed_at + arrived[mid]))
                 except Exception as exc:  # a malformed reply is that client's failure, never the round's
                     outcomes[i] = ValueError(f"undecodable reply: {type(exc).__name__}: {exc}")
                 entry["reply_seconds"] = arrived[mid]
