@@ -90,12 +90,16 @@ def summarise(run_dir: Path) -> dict:
     trains = of("client_train")
     last = max((e["round"] for e in trains), default=None)
     last_losses = [e["loss"] for e in trains if e["round"] == last]
-    evals = of("eval")
-    final = evals[-1]["metrics"] if evals else {}
+    evals = [e for e in of("eval") if e.get("split") != "personal"]
+    personal = [e for e in of("eval") if e.get("split") == "personal"]
     start = of("run_start")[0]
+    before = [e for e in evals if e.get("round") == 0]
+    after = [e for e in evals if e.get("round") != 0]
     return {
         "loss_last_round": sum(last_losses) / len(last_losses) if last_losses else None,
-        "metrics": final,
+        "metrics": after[-1]["metrics"] if after else {},
+        "initial_metrics": before[-1]["metrics"] if before else {},
+        "personal": personal[-1]["metrics"] if personal else {},
         "uplink_per_round": sum(e["uplink_bytes"] for e in rounds) / len(rounds) if rounds else 0,
         "downlink_per_round": sum(e["downlink_bytes"] for e in rounds) / len(rounds) if rounds else 0,
         "failed_clients": len(of("client_failed")),
@@ -134,7 +138,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", help="keep the run directories under this folder (default: a temporary one)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "methods_smollm2.md"))
+    parser.add_argument("--from-runs", help="only rebuild the table from run directories kept by --keep")
     args = parser.parse_args()
+    if args.from_runs:
+        rebuild(args)
+        return
 
     import torch
 
@@ -175,6 +183,24 @@ def main() -> None:
     write_table(args, rows)
 
 
+def rebuild(args) -> None:
+    """The table from kept run directories, in the order of METHODS (zero_shot from a before-training eval)."""
+    root = Path(args.from_runs)
+    rows = []
+    for method, so in METHODS:
+        label = method if so == "none" else f"{method}+{so}"
+        run_dir = root / label
+        if method == "zero_shot" or not (run_dir / "metrics.jsonl").is_file():
+            continue
+        row = summarise(run_dir)
+        row.update(method=label, wall=row.get("seconds") or 0.0)
+        if row.get("initial_metrics"):
+            rows.insert(0, {"method": "zero_shot (base model)", "metrics": row["initial_metrics"],
+                            "uplink_per_round": 0, "downlink_per_round": 0, "wall": 0.0})
+        rows.append(row)
+    write_table(args, rows)
+
+
 def write_table(args, rows) -> None:
     fmt_b = lambda b: (f"{b / 1e6:.2f} MB" if b >= 1e6 else f"{b / 1e3:.1f} kB") if b else "0"
     fedit = next((r for r in rows if r.get("method") == "fedit" and "error" not in r), None)
@@ -185,23 +211,26 @@ def write_table(args, rows) -> None:
         f"ARC-Easy + OBQA + BoolQ ({args.per_task} train each, {args.eval_per_task} held out each), "
         f"heterogeneous ranks {args.ranks}",
         "",
-        "| method | last-round train loss | accuracy (exact match) | uplink / round | uplink vs FedIT | downlink / round | wall s |",
-        "|---|---|---|---|---|---|---|",
+        "| method | last-round train loss | accuracy (global model) | per-client accuracy, mean ± std | uplink / round "
+        "| uplink vs FedIT | downlink / round | wall s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['method']} | error: {row['error'][:120]} | | | | | {row['wall']:.0f} |")
+            lines.append(f"| {row['method']} | error: {row['error'][:120]} | | | | | | {row['wall']:.0f} |")
             continue
         loss = "-" if row.get("loss_last_round") is None else f"{row['loss_last_round']:.3f}"
         acc = accuracy(row.get("metrics", {}))
         acc_s = "" if acc is None else f"{acc:.3f}"
         if row["method"] == "local_only":
-            acc_s += " (global = base model; per-client eval not in engine yet)"
+            acc_s += " (= base model)"
         elif row["method"].split("+")[0] == "fedsa_lora":
             acc_s += " (global A + mean personal B)"
+        pers = row.get("personal") or {}
+        pers_s = f"{pers['personal/mean']:.3f} ± {pers['personal/std']:.3f}" if "personal/mean" in pers else ""
         failed = f" ({row['failed_clients']} client failures)" if row.get("failed_clients") else ""
         wall = f"{row['wall']:.0f}" if row.get("wall") else "-"
-        lines.append(f"| {row['method']}{failed} | {loss} | {acc_s} | {fmt_b(row['uplink_per_round'])} | {ratio(row)} | "
+        lines.append(f"| {row['method']}{failed} | {loss} | {acc_s} | {pers_s} | {fmt_b(row['uplink_per_round'])} | {ratio(row)} | "
                      f"{fmt_b(row['downlink_per_round'])} | {wall} |")
     if fedit:
         lines += ["", f"One client's full adapter (FedIT's per-client uplink = downlink, sum over modules of "
