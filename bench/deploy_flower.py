@@ -58,10 +58,20 @@ class MemorySampler(threading.Thread):
         while not self.stop_event.is_set():
             total, by_kind = 0.0, {}
             groups = self.groups()
+            procs = {}
+            for root in groups:  # the SuperLink starts its SuperExec/ServerApp in new sessions: follow parents
+                try:
+                    procs.update({c.pid: c for c in psutil.Process(root).children(recursive=True)})
+                except psutil.NoSuchProcess:
+                    pass
             for proc in psutil.process_iter():
                 try:
-                    if os.getpgid(proc.pid) not in groups:
-                        continue
+                    if os.getpgid(proc.pid) in groups:
+                        procs[proc.pid] = proc
+                except (psutil.NoSuchProcess, ProcessLookupError):
+                    continue
+            for proc in procs.values():
+                try:
                     kind = kind_of(proc)
                     rss = proc.memory_info().rss / 2**20
                 except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):

@@ -332,3 +332,21 @@ def _run_with_dropout(engine, round_idx, client_id):
 
     engine._setup = setup
     return engine.run().run_dir
+
+
+def test_deploy_app_command_writes_the_resolved_config(tmp_path):
+    import tomli
+    from typer.testing import CliRunner
+
+    from fedpeft.cli import app
+
+    result = CliRunner().invoke(app, ["deploy", "app", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "a"),
+                                      "--min-clients", "2", "--run-dir", "/srv/r", "--resume", "federation.rounds=7"])
+    assert result.exit_code == 0, result.output
+    values = tomli.loads((tmp_path / "a" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    settings = DeploySettings.from_run_config(values)
+    assert settings.config().federation.rounds == 7 and settings.min_clients == 2
+    assert settings.resume and settings.run_dir == "/srv/r"
+    bad = CliRunner().invoke(app, ["deploy", "app", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "b"),
+                                   "--resume"])
+    assert bad.exit_code != 0 and "--run-dir" in bad.output

@@ -42,9 +42,12 @@ def _load(config: Path, overrides: list[str]):
         raise typer.Exit(2) from None
 
 
-def _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait) -> dict:
+def _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume: bool = False) -> dict:
+    if resume and not run_dir:
+        raise typer.BadParameter("--resume needs --run-dir (the run directory to continue)", param_hint="--resume")
     return {"run_dir": str(Path(run_dir).resolve()) if run_dir else None, "min_clients": min_clients,
-            "round_timeout": round_timeout, "straggler_timeout": straggler_timeout, "node_wait": node_wait}
+            "round_timeout": round_timeout, "straggler_timeout": straggler_timeout, "node_wait": node_wait,
+            "resume": True if resume else None}
 
 
 def _print_outcome(run_dir: Path, run_id: int, status: str, seconds: float) -> None:
@@ -137,6 +140,7 @@ def app_folder(
     ctx: typer.Context,
     config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
+    resume: bool = typer.Option(False, "--resume", help="Continue --run-dir from its last completed round."),
     run_dir: Path = SETTING_OPTIONS["run_dir"],
     min_clients: int = SETTING_OPTIONS["min_clients"],
     round_timeout: float = SETTING_OPTIONS["round_timeout"],
@@ -147,7 +151,7 @@ def app_folder(
     from fedpeft.deploy.flower.app import write_app
 
     cfg = _load(config, list(ctx.args))
-    settings = _settings(None, min_clients, round_timeout, straggler_timeout, node_wait)
+    settings = _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume)
     settings["run_dir"] = str(run_dir) if run_dir else None  # a path on the SuperLink's machine, kept as given
     folder = write_app(out, cfg, **settings)
     typer.echo(f"wrote {folder / 'pyproject.toml'}; run it with: flwr run {folder} <connection> --stream")
@@ -167,6 +171,7 @@ def run(
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP (rehearsals only)."),
     root_certificates: Path = typer.Option(None, "--root-certificates", help="CA certificate (PEM) of the SuperLink."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the run to finish."),
+    resume: bool = typer.Option(False, "--resume", help="Continue --run-dir from its last completed round."),
     timeout: float = typer.Option(86400.0, "--timeout", help="Give up waiting after this many seconds."),
     run_dir: Path = SETTING_OPTIONS["run_dir"],
     min_clients: int = SETTING_OPTIONS["min_clients"],
@@ -191,8 +196,8 @@ def run(
                          root_certificates=str(root_certificates.resolve()) if root_certificates else None,
                          make_default=False)
         connection = "fedpeft"
-    settings = _settings(None, min_clients, round_timeout, straggler_timeout, node_wait)
-    settings["run_dir"] = str(run_dir) if run_dir else None
+    settings = _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume)
+    settings["run_dir"] = str(run_dir) if run_dir else None  # a path on the SuperLink's machine, kept as given
     app_dir = write_app(Path(tempfile.mkdtemp(prefix="fedpeft-app-")), cfg, **settings)
     start = time.perf_counter()
     try:
