@@ -15,6 +15,7 @@ from strategy_fakes import ALPHA, MODULES, MemoryStore, adapter, base_weights, m
 R = 4
 SIZES = {0: 10, 1: 30, 2: 20, 3: 40}
 HETERO = {"flora", "zero_padding", "hetlora", "flexlora"}
+SELECTIVE = ["fltac", "fedls", "fedgpl"]  # tested against their own rules in test_fltac/fedls/fedgpl.py
 FEDERATED = ["fedit", "fedprox", "scaffold", "ffa_lora", "flora", "fedex_lora", "fedsa_lora", "zero_padding", "hetlora", "flexlora"]
 BASELINES = ["centralized", "local_only", "zero_shot"]
 REFUSE_SERVER_OPTIMIZER = {"flora", "fedex_lora", "flexlora", *BASELINES}
@@ -49,7 +50,7 @@ def effective_model(strategy, name, rounds=2, clients=(0, 1, 2)):
 
 
 def test_names_map_to_distinct_classes():
-    assert sorted(STRATEGIES) == sorted(FEDERATED + BASELINES)
+    assert sorted(STRATEGIES) == sorted(FEDERATED + BASELINES + SELECTIVE)
     assert len(set(STRATEGIES.values())) == len(STRATEGIES)
     for name, cls in STRATEGIES.items():
         assert cls.name == name

@@ -83,6 +83,12 @@ class ServerContext:
     config: ExperimentConfig
     data: ExperimentData
     make_batch: Any
+    client_indices: list[list[int]] | None = None
+    """Per client, its training record indices (after records too long to encode were dropped)."""
+    labels: list[str] | None = None
+    """Partition label of every training record."""
+    run_dir: Path | None = None
+    """Where a strategy may write its own artifacts (FL-TAC's cluster assignments)."""
 
 
 class Engine:
@@ -143,7 +149,38 @@ class Engine:
         self.headline_metric = result["headline"]
         self.metrics.log("eval", round=round_idx, metrics=result["metrics"], examples=result["examples"],
                          seconds=result["seconds"], samples=result["samples"])
-        return result["metrics"]
+        metrics = dict(result["metrics"])
+        per_task = self.strategy.task_evaluation_states(global_state, self.store)
+        if per_task:
+            metrics.update(self.evaluate_task_adapters(per_task, global_state, round_idx, final))
+        return metrics
+
+    def evaluate_task_adapters(self, per_task: dict[str, AdapterState], global_state: AdapterState,
+                               round_idx: int, final: bool) -> dict[str, float]:
+        """Multi-adapter methods (FL-TAC): each label's evaluation records scored with its own adapter."""
+        ecfg = self.config.evaluation
+        start = time.perf_counter()
+        groups: dict[str, list[dict]] = {}
+        for record in self.data.evaluation:
+            groups.setdefault(str(record.get(self.data.label_field, record.get("task"))), []).append(record)
+        fallback = self.strategy.evaluation_state(global_state, self.store)
+        metrics: dict[str, float] = {}
+        weighted, total, headline = 0.0, 0, None
+        for label, records in sorted(groups.items()):
+            set_adapter_state(self.model, per_task.get(label, fallback))
+            result = generation_eval(self.model, self.tokenizer, records, self.config.data.template,
+                                     score=self.data.score, metric_name=self.data.metric_name,
+                                     max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size,
+                                     max_examples=None if final else ecfg.max_examples)
+            headline = result["headline"]
+            metrics[f"task_adapters/{label}/{headline}"] = result["metrics"][headline]
+            weighted += result["metrics"][headline] * result["examples"]
+            total += result["examples"]
+        if headline is not None and total:
+            metrics[f"task_adapters/{headline}"] = weighted / total
+        self.metrics.log("eval", round=round_idx, split="task_adapters", metrics=metrics, examples=total,
+                         seconds=time.perf_counter() - start)
+        return metrics
 
     def evaluate_personal(self, global_state: AdapterState, round_idx: int) -> dict[str, float]:
         """Personalised methods (FedSA-LoRA, local-only): each client's own adapter on the evaluation
@@ -228,7 +265,9 @@ class Engine:
                 lr = round_lr(round_idx, fed.rounds, cfg.training.lr, cfg.training.lr_min, cfg.training.schedule)
                 self.store.begin_round(round_idx)
                 sampled = sample_clients(cfg.seed, round_idx, fed.num_clients, fed.clients_per_round)
-                self.strategy.begin_round(round_idx, ServerContext(self.model, self.tokenizer, cfg, self.data, self.client_data.batches))
+                self.strategy.begin_round(round_idx, ServerContext(
+                    self.model, self.tokenizer, cfg, self.data, self.client_data.batches,
+                    client_indices=self.client_indices, labels=self.labels, run_dir=self.run_dir))
                 plans = self.strategy.configure_round(round_idx, sampled, global_state, self.store)
                 progress.start_round(round_idx, len(plans))
                 updates: list[ClientUpdate] = []

@@ -251,6 +251,20 @@ def _section(name: str, build: Callable[[], list[str]]) -> list[str]:
         return [f"## {name}", "", f"(could not be built: {type(exc).__name__}: {exc})", ""]
 
 
+def _clusters(run: RunLog, out_dir: Path) -> list[str]:
+    """FL-TAC runs: the received adapters in 2-D per round, coloured by cluster (from cluster_assignments.jsonl)."""
+    assignments = run.run_dir / "cluster_assignments.jsonl"
+    if not assignments.is_file():
+        return []
+    from fedpeft.strategies.fltac import plot_cluster_rounds
+
+    path = plot_cluster_rounds(assignments, out_dir / "adapter_clusters.png")
+    return ["## Adapter clusters", "",
+            "Every adapter received in a round, projected on its first two principal components; colour is the "
+            "K-means cluster, marker the true task (never seen by the server).", "",
+            f"![Adapter clusters]({Path(path).name})", ""]
+
+
 def render_report(run: RunLog, out_dir: Path) -> str:
     """The markdown text; writes the plots into ``out_dir`` on the way."""
     lines = [f"# Run report: {run.name}", ""]
@@ -269,6 +283,7 @@ def render_report(run: RunLog, out_dir: Path) -> str:
         return out
 
     lines += _section("Plots", plots)
+    lines += _section("Adapter clusters", lambda: _clusters(run, out_dir))
     lines += _section("Per round", lambda: _per_round(run))
     lines += _section("Data partition", lambda: _partition(run))
     lines += _section("Failed local jobs", lambda: _failures(run))
