@@ -33,7 +33,10 @@ def test_missing_local_path_is_named():
 
 
 def test_hub_id_offline_names_bundled_alternatives(monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(ModelNotFoundError) as err:
         load_base_model("no-such-org/no-such-model-xyz")
     assert "smollm2-135m-instruct" in str(err.value) and "tiny-llama" in str(err.value)
