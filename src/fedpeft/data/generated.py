@@ -22,12 +22,12 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(10, 49), rng.randint(10, 49)
+    a, b = rng.randint(1, 30), rng.randint(1, 30)
     return f"Add {a} and {b}.", str(a + b)
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    items = rng.sample(_LETTERS, 4)
+    items = rng.sample(_LETTERS, 3)
     return f"Reverse this sequence: {' '.join(items)}", " ".join(reversed(items))
 
 
