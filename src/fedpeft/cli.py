@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import warnings
 
 import typer
 
@@ -25,6 +27,12 @@ app = typer.Typer(
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # Library chatter (weight-loading bars, deprecation notices of transformers used by peft) hides
+        # the run's own progress display; --verbose shows it again.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is imported
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 for _name in COMMAND_MODULES:
