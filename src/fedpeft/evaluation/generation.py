@@ -13,11 +13,15 @@ from fedpeft.data.encoding import format_prompt
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 16,
+             stop: Sequence[str] | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (decoded, special tokens removed). Batches are built from
-    prompts sorted by length so that little compute goes to padding; results come back in input order."""
+    prompts sorted by length so that little compute goes to padding; results come back in input order.
+    Decoding uses the KV cache. ``stop`` strings end a sequence early (``### Instruction`` for the Alpaca
+    template, say) and are cut from the text with whatever follows them."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     outputs: list[str] = [""] * len(prompts)
@@ -26,20 +30,27 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {key: value.to(device) for key, value in batch.items()}
             generated = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}),
             )
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
             for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                outputs[i] = text
+                outputs[i] = _cut_at_stop(text, stop) if stop else text
     finally:
         tokenizer.padding_side = previous_side
         model.train(was_training)
     return outputs
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[:min(cuts)] if cuts else text
 
 
 def normalize_answer(text: str) -> str:
