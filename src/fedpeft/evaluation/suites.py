@@ -286,10 +286,15 @@ def _limited(rows: list, options: EvalOptions) -> list:
     return rows[:options.limit]
 
 
-def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+# With the Alpaca template an untuned model tends to go on with a new "### Instruction:" block.
+ALPACA_STOP = ("\n### ",)
+
+
+def _generate(model, tokenizer, prompts: list[str], max_new_tokens: int, options: EvalOptions) -> list[str]:
     from fedpeft.evaluation.generation import generate
 
-    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    stop = ALPACA_STOP if options.template == "alpaca" else None
+    return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=options.batch_size, stop=stop)
 
 
 def _prompt(record: dict, options: EvalOptions, tokenizer) -> str:
@@ -309,7 +314,7 @@ def _run_commonsense(model, tokenizer, suite: str, task: str, options: EvalOptio
         return _mc_result(suite, task, evaluate_multiple_choice(model, tokenizer, items, options.batch_size))
     start = time.perf_counter()
     prompts = [_prompt(r, options, tokenizer) for r in records]
-    outputs = _generate(model, tokenizer, prompts, options.max_new_tokens or 32, options.batch_size)
+    outputs = _generate(model, tokenizer, prompts, options.max_new_tokens or 32, options)
     predictions = [extraction.extract_commonsense_label(task, o, lenient=options.lenient_extraction) for o in outputs]
     hits = [p == str(r["answer"]).strip().lower() for p, r in zip(predictions, records)]
     metrics = {"acc": sum(hits) / len(hits) if hits else None,
@@ -338,7 +343,7 @@ def _run_mmlu(model, tokenizer, suite: str, task: str, options: EvalOptions, eva
     start = time.perf_counter()
     prompts = [_prompt({"instruction": f"{_mmlu_question(r)}\n\nAnswer with the letter of the correct option."},
                        options, tokenizer) for r in rows]
-    outputs = _generate(model, tokenizer, prompts, options.max_new_tokens or 16, options.batch_size)
+    outputs = _generate(model, tokenizer, prompts, options.max_new_tokens or 16, options)
     predictions = [extraction.extract_choice_letter(o) for o in outputs]
     hits = [p == r["answer"].strip().upper() for p, r in zip(predictions, rows)]
     metrics = {"acc": sum(hits) / len(hits) if hits else None,
@@ -360,7 +365,7 @@ def _run_gsm8k(model, tokenizer, suite: str, task: str, options: EvalOptions, ev
         return TaskResult(suite, task, "lm_loss", result.metrics, result.num_examples, result.seconds)
     start = time.perf_counter()
     prompts = [_prompt({"instruction": r["question"]}, options, tokenizer) for r in rows]
-    outputs = _generate(model, tokenizer, prompts, options.max_new_tokens or 256, options.batch_size)
+    outputs = _generate(model, tokenizer, prompts, options.max_new_tokens or 256, options)
     predictions = [extraction.extract_last_number(o) for o in outputs]
     hits = [extraction.numbers_match(p, extraction.gsm8k_gold(r["answer"])) for p, r in zip(predictions, rows)]
     metrics = {"acc": sum(hits) / len(hits) if hits else None,
@@ -389,7 +394,7 @@ def _run_dolly(model, tokenizer, suite: str, task: str, options: EvalOptions, ev
                                   batch_size=options.batch_size)
         return TaskResult(suite, task, "lm_loss", result.metrics, result.num_examples, result.seconds)
     start = time.perf_counter()
-    outputs = _generate(model, tokenizer, prompts, options.max_new_tokens or 128, options.batch_size)
+    outputs = _generate(model, tokenizer, prompts, options.max_new_tokens or 128, options)
     scores = [rouge_l(o, r["response"]) for o, r in zip(outputs, rows)]
     metrics = {"rougeL": sum(scores) / len(scores) if scores else None}
     samples = [{"output": o, "reference": r["response"]} for o, r in zip(outputs, rows)]
