@@ -101,11 +101,13 @@ class ClientRunner:
         if not examples:
             raise ValueError(f"client {plan.client_id} has no training examples"
                              + (f" for '{plan.data_key}'" if plan.data_key else ""))
+        # Client side first: hooks and client-private state (e.g. a personal B merged into init_state)
+        # come from this client's own store, wherever it runs.
+        self.strategy.attach_client_hooks(round_idx, plan, self.store)
         if start_state is not None:
             set_adapter_state(self.model, start_state)
         if plan.init_state is not None or plan.downlink:
             set_adapter_state(self.model, plan.init_state if plan.init_state is not None else plan.downlink)
-        self.strategy.attach_client_hooks(round_idx, plan, self.store)
         set_trainable(self.model, plan.trainable)
         params = {n: p for n, p in adapter_parameters(self.model).items() if p.requires_grad}
         torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, plan.client_id, plan.job))

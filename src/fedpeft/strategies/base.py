@@ -124,7 +124,9 @@ class Strategy:
         """Runs on the client before training. A plan crosses the network as data only (tensors and
         JSON-able fields); callables such as ``extra_loss`` / ``grad_transform`` that a method needs
         are (re)built here from the plan's data and the client's own store, so that the in-process
-        engine and a Flower ClientApp train identically. Default: nothing."""
+        engine and a Flower ClientApp train identically. It runs before the plan's state is loaded,
+        so it may also merge client-private tensors from ``store`` into ``plan.init_state``.
+        Default: nothing."""
 
     def client_update(
         self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any
