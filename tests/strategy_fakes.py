@@ -94,6 +94,7 @@ def run_round(strategy, round_idx, clients, global_state, store, sizes, steps=3,
     plans = strategy.configure_round(round_idx, clients, global_state, store)
     updates = []
     for plan in plans:
+        strategy.attach_client_hooks(round_idx, plan, store)  # client side, before loading
         state = {k: v.clone() for k, v in global_state.items()}
         state.update({k: v.clone() for k, v in (plan.init_state if plan.init_state is not None else plan.downlink).items()})
         trainable = plan.trainable if plan.trainable is not None else list(state)

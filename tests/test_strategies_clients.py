@@ -26,6 +26,7 @@ def test_fedprox_extra_loss_is_the_proximal_term_and_its_gradient():
     strategy = make("fedprox", mu=0.2)
     glob = adapter(R, seed=1)
     plan = strategy.configure_client(1, 0, glob, None)
+    strategy.attach_client_hooks(1, plan, None)  # client side
     params = {k: torch.nn.Parameter(v + 0.5) for k, v in glob.items()}
     loss = plan.extra_loss(params)
     numel = sum(v.numel() for v in glob.values())
@@ -55,6 +56,7 @@ def test_scaffold_controls_follow_option_two():
     updates = []
     for cid in (0, 1):
         plan = strategy.configure_client(1, cid, glob, store)
+        strategy.attach_client_hooks(1, plan, store)  # client side
         assert set(plan.control) == set(glob) and all(float(v.abs().max()) == 0 for v in plan.control.values())
         params = {k: torch.nn.Parameter(v.clone()) for k, v in glob.items()}
         for _ in range(steps):
@@ -76,6 +78,7 @@ def test_scaffold_controls_follow_option_two():
         torch.testing.assert_close(strategy.control[k], (g[k] * 1 + g[k] * 2) / 4)
     # round 2: the correction c - c_k is applied to the gradient
     plan = strategy.configure_client(2, 0, glob, store)
+    strategy.attach_client_hooks(2, plan, store)  # client side
     params = {k: torch.nn.Parameter(v.clone()) for k, v in glob.items()}
     for p in params.values():
         p.grad = torch.zeros_like(p)
@@ -127,6 +130,7 @@ def test_fedsa_lora_shares_a_and_keeps_b_personal():
     assert all(float(glob2[b_key(m)].abs().max()) == 0 for m in MODULES)  # the server never sees B
     # round 2: client 0 starts from the new A and its own B
     plan = strategy.configure_client(2, 0, glob2, store)
+    strategy.attach_client_hooks(2, plan, store)  # client side
     personal = store.get(0, "fedsa_lora_B")
     for m in MODULES:
         assert torch.equal(plan.init_state[b_key(m)], personal[b_key(m)])
@@ -164,6 +168,7 @@ def test_rank_mask_zeroes_gradients_beyond_rank():
     strategy = make("zero_padding", client_ranks=[2])
     glob = strategy.init_global(adapter(R, seed=1))
     plan = strategy.configure_client(1, 0, glob, None)
+    strategy.attach_client_hooks(1, plan, None)  # client side
     params = {k: torch.nn.Parameter(v.clone()) for k, v in glob.items()}
     for p in params.values():
         p.grad = torch.ones_like(p)
@@ -215,6 +220,7 @@ def test_hetlora_self_pruning_shrinks_rank_when_the_tail_shrinks():
     glob = strategy.init_global(adapter(R, seed=1))
     store = MemoryStore()
     plan = strategy.configure_client(1, 0, glob, store)
+    strategy.attach_client_hooks(1, plan, store)  # client side
     assert plan.extra_loss is not None
     params = {k: torch.nn.Parameter(v.clone()) for k, v in plan.init_state.items()}
     assert float(plan.extra_loss(params).detach()) > 0
@@ -226,6 +232,7 @@ def test_hetlora_self_pruning_shrinks_rank_when_the_tail_shrinks():
     assert strategy.configure_client(2, 0, glob, store).info["rank"] == 2
     # a tail that grew keeps the rank
     plan = strategy.configure_client(3, 0, glob, store)
+    strategy.attach_client_hooks(3, plan, store)  # client side
     trained = {k: v.clone() for k, v in plan.init_state.items()}
     for m in MODULES:
         trained[b_key(m)][:, 1:2] *= 2
@@ -261,6 +268,7 @@ def test_local_only_shares_nothing_and_keeps_each_adapter():
     own = strategy.personal_state(0, glob, store)
     assert not torch.equal(own[a_key(next(iter(MODULES)))], glob[a_key(next(iter(MODULES)))])
     plan = strategy.configure_client(2, 0, glob, store)
+    strategy.attach_client_hooks(2, plan, store)  # client side
     for k in glob:
         assert torch.equal(plan.init_state[k], own[k])  # continues from its own adapter
 

@@ -46,4 +46,9 @@ class FedProx(FedIT):
             raise ValueError(f"method.options.mu must be >= 0 for fedprox, got {self.mu}")
 
     def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store) -> ClientPlan:
-        return ClientPlan(client_id=client_id, downlink=global_state, extra_loss=proximal_term(global_state, self.mu))
+        return ClientPlan(client_id=client_id, downlink=global_state, info={"mu": self.mu})
+
+    def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store) -> None:
+        # Built on the client from what it received: the global state it starts from is the anchor.
+        anchor = plan.init_state if plan.init_state is not None else plan.downlink
+        plan.extra_loss = proximal_term(anchor, float(plan.info.get("mu", self.mu)))

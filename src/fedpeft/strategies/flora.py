@@ -90,10 +90,14 @@ class FLoRA(MethodStrategy):
             client_id=client_id,
             downlink={},
             init_state=fresh_lora(global_state, rank, fresh_seed(self.seed, round_idx, client_id)),
-            grad_transform=rank_mask(rank) if rank < self.ranks.r_max else None,
             scaling=self.ranks.plan_scaling(rank),
-            info={"rank": rank},
+            info={"rank": rank, "r_max": self.ranks.r_max},
         )
+
+    def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        # A rank-r_k client trains only the first r_k rows of A / columns of B of the shared r_max LoRA.
+        rank, r_max = int(plan.info["rank"]), int(plan.info["r_max"])
+        plan.grad_transform = rank_mask(rank) if rank < r_max else None
 
     def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any) -> ClientUpdate:
         keys = plan.upload if plan.upload is not None else (plan.trainable if plan.trainable is not None else list(trained))

@@ -75,10 +75,14 @@ class HeterogeneousRankStrategy(MethodStrategy):
             client_id=client_id,
             downlink=slice_to_rank(start, rank) if rank < self.ranks.r_max else start,
             init_state=zero_beyond_rank(start, rank),
-            grad_transform=rank_mask(rank) if rank < self.ranks.r_max else None,
             scaling=self.ranks.plan_scaling(rank),
-            info={"rank": rank},
+            info={"rank": rank, "r_max": self.ranks.r_max},
         )
+
+    def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        # A rank-r_k client trains only the first r_k rows of A / columns of B of the shared r_max LoRA.
+        rank, r_max = int(plan.info["rank"]), int(plan.info["r_max"])
+        plan.grad_transform = rank_mask(rank) if rank < r_max else None
 
     def upload_rank(self, plan: ClientPlan, trained: AdapterState, store: Any) -> int:
         return plan.info["rank"]
@@ -167,8 +171,8 @@ class HetLoRA(HeterogeneousRankStrategy):
             return None
         return max(self.min_rank, min(rank - 1, math.floor(self.gamma * rank)))
 
-    def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
-        plan = super().configure_client(round_idx, client_id, global_state, store)
+    def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        super().attach_client_hooks(round_idx, plan, store)
         start = self.tail_start(plan.info["rank"])
         if start is not None and self.lam > 0:
             rank, lam = plan.info["rank"], self.lam
@@ -177,7 +181,6 @@ class HetLoRA(HeterogeneousRankStrategy):
                 return lam * _tail_norm(params, start, rank)
 
             plan.extra_loss = extra_loss
-        return plan
 
     def upload_rank(self, plan: ClientPlan, trained: AdapterState, store: Any) -> int:
         rank = plan.info["rank"]

@@ -60,21 +60,24 @@ class Scaffold(MethodStrategy):
             self.control = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in initial.items()}
         return super().init_global(initial)
 
-    def _client_control(self, client_id: int, store: Any) -> AdapterState:
+    def _client_control(self, client_id: int, store: Any, like: AdapterState | None = None) -> AdapterState:
         stored = store.get(client_id, CONTROL_NAME) if store is not None else None
-        return dict(stored) if stored is not None else {k: torch.zeros_like(v) for k, v in self.control.items()}
+        shapes = like if like is not None else self.control
+        return dict(stored) if stored is not None else {k: torch.zeros_like(v) for k, v in shapes.items()}
 
     def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
         if not self.control:
             self.init_global(global_state)
-        c_k = self._client_control(client_id, store)
-        correction = {k: self.control[k] - c_k[k] for k in self.control}
         return ClientPlan(
             client_id=client_id,
             downlink=global_state,
             control={k: v.clone() for k, v in self.control.items()},
-            grad_transform=corrected_gradient(correction),
         )
+
+    def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        # c_k is client-private (its own store); the server's c arrived with the plan.
+        c_k = self._client_control(plan.client_id, store, like=plan.control)
+        plan.grad_transform = corrected_gradient({k: plan.control[k] - c_k[k] for k in plan.control})
 
     def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any) -> ClientUpdate:
         if result.steps <= 0 or result.lr <= 0:
@@ -82,7 +85,7 @@ class Scaffold(MethodStrategy):
         start = plan.init_state if plan.init_state is not None else plan.downlink
         keys = plan.trainable if plan.trainable is not None else list(trained)
         c = plan.control
-        c_k = self._client_control(plan.client_id, store)
+        c_k = self._client_control(plan.client_id, store, like=c)
         scale = 1.0 / (result.steps * result.lr)
         c_new = dict(c_k)
         delta: AdapterState = {}
