@@ -60,7 +60,12 @@ class LocalOnly(MethodStrategy):
         return state
 
     def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
-        return ClientPlan(client_id=client_id, downlink={}, init_state=self._local(client_id, global_state, store), upload=[])
+        return ClientPlan(client_id=client_id, downlink={}, upload=[])
+
+    def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        stored = store.get(plan.client_id, LOCAL_NAME) if store is not None else None
+        if stored is not None:  # the client's own adapter, from its own store
+            plan.init_state = dict(stored)
 
     def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any) -> ClientUpdate:
         keys = plan.trainable if plan.trainable is not None else list(trained)

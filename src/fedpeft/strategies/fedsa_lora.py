@@ -48,10 +48,15 @@ class FedSALoRA(MethodStrategy):
         return ClientPlan(
             client_id=client_id,
             downlink={k: global_state[k] for k in a_keys},
-            init_state=self._with_personal_b(client_id, global_state, store),
             trainable=None,
             upload=a_keys,
         )
+
+    def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        # The personal B never leaves the client: merged here, on the client, from its own store.
+        personal, _ = self._personal_b(plan.client_id, store)
+        if personal is not None:
+            plan.init_state = {**plan.downlink, **personal}
 
     def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any) -> ClientUpdate:
         personal = {k: v.detach().float().clone() for k, v in trained.items() if is_b(k)}
