@@ -129,6 +129,8 @@ class EvaluationConfig(_Section):
     max_new_tokens: int = Field(16, ge=1)
     batch_size: int = Field(32, ge=1)
     max_examples: int | None = Field(None, ge=1, description="Cap per task for per-round evaluation.")
+    suites: list[str] = Field(default_factory=list, description="Benchmark suites (commonsense8, mmlu, gsm8k, ...) run on the final global model.")
+    suite_limit: int | None = Field(None, ge=1, description="Examples per suite task (None: all).")
 
 
 class OutputConfig(_Section):

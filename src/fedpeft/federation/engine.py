@@ -155,6 +155,22 @@ class Engine:
             metrics.update(self.evaluate_task_adapters(per_task, global_state, round_idx, final))
         return metrics
 
+    def evaluate_suites(self, global_state: AdapterState, round_idx: int) -> dict[str, float]:
+        """The configured benchmark suites on the final global model (``fedpeft eval`` uses the same code)."""
+        from fedpeft.evaluation.suites import EvalOptions, flat_metrics, run_suite
+
+        ecfg = self.config.evaluation
+        set_adapter_state(self.model, self.strategy.evaluation_state(global_state, self.store))
+        start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        for suite in ecfg.suites:
+            options = EvalOptions(limit=ecfg.suite_limit, template=self.config.data.template,
+                                  batch_size=ecfg.batch_size, seed=self.config.seed)
+            metrics.update({f"suite/{k}": v for k, v in flat_metrics(run_suite(self.model, self.tokenizer, suite, options)).items()})
+        self.metrics.log("eval", round=round_idx, split="suites", suites=list(ecfg.suites), metrics=metrics,
+                         seconds=time.perf_counter() - start)
+        return metrics
+
     def evaluate_task_adapters(self, per_task: dict[str, AdapterState], global_state: AdapterState,
                                round_idx: int, final: bool) -> dict[str, float]:
         """Multi-adapter methods (FL-TAC): each label's evaluation records scored with its own adapter."""
@@ -356,6 +372,8 @@ class Engine:
             final_metrics = self.evaluate(global_state, fed.rounds, final=True)
         if self.strategy.personalized:
             final_metrics.update(self.evaluate_personal(global_state, fed.rounds))
+        if cfg.evaluation.suites:
+            final_metrics.update(self.evaluate_suites(global_state, fed.rounds))
         final_dir = self.save_final(global_state)
         seconds = elapsed_before + time.perf_counter() - t_start
         summary = RunSummary(self.run_dir, fed.rounds, seconds, initial_metrics, final_metrics, peak_rss_mb(),
