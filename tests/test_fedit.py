@@ -42,3 +42,15 @@ def test_unknown_method_lists_valid_names():
 def test_zero_examples_is_an_error():
     with pytest.raises(ValueError, match="zero examples"):
         build_strategy(MethodConfig(name="fedit")).aggregate(1, {}, [ClientUpdate(0, {}, 0)])
+
+
+def test_methods_command_lists_every_registered_method():
+    from typer.testing import CliRunner
+
+    from fedpeft.cli import app
+    from fedpeft.strategies import STRATEGIES
+
+    result = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in STRATEGIES:
+        assert name in result.output
