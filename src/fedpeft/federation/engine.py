@@ -45,7 +45,7 @@ from fedpeft.metering.flops import count_parameters
 from fedpeft.metering.memory import peak_cuda_mb, peak_rss_mb
 from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, set_base_weights, wrap_lora
 from fedpeft.models.registry import load_base_model
-from fedpeft.strategies import build_strategy
+from fedpeft.strategies import build_experiment_strategy
 from fedpeft.strategies.base import ClientUpdate
 
 log = logging.getLogger(__name__)
@@ -116,13 +116,7 @@ class Engine:
         self.model_source, self.model_load_seconds = loaded.source, loaded.load_seconds
         self.tokenizer = loaded.tokenizer
         self.model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed)
-        options = dict(cfg.method.options)
-        options.setdefault("r", cfg.peft.r)
-        options.setdefault("lora_alpha", cfg.peft.alpha)
-        options.setdefault("rslora", cfg.peft.rslora)
-        options.setdefault("num_clients", cfg.federation.num_clients)
-        options.setdefault("seed", cfg.seed)
-        self.strategy = build_strategy(cfg.method.model_copy(update={"options": options}))
+        self.strategy = build_experiment_strategy(cfg)
         self.strategy.prepare_model(self.model)
         self.client_data = prepare_client_data(cfg, self.data, self.tokenizer)
         self.client_indices, self.labels = self.client_data.indices, self.client_data.labels

@@ -54,6 +54,19 @@ def method_catalog() -> list[dict[str, Any]]:
     return out
 
 
+def build_experiment_strategy(config: Any) -> Strategy:
+    """The strategy of an ``ExperimentConfig``: ``method.options`` completed with what every method may
+    need from the rest of the config (LoRA rank/alpha/rsLoRA, number of clients, seed). The engine and
+    the Flower ClientApp both build it here, so the two sides of a deployment agree."""
+    options = dict(config.method.options)
+    options.setdefault("r", config.peft.r)
+    options.setdefault("lora_alpha", config.peft.alpha)
+    options.setdefault("rslora", config.peft.rslora)
+    options.setdefault("num_clients", config.federation.num_clients)
+    options.setdefault("seed", config.seed)
+    return build_strategy(config.method.model_copy(update={"options": options}))
+
+
 def build_strategy(method_config: Any) -> Strategy:
     """From a ``MethodConfig``. An unknown name is an error listing the valid names (no silent fallback);
     a server optimizer a method cannot use is an error giving the reason."""
@@ -65,5 +78,5 @@ def build_strategy(method_config: Any) -> Strategy:
 
 __all__ = [
     "AggregateResult", "ClientPlan", "ClientUpdate", "SERVER_OPTIMIZERS", "STRATEGIES", "Strategy", "TrainResult",
-    "build_strategy", "method_catalog", "normalize_method_name",
+    "build_experiment_strategy", "build_strategy", "method_catalog", "normalize_method_name",
 ]

@@ -79,7 +79,7 @@ def build_worker(run_config: dict, node_config: dict, run_id: int = 0, node_id: 
     from fedpeft.metering.allocator import tune_malloc
     from fedpeft.models.peft_wrap import wrap_lora
     from fedpeft.models.registry import load_base_model
-    from fedpeft.strategies import build_strategy
+    from fedpeft.strategies import build_experiment_strategy
 
     start = time.perf_counter()
     settings = DeploySettings.from_run_config(run_config)
@@ -100,14 +100,7 @@ def build_worker(run_config: dict, node_config: dict, run_id: int = 0, node_id: 
     loaded = load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
                              gguf_file=cfg.model.gguf_file)
     model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed)
-    # The same option defaults as Engine._setup (keep in step; a shared helper would be better).
-    options = dict(cfg.method.options)
-    options.setdefault("r", cfg.peft.r)
-    options.setdefault("lora_alpha", cfg.peft.alpha)
-    options.setdefault("rslora", cfg.peft.rslora)
-    options.setdefault("num_clients", cfg.federation.num_clients)
-    options.setdefault("seed", cfg.seed)
-    strategy = build_strategy(cfg.method.model_copy(update={"options": options}))
+    strategy = build_experiment_strategy(cfg)
     strategy.prepare_model(model)
     client_data = prepare_client_data(cfg, data, loaded.tokenizer)
     if node.data_path:  # the whole local file belongs to this node's one client
