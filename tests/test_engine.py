@@ -119,3 +119,12 @@ def test_uplink_compression_bytes_and_effect(tmp_path, finished_run):
     worst = max(float((got[k] - plain[k]).abs().max()) for k in plain)
     scale = max(float(v.abs().max()) for v in plain.values())
     assert 0 < worst < 0.05 * scale
+
+
+def test_unknown_method_fails_before_model_load(tmp_path, monkeypatch):
+    import fedpeft.federation.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "load_base_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    cfg = load_config("configs/tiny.yaml", ["method.name=fedavgx"])
+    with pytest.raises(ValueError, match="unknown method 'fedavgx'; valid methods: .*fedit"):
+        Engine(cfg, tmp_path / "run").run()

@@ -111,12 +111,12 @@ class Engine:
         # Data first: bad data fails before a model is loaded.
         self.data = load_experiment_data(cfg)
         self.data.labels()  # a missing partition field fails here, before the model loads
+        self.strategy = build_experiment_strategy(cfg)  # an unknown method or bad option too
         loaded = load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
                                  gguf_file=cfg.model.gguf_file)
         self.model_source, self.model_load_seconds = loaded.source, loaded.load_seconds
         self.tokenizer = loaded.tokenizer
         self.model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed)
-        self.strategy = build_experiment_strategy(cfg)
         self.strategy.prepare_model(self.model)
         self.client_data = prepare_client_data(cfg, self.data, self.tokenizer)
         self.client_indices, self.labels = self.client_data.indices, self.client_data.labels
