@@ -87,6 +87,41 @@ def test_scaffold_controls_follow_option_two():
         torch.testing.assert_close(p.grad, strategy.control[k] - g[k])
 
 
+def test_scaffold_mean_gradient_control_is_the_mean_raw_gradient():
+    """control_update=mean_gradient: c_k+ = mean of the uncorrected gradients over the local steps,
+    whatever optimizer turned them into steps (here: Adam-like unit steps that option II would misread)."""
+    strategy = make("scaffold", num_clients=2, control_update="mean_gradient", local_optimizer="adamw")
+    glob = strategy.init_global(adapter(R, seed=1))
+    store = MemoryStore()
+    strategy.control = {k: torch.full_like(v, 0.5) for k, v in glob.items()}  # a non-zero server control
+    plan = strategy.configure_client(2, 0, glob, store)
+    strategy.attach_client_hooks(2, plan, store)
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in glob.items()}
+    raw = [0.1, 0.3, 0.2]
+    for g in raw:
+        for p in params.values():
+            p.grad = torch.full_like(p, g)
+        plan.grad_transform(params)
+        for p in params.values():
+            torch.testing.assert_close(p.grad, torch.full_like(p, g + 0.5))  # corrected by c - c_k = 0.5
+        with torch.no_grad():
+            for p in params.values():
+                p -= 1e-3 * torch.sign(p.grad)  # Adam-like: the step does not scale with the gradient
+    trained = {k: p.detach().clone() for k, p in params.items()}
+    up = strategy.client_update(2, plan, trained, result(10, steps=3, lr=1e-3), store)
+    for k in glob:
+        torch.testing.assert_close(store.get(0, "scaffold_control")[k], torch.full_like(glob[k], 0.2))
+        torch.testing.assert_close(up.control[k], torch.full_like(glob[k], 0.2))  # c_k was 0
+
+
+def test_scaffold_option_two_is_refused_for_adam_local_steps():
+    with pytest.raises(ValueError, match="training.optimizer=sgd.*control_update=mean_gradient"):
+        make("scaffold", num_clients=4, local_optimizer="adamw")
+    make("scaffold", num_clients=4, local_optimizer="sgd")
+    with pytest.raises(ValueError, match="control_update must be one of"):
+        make("scaffold", num_clients=4, control_update="option1")
+
+
 def test_scaffold_needs_num_clients():
     with pytest.raises(ValueError, match="num_clients"):
         make("scaffold")

@@ -13,8 +13,9 @@ from fedpeft.strategies.base import ClientUpdate, Strategy, example_weights, wei
 from fedpeft.strategies.lora_math import frobenius_of_product, stack_factors
 from fedpeft.strategies.server_optimizers import is_identity
 
-COMMON_OPTIONS = frozenset({"lora_alpha", "r", "rslora", "seed", "num_clients"})
-"""Options every method accepts; the engine fills them from the config (peft section, seed, federation)."""
+COMMON_OPTIONS = frozenset({"lora_alpha", "r", "rslora", "seed", "num_clients", "local_optimizer"})
+"""Options every method accepts; the engine fills them from the config (peft section, seed, federation,
+training.optimizer)."""
 
 
 class MethodStrategy(Strategy):
