@@ -75,9 +75,9 @@ def overrides_for(args, method: str, server_optimizer: str, data_path: Path) -> 
         "evaluation.max_new_tokens=8", "evaluation.batch_size=32", "output.progress=false", f"seed={args.seed}",
     ]
     if server_optimizer != "none":
-        # eta_s = 1e-3: adaptive steps are about eta_s per coordinate, so eta_s must be of the size of a round's
-        # adapter change (~ local lr x steps); 1e-2 overshot here (degenerate generations after 3 rounds).
-        ov.append("method.server_optimizer.lr=0.001")
+        # eta_s = 3e-3: adaptive steps are about eta_s per coordinate, so eta_s must be of the size of a round's
+        # adapter change (~ local lr x steps); 1e-2 overshot here (degenerate generations after 3 rounds), 1e-3 barely moved.
+        ov.append("method.server_optimizer.lr=0.003")
     if method == "scaffold":  # AdamW local steps: option II is refused for them (see strategies/scaffold.py)
         ov += ["method.options.control_update=mean_gradient", "method.options.local_optimizer=adamw"]
     if method in HETERO:
