@@ -79,3 +79,19 @@ def test_resume_of_missing_dir_is_a_clear_error(tmp_path):
     proc = _run(["--resume", str(tmp_path / "nope")])
     assert proc.returncode == 2
     assert "no config.yaml" in proc.stderr
+
+
+def test_resume_is_exact_when_the_method_changes_base_weights(tmp_path, tiny_config_path_module):
+    """FLoRA merges every round into the base weights: they are checkpointed and restored exactly."""
+    args = ["--config", str(tiny_config_path_module), *OVERRIDES, "method.name=flora", "evaluation.every_rounds=0"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    assert _run([*args, "--run-dir", str(ref_dir)]).returncode == 0
+    killed = _run([*args, "--run-dir", str(run_dir)], {KILL_ENV: "client:3:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = _run(["--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("adapter_model.safetensors", "base_weights.safetensors"):
+        ref, got = load_file(str(ref_dir / "final" / name)), load_file(str(run_dir / "final" / name))
+        assert ref.keys() == got.keys() and len(ref) > 0
+        for key in ref:
+            assert torch.equal(ref[key], got[key]), (name, key)

@@ -46,7 +46,7 @@ from fedpeft.metering.memory import peak_cuda_mb, peak_rss_mb
 from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, set_base_weights, wrap_lora
 from fedpeft.models.registry import load_base_model
 from fedpeft.strategies import build_experiment_strategy
-from fedpeft.strategies.base import ClientUpdate
+from fedpeft.strategies.base import AggregateResult, ClientUpdate
 
 log = logging.getLogger(__name__)
 
@@ -314,10 +314,12 @@ class Engine:
                     progress.end_client(result.mean_loss)
                     _maybe_kill(f"client:{round_idx}:{n}")
                 phases["train"] = time.perf_counter() - t_train
-                if not updates:
+                if plans and not updates:
                     raise RuntimeError(f"round {round_idx}: every sampled client failed; see client_failed events")
                 t_agg = time.perf_counter()
-                aggregated = self.strategy.aggregate(round_idx, global_state, updates)
+                # A strategy that trains nothing (zero-shot) keeps the global state as it is.
+                aggregated = (self.strategy.aggregate(round_idx, global_state, updates) if plans
+                              else AggregateResult(global_state=global_state))
                 global_state = aggregated.global_state
                 if aggregated.base_delta:
                     add_to_base_weight(self.model, aggregated.base_delta)

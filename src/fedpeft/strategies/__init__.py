@@ -64,6 +64,7 @@ def build_experiment_strategy(config: Any) -> Strategy:
     options.setdefault("rslora", config.peft.rslora)
     options.setdefault("num_clients", config.federation.num_clients)
     options.setdefault("seed", config.seed)
+    options.setdefault("local_optimizer", config.training.optimizer)
     return build_strategy(config.method.model_copy(update={"options": options}))
 
 
