@@ -328,3 +328,18 @@ def test_centralized_requires_a_single_client():
 def test_plan_defaults_are_fedit_shaped():
     plan = ClientPlan(client_id=0, downlink={})
     assert plan.scaling is None and plan.init_state is None
+
+
+@pytest.mark.parametrize("name, key_of, reason", [("ffa_lora", a_key, "A is frozen"),
+                                                  ("fedsa_lora", b_key, "B is personal"),
+                                                  ("local_only", a_key, "shares nothing")])
+def test_a_forbidden_upload_rejects_that_client_only(name, key_of, reason):
+    """check_update (per client: the engine drops that client) refuses what the method never sends."""
+    from fedpeft.strategies.base import ClientUpdate
+
+    strategy = make(name)
+    glob = strategy.init_global(adapter(R, seed=1))
+    module = next(iter(MODULES))
+    bad = ClientUpdate(client_id=3, tensors={key_of(module): glob[key_of(module)].clone()}, num_examples=5)
+    with pytest.raises(ValueError, match=f"{name}: client 3 uploaded .*{reason}"):
+        strategy.check_update(glob, bad)

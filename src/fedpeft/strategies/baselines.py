@@ -19,7 +19,7 @@ from typing import Any
 
 from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult
-from fedpeft.strategies.common import MethodStrategy
+from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
 
 NO_AGGREGATE = "a baseline without federated aggregation has nothing for a server optimizer to step on"
 LOCAL_NAME = "local_adapter"
@@ -73,10 +73,10 @@ class LocalOnly(MethodStrategy):
         return ClientUpdate(client_id=plan.client_id, tensors={}, num_examples=result.num_examples, job=plan.job,
                             metrics={"loss": result.mean_loss})
 
+    def check_update(self, global_state: AdapterState, update: ClientUpdate) -> None:
+        refuse_uploaded(update, lambda key: True, "local_only", "local-only shares nothing")
+
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        for update in updates:
-            if update.tensors:
-                raise ValueError(f"local_only: client {update.client_id} uploaded tensors; local-only shares nothing")
         return AggregateResult(global_state={k: v.clone() for k, v in global_state.items()},
                                metrics={"clients_trained": len(updates)})
 

@@ -74,6 +74,14 @@ class MethodStrategy(Strategy):
         return new_global
 
 
+def refuse_uploaded(update: ClientUpdate, forbidden, method: str, reason: str) -> None:
+    """Reject (ValueError) an update carrying a tensor the method never lets a client send, e.g. FFA-LoRA's
+    frozen A. Called from ``check_update`` so the engine drops that one client instead of the round."""
+    sent = [k for k in update.tensors if forbidden(k)]
+    if sent:
+        raise ValueError(f"{method}: client {update.client_id} uploaded {sent[0]}; {reason}")
+
+
 def aggregation_gap(updates: Sequence[ClientUpdate], weights: Sequence[float], averaged: AdapterState) -> dict[str, float]:
     """How far factor averaging is from the exact average of products, over modules whose A and B were
     uploaded: ||sum_k p_k B_k A_k - B_avg A_avg||_F / ||sum_k p_k B_k A_k||_F (scale-free, so no s)."""

@@ -16,7 +16,7 @@ import torch
 
 from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
-from fedpeft.strategies.common import MethodStrategy
+from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
 from fedpeft.strategies.lora_math import is_a, is_b
 
 PERSONAL_NAME = "fedsa_lora_B"
@@ -64,11 +64,11 @@ class FedSALoRA(MethodStrategy):
         store.put(plan.client_id, PERSONAL_NAME, personal)
         return super().client_update(round_idx, plan, trained, result, store)
 
+    def check_update(self, global_state: AdapterState, update: ClientUpdate) -> None:
+        super().check_update(global_state, update)
+        refuse_uploaded(update, is_b, "fedsa_lora", "B is personal")
+
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        for update in updates:
-            sent_b = [k for k in update.tensors if is_b(k)]
-            if sent_b:
-                raise ValueError(f"fedsa_lora: client {update.client_id} uploaded B tensors ({sent_b[0]}); B is personal")
         averaged = self.average_updates(global_state, updates, example_weights(updates))
         return AggregateResult(global_state=self.apply_average(global_state, averaged))
 

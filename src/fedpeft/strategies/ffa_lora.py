@@ -14,7 +14,7 @@ import torch
 
 from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, example_weights
-from fedpeft.strategies.common import MethodStrategy
+from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
 from fedpeft.strategies.lora_math import is_a, is_b
 
 
@@ -42,10 +42,10 @@ class FFALoRA(MethodStrategy):
             upload=b_keys,
         )
 
+    def check_update(self, global_state: AdapterState, update: ClientUpdate) -> None:
+        super().check_update(global_state, update)
+        refuse_uploaded(update, is_a, "ffa_lora", "A is frozen")
+
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        for update in updates:
-            sent_a = [k for k in update.tensors if is_a(k)]
-            if sent_a:
-                raise ValueError(f"ffa_lora: client {update.client_id} uploaded A tensors ({sent_a[0]}); A is frozen")
         averaged = self.average_updates(global_state, updates, example_weights(updates))
         return AggregateResult(global_state=self.apply_average(global_state, averaged))
