@@ -31,10 +31,10 @@ from fedpeft.adapters import (
 from fedpeft.config import ExperimentConfig, load_config
 from fedpeft.data.dataset import ExperimentData, load_experiment_data
 from fedpeft.evaluation.generation import generation_eval
-from fedpeft.federation.client import ClientRunner, prepare_client_data
 from fedpeft.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
+from fedpeft.federation.client import ClientRunner, prepare_client_data
 from fedpeft.federation.client_store import ClientStore
-from fedpeft.federation.local_trainer import round_lr, train_local
+from fedpeft.federation.local_trainer import round_lr
 from fedpeft.federation.metrics_log import MetricsLog
 from fedpeft.federation.progress import RunProgress
 from fedpeft.federation.sampling import sample_clients
@@ -131,15 +131,18 @@ class Engine:
             self.transport = InProcessTransport(self.runner)
 
     # --- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, global_state: AdapterState, round_idx: int, final: bool = False) -> dict:
+    def _generation_eval(self, records: list[dict], final: bool) -> dict:
+        """Generate on ``records`` with the adapter now loaded and score them with the data's own scorer;
+        per-round evaluations are capped at ``evaluation.max_examples`` per task, the final one is not."""
         ecfg = self.config.evaluation
+        return generation_eval(self.model, self.tokenizer, records, self.config.data.template,
+                               score=self.data.score, metric_name=self.data.metric_name,
+                               max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size,
+                               max_examples=None if final else ecfg.max_examples)
+
+    def evaluate(self, global_state: AdapterState, round_idx: int, final: bool = False) -> dict:
         set_adapter_state(self.model, self.strategy.evaluation_state(global_state, self.store))
-        result = generation_eval(
-            self.model, self.tokenizer, self.data.evaluation, self.config.data.template,
-            score=self.data.score, metric_name=self.data.metric_name,
-            max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size,
-            max_examples=None if final else ecfg.max_examples,
-        )
+        result = self._generation_eval(self.data.evaluation, final)
         self.headline_metric = result["headline"]
         self.metrics.log("eval", round=round_idx, metrics=result["metrics"], examples=result["examples"],
                          seconds=result["seconds"], samples=result["samples"])
@@ -168,7 +171,6 @@ class Engine:
     def evaluate_task_adapters(self, per_task: dict[str, AdapterState], global_state: AdapterState,
                                round_idx: int, final: bool) -> dict[str, float]:
         """Multi-adapter methods (FL-TAC): each label's evaluation records scored with its own adapter."""
-        ecfg = self.config.evaluation
         start = time.perf_counter()
         groups: dict[str, list[dict]] = {}
         for record in self.data.evaluation:
@@ -178,10 +180,7 @@ class Engine:
         weighted, total, headline = 0.0, 0, None
         for label, records in sorted(groups.items()):
             set_adapter_state(self.model, per_task.get(label, fallback))
-            result = generation_eval(self.model, self.tokenizer, records, self.config.data.template,
-                                     score=self.data.score, metric_name=self.data.metric_name,
-                                     max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size,
-                                     max_examples=None if final else ecfg.max_examples)
+            result = self._generation_eval(records, final)
             headline = result["headline"]
             metrics[f"task_adapters/{label}/{headline}"] = result["metrics"][headline]
             weighted += result["metrics"][headline] * result["examples"]
@@ -195,7 +194,6 @@ class Engine:
     def evaluate_personal(self, global_state: AdapterState, round_idx: int) -> dict[str, float]:
         """Personalised methods (FedSA-LoRA, local-only): each client's own adapter on the evaluation
         records of the labels it holds; reports the mean and spread over clients."""
-        ecfg = self.config.evaluation
         start = time.perf_counter()
         per_client = {}
         for client_id, idx in enumerate(self.client_indices):
@@ -205,10 +203,7 @@ class Engine:
             if state is None or not records:
                 continue
             set_adapter_state(self.model, state)
-            result = generation_eval(self.model, self.tokenizer, records, self.config.data.template,
-                                     score=self.data.score, metric_name=self.data.metric_name,
-                                     max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size,
-                                     max_examples=ecfg.max_examples)
+            result = self._generation_eval(records, final=False)
             per_client[client_id] = result["metrics"][result["headline"]]
         if not per_client:
             return {}
