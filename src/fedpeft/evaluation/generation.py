@@ -91,9 +91,3 @@ def generation_eval(model, tokenizer, records: Sequence[dict], template: str, sc
     return {"metrics": metrics, "examples": len(chosen), "seconds": time.perf_counter() - start, "samples": samples,
             "headline": overall}
 
-
-def exact_match_eval(model, tokenizer, records: Sequence[dict], template: str, max_new_tokens: int = 16,
-                     batch_size: int = 16, max_examples: int | None = None) -> dict:
-    """Exact match per task and overall on records ``{task, instruction, output}``."""
-    return generation_eval(model, tokenizer, records, template, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, max_examples=max_examples)

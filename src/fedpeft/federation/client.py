@@ -60,7 +60,7 @@ def prepare_client_data(config, data, tokenizer) -> ClientData:
 
 
 @contextlib.contextmanager
-def lora_scaling(model: torch.nn.Module, scaling: float | None):
+def scaled_lora(model: torch.nn.Module, scaling: float | None):
     """Temporarily set the LoRA scaling s of every LoRA layer (heterogeneous ranks: s_k = alpha / r_k)."""
     if scaling is None:
         yield
@@ -114,7 +114,7 @@ class ClientRunner:
         batches = self.data.batches(examples, derive_seed(cfg.seed, "batches", round_idx, plan.client_id, plan.job))
         if on_start is not None:
             on_start(plan.client_id, cfg.federation.local_steps)
-        with lora_scaling(self.model, plan.scaling):
+        with scaled_lora(self.model, plan.scaling):
             result, losses = train_local(
                 self.model, params, batches, plan,
                 steps=cfg.federation.local_steps, grad_accumulation=cfg.federation.grad_accumulation, lr=lr,
