@@ -10,7 +10,8 @@ seed. FL-TAC trains one adapter per (client, local task), so it runs more local 
 
 FL-TAC is evaluated twice: with its single "global" adapter (the sample-weighted mean of the cluster
 adapters: what the engine evaluates) and per task, each task's records scored with the cluster adapter
-its clients' adapters were assigned to in the last round (``Strategy.task_evaluation_states``).
+its clients' adapters were assigned to in the last round (``Strategy.task_evaluation_states``; the
+engine's ``task_adapters`` evaluation).
 
     python bench/methods2_smollm2.py --threads 1 --rounds 3 --steps 4 --batch 4 --eval-per-task 10
         # ~17 min on 2 shared (busy) CPU cores; the defaults are this budget
@@ -58,7 +59,8 @@ def overrides_for(args, method: str, run_dir: Path) -> list[str]:
                f"data.train_examples_per_task={args.per_task}", f"data.eval_examples_per_task={args.eval_per_task}",
                "data.partition.by=task"]
     else:
-        ov += ["data.source=dolly", "data.partition.by=category"]  # final eval: all 80 global test records
+        # final eval: all 80 global test records, ROUGE-L reported per category
+        ov += ["data.source=dolly", "data.partition.by=category", "evaluation.group_by=category"]
     if method == "fltac":
         ov += [f"method.options.artifact_dir={run_dir}", "method.options.min_task_examples=4"]
     if method == "fedls":
@@ -73,47 +75,16 @@ def events_of(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def per_task_cluster_eval(run_dir: Path, args) -> dict[str, float]:
-    """FL-TAC per task: each task's evaluation records with the cluster adapter assigned to that task."""
-    import torch
-
-    from fedpeft.adapters import set_adapter_state
-    from fedpeft.config import load_config
-    from fedpeft.data.dataset import load_experiment_data
-    from fedpeft.evaluation.generation import generation_eval
-    from fedpeft.models.peft_wrap import wrap_lora
-    from fedpeft.models.registry import load_base_model
-    from fedpeft.strategies import build_strategy
-
-    cfg = load_config(run_dir / "config.yaml")
-    latest = (run_dir / "checkpoints" / "LATEST").read_text().strip()
-    blob = torch.load(run_dir / "checkpoints" / latest / "strategy.pt", weights_only=False)
-    strategy = build_strategy(cfg.method)
-    strategy.load_state_dict(blob["strategy"])
-    states = strategy.task_evaluation_states({}, None) or {}
-    data = load_experiment_data(cfg)
-    loaded = load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed)
-    model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed)
-    label = data.label_field
-    out = {}
-    for task, state in sorted(states.items()):
-        records = [r for r in data.evaluation if str(r.get(label, r.get("task"))) == task]
-        if not records:
-            continue
-        set_adapter_state(model, state)
-        res = generation_eval(model, loaded.tokenizer, records, cfg.data.template, score=data.score,
-                              metric_name=data.metric_name, max_new_tokens=cfg.evaluation.max_new_tokens,
-                              batch_size=cfg.evaluation.batch_size, max_examples=cfg.evaluation.max_examples)
-        out[task] = res["metrics"][res["headline"]]
-    return out
-
-
 def summarise(run_dir: Path) -> dict:
     ev = events_of(run_dir)
     of = lambda kind: [e for e in ev if e.get("event") == kind]
     rounds = of("round_end")
     aggs = of("aggregate")
-    final = of("eval")[-1]["metrics"] if of("eval") else {}
+    evals = [e for e in of("eval") if "split" not in e]  # the global adapter's evaluations
+    final = evals[-1]["metrics"] if evals else {}
+    # FL-TAC: the engine also scores each task's records with the cluster adapter assigned to that task
+    task_evals = [e for e in of("eval") if e.get("split") == "task_adapters"]
+    per_task = {k.split("/")[1]: v for k, v in task_evals[-1]["metrics"].items() if k.count("/") == 2} if task_evals else {}
     train_agg = [e["phase_seconds"]["train"] + e["phase_seconds"]["aggregate"] for e in rounds]
     row = {
         "metrics": final,
@@ -123,6 +94,8 @@ def summarise(run_dir: Path) -> dict:
         "round_seconds": sum(train_agg) / max(1, len(train_agg)),
         "failed": len(of("client_failed")),
     }
+    if per_task:
+        row["per_task_cluster"] = per_task
     if aggs and "cluster_accuracy" in aggs[-1]:
         row["cluster_accuracy"] = [round(e["cluster_accuracy"], 3) for e in aggs]
     if aggs and "uplink_ratio" in aggs[-1]:
@@ -171,8 +144,6 @@ def main() -> None:
             try:
                 run_experiment(REPO / "configs" / "tiny.yaml", overrides=overrides_for(args, method, run_dir), run_dir=run_dir)
                 row = summarise(run_dir)
-                if method == "fltac":
-                    row["per_task_cluster"] = per_task_cluster_eval(run_dir, args)
             except Exception as exc:  # one broken method must not hide the others
                 row = {"error": f"{type(exc).__name__}: {exc}"}
             row.update(method=method, wall=time.perf_counter() - t0)

@@ -49,3 +49,23 @@ def test_stop_strings_cut_the_output(tiny):
     stop = full[2:4]
     [cut] = generate(model, tokenizer, PROMPTS[:1], max_new_tokens=8, stop=[stop, "never-there"])
     assert cut == full[:full.find(stop)]
+
+
+def test_generation_eval_groups_by_a_record_field(tiny):
+    from fedpeft.evaluation.generation import generation_eval
+
+    model, tokenizer = tiny
+    # One dataset ("dolly"), two categories, one record without a category: it falls back to its task.
+    recs = [{"task": "dolly", "category": c, "instruction": f"q{i}", "output": "x", "val": v}
+            for i, (c, v) in enumerate([("qa", 1.0), ("qa", 0.0), ("qa", 1.0), ("sum", 0.5)])]
+    recs.append({"task": "dolly", "instruction": "q9", "output": "x", "val": 0.25})
+    score = lambda pred, rec: rec["val"]
+    res = generation_eval(model, tokenizer, recs, "plain", score=score, metric_name=lambda t: "rougeL",
+                          max_new_tokens=2, group_by="category")
+    assert res["metrics"] == {"dolly/rougeL": 0.25, "qa/rougeL": pytest.approx(2 / 3), "sum/rougeL": 0.5,
+                              "rougeL": pytest.approx(2.75 / 5)}
+    capped = generation_eval(model, tokenizer, recs, "plain", score=score, metric_name=lambda t: "rougeL",
+                             max_new_tokens=2, group_by="category", max_examples=1)
+    assert capped["examples"] == 3 and capped["metrics"]["qa/rougeL"] == 1.0  # the first per group
+    plain = generation_eval(model, tokenizer, recs, "plain", score=score, max_new_tokens=2)
+    assert set(plain["metrics"]) == {"dolly/exact_match", "exact_match"}

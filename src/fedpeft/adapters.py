@@ -2,7 +2,8 @@
 
 It is the wire format, the checkpoint format (safetensors) and the unit of aggregation. Keys are the
 names of ``model.named_parameters()`` for the adapter parameters, e.g.
-``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``; for a classifier also
+its head, ``base_model.model.classifier.modules_to_save.default.weight``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ AdapterState = dict[str, torch.Tensor]
 
 
 def is_adapter_param(name: str) -> bool:
-    return "lora_" in name
+    """LoRA factors, and the trained copy of a new head (peft's ``modules_to_save``, e.g. a classifier)."""
+    return "lora_" in name or ".modules_to_save." in name
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

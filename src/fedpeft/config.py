@@ -25,13 +25,16 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name: str = Field(
         "smollm2-135m-instruct",
-        description="Bundled name (smollm2-135m-instruct, tiny-llama), a local directory, a .gguf file, "
+        description="Bundled name (smollm2-135m-instruct, all-minilm-l6-v2, tiny-llama, tiny-bert), a local directory, a .gguf file, "
         "or a Hugging Face id (needs internet).",
     )
     dtype: Literal["float32", "bfloat16"] = "float32"
     revision: str | None = None
     gguf_file: str | None = Field(None, description="GGUF file name inside a local directory or hub repo.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores).")
+    head: Literal["causal_lm", "classification"] = Field(
+        "causal_lm", description="causal_lm: generate answers; classification: a sequence-classification head over "
+        "the data's distinct targets (encoders such as all-minilm-l6-v2), scored by accuracy.")
 
 
 class PeftConfig(_Section):
@@ -76,6 +79,9 @@ class DataConfig(_Section):
     task: str | None = Field(None, description="Task type for plain files (instruction, gsm8k, commonsense, mmlu, classification, math).")
     task_options: dict[str, Any] = Field(default_factory=dict, description="Task options, e.g. {shots: 5} or label_words.")
     max_train_examples_per_task: int | None = Field(None, ge=1, description="Cap training records per task/label.")
+    add_generated: list[str] = Field(
+        default_factory=list, description="Generated tasks added to a dataset source (train/eval_examples_per_task "
+        "records each), e.g. [sentiment, topic, parity] beside SST-2 for a multi-task classification scenario.")
 
 
 class FederationConfig(_Section):
@@ -129,6 +135,8 @@ class EvaluationConfig(_Section):
     max_new_tokens: int = Field(16, ge=1)
     batch_size: int = Field(32, ge=1)
     max_examples: int | None = Field(None, ge=1, description="Cap per task for per-round evaluation.")
+    group_by: str | None = Field(None, description="Record field to report metrics by (default: the record's task; "
+                                 "e.g. 'category' for Dolly). Records without the field fall back to their task.")
     suites: list[str] = Field(default_factory=list, description="Benchmark suites (commonsense8, mmlu, gsm8k, ...) run on the final global model.")
     suite_limit: int | None = Field(None, ge=1, description="Examples per suite task (None: all).")
 

@@ -31,6 +31,11 @@ class ExperimentData:
             return "exact_match"
         return "rougeL" if getattr(task, "metric", None) == "rougeL" else "accuracy"
 
+    def classes(self) -> list[str]:
+        """The class list of a classification head: every distinct target, sorted (identical in every
+        process that loads the same data)."""
+        return sorted({str(r["output"]) for r in (*self.train, *self.evaluation)})
+
     def labels(self) -> list[str]:
         missing = [i for i, r in enumerate(self.train) if self.label_field not in r]
         if missing:
@@ -41,15 +46,33 @@ class ExperimentData:
         return [str(r[self.label_field]) for r in self.train]
 
 
+def encode_for_experiment(config, data: ExperimentData, records, tokenizer):
+    """``encode_records`` as the model's head needs: prompt + target tokens (causal LM), or text + class
+    index (classification). Returns (encoded or None per record, number dropped)."""
+    from fedpeft.data.encoding import encode_records
+
+    classes = data.classes() if config.model.head == "classification" else None
+    return encode_records(records, tokenizer, config.data.template, config.training.max_seq_len, classes=classes)
+
+
 def load_experiment_data(config) -> ExperimentData:
     """Resolve ``config.data`` to records; raises before any model is loaded when the data is bad."""
     data = config.data
     if data.source == "generated":
+        if data.add_generated:
+            raise ValueError("data.add_generated: only for a dataset source; with source=generated list the tasks in data.tasks")
         train, evaluation = generate_split(list(data.tasks), data.train_examples_per_task,
                                            data.eval_examples_per_task, config.seed)
         return ExperimentData(train=train, evaluation=evaluation, label_field=data.partition.by)
-    try:
-        from fedpeft.data.builtin import load_for_experiment
-    except ImportError as exc:  # pragma: no cover - the data layer ships with the package
-        raise ValueError(f"data.source '{data.source}': only 'generated' is available in this build") from exc
-    return load_for_experiment(config)
+    from fedpeft.data.builtin import load_for_experiment
+
+    loaded = load_for_experiment(config)
+    if data.add_generated:
+        extra_train, extra_eval = generate_split(list(data.add_generated), data.train_examples_per_task,
+                                                 data.eval_examples_per_task, config.seed)
+        clash = sorted({str(r.get("task")) for r in loaded.train} & set(data.add_generated))
+        if clash:
+            raise ValueError(f"data.add_generated: task names {clash} already occur in data.source '{data.source}'")
+        loaded.train += extra_train
+        loaded.evaluation += extra_eval
+    return loaded

@@ -4,6 +4,11 @@ A record becomes (prompt text, target text); the model sees prompt + target + en
 loss covers only the target tokens (labels of the prompt are -100). When an example is too long the
 prompt is cut from the left (its end, next to the answer, is kept); a target that cannot fit whole is
 never cut: the example is dropped and counted, and the caller reports the count.
+
+For a classification head (``model.head=classification``) a record becomes its text (instruction and
+input, cut from the right at ``max_len`` as encoders usually are) and the index of its target in the
+experiment's class list (the sorted distinct targets: SST-2's "negative"/"positive", a generated task's
+answers); the model's own cross-entropy over its head is the loss.
 """
 
 from __future__ import annotations
@@ -44,6 +49,26 @@ def format_prompt(record: dict, template: str, tokenizer) -> str:
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]
+    """Per token (-100 where no loss); for a classification example, one element: the class index."""
+    is_class: bool = False
+
+
+def classification_text(record: dict) -> str:
+    """What an encoder classifier reads: the instruction and, when present, the input or context."""
+    extra = record.get("input") or record.get("context") or ""
+    return f"{record['instruction']}\n{extra}" if extra else record["instruction"]
+
+
+def class_index(record: dict, classes: Sequence[str]) -> int:
+    try:
+        return list(classes).index(record["output"])
+    except ValueError:
+        raise ValueError(f"record target {record['output']!r} is not one of the classes {list(classes)[:10]}") from None
+
+
+def encode_classification(record: dict, tokenizer, classes: Sequence[str], max_len: int) -> EncodedExample:
+    ids = tokenizer(classification_text(record), truncation=True, max_length=max_len)["input_ids"]
+    return EncodedExample(ids, [class_index(record, classes)], is_class=True)
 
 
 def encode_example(prompt: str, target: str, tokenizer, max_len: int) -> EncodedExample | None:
@@ -58,15 +83,27 @@ def encode_example(prompt: str, target: str, tokenizer, max_len: int) -> Encoded
     return EncodedExample(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids)
 
 
-def encode_records(records: Sequence[dict], tokenizer, template: str, max_len: int) -> tuple[list[EncodedExample | None], int]:
-    """Encode every record (None where dropped) and return how many were dropped."""
+def encode_records(records: Sequence[dict], tokenizer, template: str, max_len: int,
+                   classes: Sequence[str] | None = None) -> tuple[list[EncodedExample | None], int]:
+    """Encode every record (None where dropped) and return how many were dropped; with ``classes``,
+    as classification examples (none dropped: the text is truncated instead)."""
+    if classes is not None:
+        return [encode_classification(r, tokenizer, classes, max_len) for r in records], 0
     encoded = [encode_example(format_prompt(r, template, tokenizer), r["output"], tokenizer, max_len) for r in records]
     return encoded, sum(e is None for e in encoded)
 
 
 def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (padding labelled -100)."""
+    """Right-padded batch: input_ids, attention_mask, labels (padding labelled -100; for classification
+    examples, labels is one class index per row)."""
     width = max(len(e.input_ids) for e in examples)
+    if examples[0].is_class:
+        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[row, :len(e.input_ids)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e.labels[0] for e in examples])}
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

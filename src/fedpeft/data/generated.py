@@ -4,7 +4,9 @@ Deterministic from a seed, no files and no network, so the quickstart and the te
 supervised data with an unambiguous metric (exact match). Each record is
 ``{"task", "instruction", "output"}``. The tasks differ in what the answer *is* (a sum, a reversed
 sequence, a conversion, a transformed word...), so adapters trained on them carry task identity, which
-is what multi-task methods such as FL-TAC need.
+is what multi-task methods such as FL-TAC need. Three of them (``sentiment``, ``topic``, ``parity``)
+are classification tasks: their answers are label words, so they also train a classification head
+(``model.head=classification``, e.g. on the MiniLM encoder).
 """
 
 from __future__ import annotations
@@ -58,6 +60,38 @@ def _count_items(rng: random.Random) -> tuple[str, str]:
     return f"How many words are in this list: {' '.join(items)}", str(len(items))
 
 
+# Classification tasks: the answer is one of a few label words (a classification head's classes).
+_POSITIVE = "wonderful excellent friendly delicious lovely brilliant pleasant superb charming perfect".split()
+_NEGATIVE = "terrible awful rude disgusting boring broken dirty horrible noisy disappointing".split()
+_THINGS = "food service room staff film music view coffee price seat show book".split()
+_TOPICS = {
+    "sport": "football goal referee stadium tennis match coach marathon team score".split(),
+    "food": "soup bread recipe kitchen pasta dessert spices oven breakfast salad".split(),
+    "music": "guitar concert melody singer album drums chorus orchestra song piano".split(),
+    "weather": "rain storm forecast sunshine snow wind clouds temperature thunder fog".split(),
+}
+
+
+def _sentiment(rng: random.Random) -> tuple[str, str]:
+    label = rng.choice(["positive", "negative"])
+    words = _POSITIVE if label == "positive" else _NEGATIVE
+    a, b = rng.sample(_THINGS, 2)
+    return f"Is this review positive or negative? The {a} was {rng.choice(words)} and the {b} was {rng.choice(words)}.", label
+
+
+def _topic(rng: random.Random) -> tuple[str, str]:
+    label = rng.choice(sorted(_TOPICS))
+    a, b = rng.sample(_TOPICS[label], 2)
+    return f"Is this sentence about sport, food, music or weather? They talked about the {a} and the {b}.", label
+
+
+def _parity(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(10, 999)
+    return f"Is {n} even or odd?", "even" if n % 2 == 0 else "odd"
+
+
+CLASSIFICATION_TASKS = ("sentiment", "topic", "parity")
+
 GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "arithmetic": _arithmetic,
     "reverse": _reverse,
@@ -66,6 +100,9 @@ GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "sort_numbers": _sort_numbers,
     "last_word": _last_word,
     "count_items": _count_items,
+    "sentiment": _sentiment,
+    "topic": _topic,
+    "parity": _parity,
 }
 
 

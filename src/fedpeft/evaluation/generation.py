@@ -60,29 +60,46 @@ def normalize_answer(text: str) -> str:
     return text[:-1].rstrip() if text.endswith(".") else text
 
 
+def group_key(group_by: str | None):
+    """record -> its reporting group: the ``group_by`` field when the record has it, else its task."""
+    return lambda r: str(r[group_by]) if group_by and r.get(group_by) not in (None, "") else r["task"]
+
+
+def first_per_group(records: Sequence[dict], group_of, max_examples: int | None) -> list[dict]:
+    """The first ``max_examples`` records of every group, in their original order (all when None)."""
+    chosen: list[dict] = []
+    count: dict[str, int] = defaultdict(int)
+    for r in records:
+        if max_examples is None or count[group_of(r)] < max_examples:
+            count[group_of(r)] += 1
+            chosen.append(r)
+    return chosen
+
+
 def generation_eval(model, tokenizer, records: Sequence[dict], template: str, score=None, metric_name=None,
-                    max_new_tokens: int = 16, batch_size: int = 16, max_examples: int | None = None) -> dict:
-    """Greedy generation on every record, scored per task and overall.
+                    max_new_tokens: int = 16, batch_size: int = 16, max_examples: int | None = None,
+                    group_by: str | None = None) -> dict:
+    """Greedy generation on every record, scored per group and overall.
 
     ``score(prediction, record) -> float`` defaults to exact match after ``normalize_answer``;
-    ``metric_name(task) -> str`` names the metric (default ``exact_match``). Per task the first
-    ``max_examples`` records are used (all when None)."""
+    ``metric_name(task) -> str`` names the metric (default ``exact_match``). Records are grouped by
+    their ``task`` or, when ``group_by`` names a field the record has, by that field (Dolly's
+    ``category``: one dataset, eight tasks). Per group the first ``max_examples`` records are used
+    (all when None)."""
     start = time.perf_counter()
     score = score or (lambda pred, rec: float(normalize_answer(pred) == normalize_answer(rec["output"])))
     metric_name = metric_name or (lambda task: "exact_match")
-    chosen: list[dict] = []
-    per_task_count: dict[str, int] = defaultdict(int)
-    for r in records:
-        if max_examples is None or per_task_count[r["task"]] < max_examples:
-            per_task_count[r["task"]] += 1
-            chosen.append(r)
+    group_of = group_key(group_by)
+    chosen = first_per_group(records, group_of, max_examples)
     prompts = [format_prompt(r, template, tokenizer) for r in chosen]
     predictions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     scores: dict[str, list[float]] = defaultdict(list)
+    group_metric: dict[str, str] = {}
     for r, pred in zip(chosen, predictions):
-        scores[r["task"]].append(score(pred, r))
-    metrics = {f"{task}/{metric_name(task)}": sum(v) / len(v) for task, v in sorted(scores.items())}
-    names = {metric_name(task) for task in scores}
+        scores[group_of(r)].append(score(pred, r))
+        group_metric[group_of(r)] = metric_name(r["task"])
+    metrics = {f"{group}/{group_metric[group]}": sum(v) / len(v) for group, v in sorted(scores.items())}
+    names = set(group_metric.values())
     overall = names.pop() if len(names) == 1 else "score"
     all_scores = [v for vs in scores.values() for v in vs]
     metrics[overall] = sum(all_scores) / max(1, len(all_scores))

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from fedpeft.adapters import AdapterState, adapter_parameters, get_adapter_state, set_adapter_state, set_trainable
-from fedpeft.data.encoding import EncodedExample, collate, encode_records
+from fedpeft.data.dataset import encode_for_experiment
+from fedpeft.data.encoding import EncodedExample, collate
 from fedpeft.data.partition import partition
 from fedpeft.federation.local_trainer import train_local
 from fedpeft.federation.sampling import derive_seed, index_stream
@@ -51,7 +52,7 @@ def prepare_client_data(config, data, tokenizer) -> ClientData:
     pcfg = config.data.partition
     indices = partition(labels, config.federation.num_clients, pcfg.kind, config.seed, alpha=pcfg.alpha,
                         min_frac=pcfg.min_frac, classes_per_client=pcfg.classes_per_client)
-    encoded, dropped = encode_records(data.train, tokenizer, config.data.template, config.training.max_seq_len)
+    encoded, dropped = encode_for_experiment(config, data, data.train, tokenizer)
     if dropped:
         log.warning("dropped %d of %d training examples whose target does not fit in training.max_seq_len=%d",
                     dropped, len(encoded), config.training.max_seq_len)

@@ -30,6 +30,7 @@ from fedpeft.adapters import (
 )
 from fedpeft.config import ExperimentConfig, load_config
 from fedpeft.data.dataset import ExperimentData, load_experiment_data
+from fedpeft.evaluation.classification import classification_eval
 from fedpeft.evaluation.generation import generation_eval
 from fedpeft.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
 from fedpeft.federation.client import ClientRunner, prepare_client_data
@@ -113,10 +114,11 @@ class Engine:
         self.data.labels()  # a missing partition field fails here, before the model loads
         self.strategy = build_experiment_strategy(cfg)  # an unknown method or bad option too
         loaded = load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
-                                 gguf_file=cfg.model.gguf_file)
+                                 gguf_file=cfg.model.gguf_file, head=cfg.model.head,
+                                 num_labels=len(self.data.classes()) if cfg.model.head == "classification" else None)
         self.model_source, self.model_load_seconds = loaded.source, loaded.load_seconds
         self.tokenizer = loaded.tokenizer
-        self.model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed)
+        self.model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed, head=cfg.model.head)
         self.strategy.prepare_model(self.model)
         self.client_data = prepare_client_data(cfg, self.data, self.tokenizer)
         self.client_indices, self.labels = self.client_data.indices, self.client_data.labels
@@ -131,18 +133,23 @@ class Engine:
             self.transport = InProcessTransport(self.runner)
 
     # --- evaluation -------------------------------------------------------------------------------
-    def _generation_eval(self, records: list[dict], final: bool) -> dict:
-        """Generate on ``records`` with the adapter now loaded and score them with the data's own scorer;
-        per-round evaluations are capped at ``evaluation.max_examples`` per task, the final one is not."""
+    def _evaluate_records(self, records: list[dict], final: bool) -> dict:
+        """Score ``records`` with the adapter now loaded: generation and the data's own scorer, or the
+        classification head's accuracy; per-round evaluations are capped at ``evaluation.max_examples``
+        per group, the final one is not."""
         ecfg = self.config.evaluation
+        if self.config.model.head == "classification":
+            return classification_eval(self.model, self.tokenizer, records, self.data.classes(),
+                                       max_len=self.config.training.max_seq_len, batch_size=ecfg.batch_size,
+                                       max_examples=None if final else ecfg.max_examples, group_by=ecfg.group_by)
         return generation_eval(self.model, self.tokenizer, records, self.config.data.template,
                                score=self.data.score, metric_name=self.data.metric_name,
                                max_new_tokens=ecfg.max_new_tokens, batch_size=ecfg.batch_size,
-                               max_examples=None if final else ecfg.max_examples)
+                               max_examples=None if final else ecfg.max_examples, group_by=ecfg.group_by)
 
     def evaluate(self, global_state: AdapterState, round_idx: int, final: bool = False) -> dict:
         set_adapter_state(self.model, self.strategy.evaluation_state(global_state, self.store))
-        result = self._generation_eval(self.data.evaluation, final)
+        result = self._evaluate_records(self.data.evaluation, final)
         self.headline_metric = result["headline"]
         self.metrics.log("eval", round=round_idx, metrics=result["metrics"], examples=result["examples"],
                          seconds=result["seconds"], samples=result["samples"])
@@ -180,7 +187,7 @@ class Engine:
         weighted, total, headline = 0.0, 0, None
         for label, records in sorted(groups.items()):
             set_adapter_state(self.model, per_task.get(label, fallback))
-            result = self._generation_eval(records, final)
+            result = self._evaluate_records(records, final)
             headline = result["headline"]
             metrics[f"task_adapters/{label}/{headline}"] = result["metrics"][headline]
             weighted += result["metrics"][headline] * result["examples"]
@@ -203,7 +210,7 @@ class Engine:
             if state is None or not records:
                 continue
             set_adapter_state(self.model, state)
-            result = self._generation_eval(records, final=False)
+            result = self._evaluate_records(records, final=False)
             per_client[client_id] = result["metrics"][result["headline"]]
         if not per_client:
             return {}

@@ -7,9 +7,12 @@ import torch
 from fedpeft.adapters import adapter_parameters
 
 
-def wrap_lora(model: torch.nn.Module, peft_config, seed: int):
+def wrap_lora(model: torch.nn.Module, peft_config, seed: int, head: str = "causal_lm"):
     """``peft.get_peft_model`` with LoRA; the random init of A is drawn from ``seed`` so that every
-    process (simulation, Flower client, resumed run) builds the same initial adapter."""
+    process (simulation, Flower client, resumed run) builds the same initial adapter.
+
+    With ``head="classification"`` the task type is SEQ_CLS: peft then also trains the new classifier
+    head (``modules_to_save``), whose copy is part of the adapter state and travels with it."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -19,7 +22,7 @@ def wrap_lora(model: torch.nn.Module, peft_config, seed: int):
         target_modules=list(peft_config.target_modules),
         use_rslora=peft_config.rslora,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if head == "classification" else "CAUSAL_LM",
     )
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)

