@@ -350,3 +350,22 @@ def test_deploy_app_command_writes_the_resolved_config(tmp_path):
     bad = CliRunner().invoke(app, ["deploy", "app", "--config", "configs/tiny.yaml", "--out", str(tmp_path / "b"),
                                    "--resume"])
     assert bad.exit_code != 0 and "--run-dir" in bad.output
+
+
+@pytest.mark.slow
+def test_rehearsal_with_secure_aggregation(federation, tmp_path):
+    """Real SuperLink + SuperNodes with SecAgg+ (Flower's protocol, node contexts kept by the SuperNodes,
+    the warm worker in between): the round's aggregate is the in-process one within the quantisation bound."""
+    cfg = load_config("configs/tiny.yaml", BASE + ["name=secure", "federation.rounds=1",
+                                                   "evaluation.before_training=false"])
+    app = write_app(tmp_path / "app", cfg, run_dir=str(tmp_path / "deployed"), secagg=True)
+    run_id, status = federation.run(app, timeout=400)
+    assert status == "finished:completed", (run_id, status)
+    deployed = tmp_path / "deployed"
+    [event] = _events(deployed, "deploy_round")
+    assert event["secagg"] and event["answered"] == 2 and len(event["stages"]) == 4
+    reference = run_experiment(cfg, run_dir=tmp_path / "ref")
+    final, ref = _final(deployed), _final(reference.run_dir)
+    assert final.keys() == ref.keys()
+    assert max(float((final[k] - ref[k]).abs().max()) for k in final) <= event["error_bound"]
+    assert _train_losses(deployed) == _train_losses(reference.run_dir)

@@ -42,12 +42,13 @@ def _load(config: Path, overrides: list[str]):
         raise typer.Exit(2) from None
 
 
-def _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume: bool = False) -> dict:
+def _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume: bool = False,
+              secagg: bool = False) -> dict:
     if resume and not run_dir:
         raise typer.BadParameter("--resume needs --run-dir (the run directory to continue)", param_hint="--resume")
     return {"run_dir": str(Path(run_dir).resolve()) if run_dir else None, "min_clients": min_clients,
             "round_timeout": round_timeout, "straggler_timeout": straggler_timeout, "node_wait": node_wait,
-            "resume": True if resume else None}
+            "resume": True if resume else None, "secagg": True if secagg else None}
 
 
 def _print_outcome(run_dir: Path, run_id: int, status: str, seconds: float) -> None:
@@ -79,6 +80,8 @@ SETTING_OPTIONS = dict(
                                    help="Once min-clients replied, seconds to wait for the rest (default 0: until "
                                         "round-timeout)."),
     node_wait=typer.Option(None, "--node-wait", help="Seconds to wait at start for SuperNodes (default 120)."),
+    secagg=typer.Option(False, "--secagg", help="Flower's SecAgg+: the server sees only each round's weighted mean "
+                        "(fedit, fedprox, ffa_lora; one client per SuperNode per round)."),
 )
 
 
@@ -99,6 +102,7 @@ def rehearsal(
     round_timeout: float = SETTING_OPTIONS["round_timeout"],
     straggler_timeout: float = SETTING_OPTIONS["straggler_timeout"],
     node_wait: float = SETTING_OPTIONS["node_wait"],
+    secagg: bool = SETTING_OPTIONS["secagg"],
 ) -> None:
     _need_flower()
     import time
@@ -116,7 +120,7 @@ def rehearsal(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--clients") from None
     app_dir = write_app(workdir / "app", cfg, **_settings(run_dir, min_clients, round_timeout, straggler_timeout,
-                                                          node_wait))
+                                                          node_wait, secagg=secagg))
     typer.echo(f"rehearsal: SuperLink + {clients} SuperNodes on 127.0.0.1, logs in {workdir / 'logs'}", err=True)
     start = time.perf_counter()
     try:
@@ -146,12 +150,13 @@ def app_folder(
     round_timeout: float = SETTING_OPTIONS["round_timeout"],
     straggler_timeout: float = SETTING_OPTIONS["straggler_timeout"],
     node_wait: float = SETTING_OPTIONS["node_wait"],
+    secagg: bool = SETTING_OPTIONS["secagg"],
 ) -> None:
     _need_flower()
     from fedpeft.deploy.flower.app import write_app
 
     cfg = _load(config, list(ctx.args))
-    settings = _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume)
+    settings = _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume, secagg)
     settings["run_dir"] = str(run_dir) if run_dir else None  # a path on the SuperLink's machine, kept as given
     folder = write_app(out, cfg, **settings)
     typer.echo(f"wrote {folder / 'pyproject.toml'}; run it with: flwr run {folder} <connection> --stream")
@@ -178,6 +183,7 @@ def run(
     round_timeout: float = SETTING_OPTIONS["round_timeout"],
     straggler_timeout: float = SETTING_OPTIONS["straggler_timeout"],
     node_wait: float = SETTING_OPTIONS["node_wait"],
+    secagg: bool = SETTING_OPTIONS["secagg"],
 ) -> None:
     _need_flower()
     import os
@@ -196,7 +202,7 @@ def run(
                          root_certificates=str(root_certificates.resolve()) if root_certificates else None,
                          make_default=False)
         connection = "fedpeft"
-    settings = _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume)
+    settings = _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume, secagg)
     settings["run_dir"] = str(run_dir) if run_dir else None  # a path on the SuperLink's machine, kept as given
     app_dir = write_app(Path(tempfile.mkdtemp(prefix="fedpeft-app-")), cfg, **settings)
     start = time.perf_counter()

@@ -300,6 +300,8 @@ class Engine:
                         progress.end_client(None)
                         continue
                     raw_up = state_bytes(update.tensors) + state_bytes(update.control)
+                    if update.wire_bytes is not None:
+                        raw_up = update.wire_bytes
                     up = raw_up
                     if fed.uplink_compression != "none":
                         update.tensors, tensor_bytes = compress_update(update.tensors, global_state, fed.uplink_compression)
@@ -318,9 +320,14 @@ class Engine:
                 phases["train"] = time.perf_counter() - t_train
                 if plans and not updates:
                     raise RuntimeError(f"round {round_idx}: every sampled client failed; see client_failed events")
+                # A transport may combine updates first (SecAgg+: only their weighted mean is known).
+                combine = getattr(self.transport, "combine", None)
+                to_aggregate = combine(round_idx, global_state, updates) if combine is not None else updates
+                if plans and not to_aggregate:
+                    raise RuntimeError(f"round {round_idx}: no update could be combined; see deploy_round events")
                 t_agg = time.perf_counter()
                 # A strategy that trains nothing (zero-shot) keeps the global state as it is.
-                aggregated = (self.strategy.aggregate(round_idx, global_state, updates) if plans
+                aggregated = (self.strategy.aggregate(round_idx, global_state, to_aggregate) if plans
                               else AggregateResult(global_state=global_state))
                 global_state = aggregated.global_state
                 if aggregated.base_delta:

@@ -79,6 +79,9 @@ class ClientUpdate:
     control: AdapterState = field(default_factory=dict)
     """Extra uplink tensors (metered; e.g. SCAFFOLD's control delta)."""
     metrics: dict[str, float] = field(default_factory=dict)
+    wire_bytes: int | None = None
+    """Uplink bytes the transport actually sent for this update when they differ from the tensors'
+    size (SecAgg+: the masked vector and key material; the tensors themselves never arrive)."""
 
 
 @dataclass

@@ -30,7 +30,13 @@ from flwr.clientapp import ClientApp
 
 log = logging.getLogger(__name__)
 
-app = ClientApp()
+def _secagg_mod(msg, ctxt, call_next):
+    from fedpeft.deploy.flower.secagg import secagg_mod
+
+    return secagg_mod(msg, ctxt, call_next)
+
+
+app = ClientApp(mods=[_secagg_mod])  # SecAgg+ for messages of that protocol only (run config ``secagg``)
 
 KILL_ENV = "FEDPEFT_DEPLOY_KILL_AT"
 """Testing aid: ``<round>:<client>`` or ``<experiment name>:<round>:<client>`` in a SuperNode's environment
@@ -139,7 +145,13 @@ def handle_train(content: RecordDict, run_config: dict, node_config: dict, run_i
     _maybe_kill(worker.config.name, received.round_idx, plan.client_id)
     worker.store.begin_round(received.round_idx)
     local = worker.runner.run(received.round_idx, plan, received.start_state, received.lr)
-    reply = encode_result(local.update, local.result, local.losses)
+    from fedpeft.deploy.flower.secagg import is_secagg_message, secagg_reply
+
+    if is_secagg_message(content):  # only the masked vector leaves the node (flwr's secaggplus_mod masks it)
+        reference = {**received.start_state, **(plan.init_state if plan.init_state is not None else plan.downlink)}
+        reply = secagg_reply(local.update, local.result, local.losses, reference)
+    else:
+        reply = encode_result(local.update, local.result, local.losses)
     reply["node"] = ConfigRecord({"pid": os.getpid(), "build-seconds": float(worker.build_seconds)})
     return reply
 

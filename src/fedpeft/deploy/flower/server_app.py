@@ -30,6 +30,12 @@ def main(grid: Grid, context: Context) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call otherwise, log pushes included
     settings = DeploySettings.from_run_config(dict(context.run_config))
     cfg = settings.config()
+    if settings.secagg:
+        from fedpeft.deploy.flower.secagg import check_secure_method
+
+        check_secure_method(cfg.method.name)
+        if cfg.federation.uplink_compression != "none":
+            raise ValueError("secagg: federation.uplink_compression must be 'none' (SecAgg+ quantises the update itself)")
     run_dir = Path(settings.run_dir) if settings.run_dir else default_run_dir(cfg)
     transport = FlowerTransport(grid, settings)
     engine = Engine(cfg, run_dir, resume=settings.resume, transport=transport)

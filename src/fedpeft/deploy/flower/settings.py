@@ -14,6 +14,15 @@ Run config (``[tool.flwr.app.config]`` of the generated app, ``flwr run --run-co
 ``straggler-timeout``  once ``min-clients`` replies are in, seconds to wait for the others (0: no limit
                     other than ``round-timeout``); a killed SuperNode is noticed this fast
 ``node-wait``       seconds to wait at the start for SuperNodes that serve every client
+``secagg``          true: Flower's SecAgg+ protocol; the server learns only the weighted mean of
+                    the round's updates, never one client's (methods whose aggregation is a
+                    sample-weighted mean: fedit, fedprox, ffa_lora; see ``secagg.py``)
+``secagg-shares``   SecAgg+ shares per client's secret, as a fraction of the round's clients (1.0)
+``secagg-threshold``  shares needed to reconstruct a secret, as a fraction of the shares (0.5)
+``secagg-clip``     updates (client minus global) are clipped to [-clip, clip] before quantisation (8.0)
+``secagg-max-weight``  largest client weight (examples) the quantised weights must hold; 0: the
+                    largest partition size among the round's clients (exact for partition-id
+                    nodes; set it for nodes with their own data-path)
 ==================  ==========================================================================
 
 Node config (``flower-supernode --node-config '...'``):
@@ -47,6 +56,11 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "round-timeout": 600.0,
     "straggler-timeout": 0.0,
     "node-wait": 120.0,
+    "secagg": False,
+    "secagg-shares": 1.0,
+    "secagg-threshold": 0.5,
+    "secagg-clip": 8.0,
+    "secagg-max-weight": 0.0,
 }
 
 
@@ -59,6 +73,11 @@ class DeploySettings:
     round_timeout: float = 600.0
     straggler_timeout: float = 0.0
     node_wait: float = 120.0
+    secagg: bool = False
+    secagg_shares: float = 1.0
+    secagg_threshold: float = 0.5
+    secagg_clip: float = 8.0
+    secagg_max_weight: float = 0.0
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> DeploySettings:
@@ -71,6 +90,9 @@ class DeploySettings:
             experiment=json.loads(text), run_dir=str(values["run-dir"]), resume=bool(values["resume"]),
             min_clients=int(values["min-clients"]), round_timeout=float(values["round-timeout"]),
             straggler_timeout=float(values["straggler-timeout"]), node_wait=float(values["node-wait"]),
+            secagg=_bool(values["secagg"]), secagg_shares=float(values["secagg-shares"]),
+            secagg_threshold=float(values["secagg-threshold"]), secagg_clip=float(values["secagg-clip"]),
+            secagg_max_weight=float(values["secagg-max-weight"]),
         )
 
     def config(self):
@@ -122,6 +144,14 @@ class NodeSettings:
         if bad:
             raise ValueError(f"node config partition id(s) {bad} outside 0..{num_clients - 1} "
                              f"(federation.num_clients={num_clients})")
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, str):  # --run-config "secagg='true'" arrives as a string
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"run config: expected true or false, got {value!r}")
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
 
 
 def _opt(value: Any) -> str | None:

@@ -64,6 +64,7 @@ class FlowerTransport:
         """The Engine this transport serves (set after construction): its model holds the base weights a
         method changed, its metrics log takes the ``deploy_round`` events."""
         self.routes: dict[int, int] = {}  # client id -> node id
+        self.secure_mean: tuple[AdapterState, float] | None = None  # SecAgg+: this round's (mean, weight)
         self.queried: set[int] = set()
         self.first_round = True
 
@@ -133,6 +134,9 @@ class FlowerTransport:
 
             base = base_weights(engine.model, sorted(engine.base_touched))
         method = engine.config.method.name if engine is not None else ""
+        if settings.secagg:
+            yield from self._secure_jobs(round_idx, plans, global_state, lr, progress, base, method)
+            return
         outcomes: list[Any] = [None] * len(plans)
         sent: list[tuple[int, Message]] = []
         down_bytes = 0
@@ -204,3 +208,92 @@ class FlowerTransport:
         if answered < min_clients:
             raise RuntimeError(f"round {round_idx}: {answered} of {len(plans)} clients answered, fewer than "
                                f"min-clients={min_clients}; stopping (resume from the last checkpoint)")
+
+    # --- secure aggregation (SecAgg+) ---------------------------------------------------------------
+    def _secure_jobs(self, round_idx: int, plans: Sequence[ClientPlan], global_state: AdapterState, lr: float,
+                     progress: Any, base: dict, method: str) -> Iterator[tuple[ClientPlan, Any]]:
+        """One SecAgg+ round (``secagg.py``): every client's plan goes out with the protocol's masking
+        stage; the replies carry each client's training result and a masked vector; the server unmasks
+        only the sum. Clients that miss a stage are dropouts (their masks are recovered from shares)."""
+        from fedpeft.deploy.flower.secagg import check_secure_method, mean_state, quantization_bound, run_secure_round
+        from fedpeft.strategies.base import ClientUpdate, TrainResult
+
+        settings, engine = self.settings, self.engine
+        check_secure_method(method)
+        self.secure_mean = None
+        outcomes: dict[int, Any] = {}
+        contents: dict[int, RecordDict] = {}
+        node_plan: dict[int, int] = {}
+        for i, plan in enumerate(plans):
+            node = self.routes.get(plan.client_id)
+            if node is None:
+                outcomes[i] = ClientDropped(f"no SuperNode serves client {plan.client_id}")
+            elif node in contents:
+                raise RuntimeError(f"round {round_idx}: secagg needs one client per SuperNode in a round; node {node} "
+                                   f"serves clients {plans[node_plan[node]].client_id} and {plan.client_id}")
+            else:
+                contents[node] = encode_plan(round_idx, plan, global_state, lr, base, method=method)
+                node_plan[node] = i
+        sizes = getattr(engine, "client_indices", None)
+        max_weight = settings.secagg_max_weight or float(max(
+            [len(sizes[plans[i].client_id]) for i in node_plan.values()] if sizes else [1000]))
+        t0 = time.perf_counter()
+        result = run_secure_round(self.grid, self._exchange, contents, round_idx, shares=settings.secagg_shares,
+                                  threshold=settings.secagg_threshold, clip=settings.secagg_clip,
+                                  max_weight=max_weight, timeout=settings.round_timeout)
+        seconds = time.perf_counter() - t0
+        for node, i in node_plan.items():
+            plan, meta = plans[i], result.meta.get(node)
+            if meta is None:
+                outcomes[i] = ClientDropped(f"node {node} did not complete the SecAgg+ protocol "
+                                            f"({'; '.join(result.failures) or 'no reply in a stage'})")
+                continue
+            if meta["client-id"] != plan.client_id or meta["job"] != plan.job:
+                outcomes[i] = ValueError(f"reply is for client {meta['client-id']} job {meta['job']}")
+                continue
+            if meta["max-abs"] > settings.secagg_clip:
+                log.warning("round %d client %d: update entries up to %.3g were clipped to secagg-clip=%g",
+                            round_idx, plan.client_id, meta["max-abs"], settings.secagg_clip)
+            update = ClientUpdate(plan.client_id, {}, int(meta["num-examples"]), job=plan.job,
+                                  metrics=dict(meta["metrics"]))
+            outcomes[i] = LocalResult(update, TrainResult(**meta["train"]), list(meta["losses"]))
+        answered = len(result.meta)
+        if result.mean_delta is not None and answered:
+            self.secure_mean = (mean_state(result, global_state), result.weight)
+            # Uplink actually sent: every stage's reply bytes, shared out per client (the masked vector
+            # is the same size for all; key material differs by a few bytes).
+            per_client = sum(s["up_bytes"] for s in result.stages) // answered
+            for outcome in outcomes.values():
+                if isinstance(outcome, LocalResult):
+                    outcome.update.wire_bytes = per_client
+        if engine is not None and getattr(engine, "metrics", None) is not None:
+            weights = [m["num-examples"] for m in result.meta.values()]
+            engine.metrics.log("deploy_round", round=round_idx, secagg=True, messages=len(contents),
+                               answered=answered, stages=result.stages, seconds=seconds, max_weight=max_weight,
+                               clip=settings.secagg_clip,
+                               max_abs_update=max((m["max-abs"] for m in result.meta.values()), default=0.0),
+                               error_bound=quantization_bound(settings.secagg_clip, weights, max_weight) if weights else None,
+                               message_down_bytes=sum(s["down_bytes"] for s in result.stages),
+                               message_up_bytes=sum(s["up_bytes"] for s in result.stages))
+        for i, plan in enumerate(plans):
+            progress.start_client(plan.client_id, 0)
+            outcome = outcomes[i]
+            yield plan, ((lambda o=outcome: o) if isinstance(outcome, LocalResult) else (lambda e=outcome: _raise(e)))
+        if answered < settings.min_clients:
+            raise RuntimeError(f"round {round_idx}: {answered} of {len(plans)} clients completed secure aggregation, "
+                               f"fewer than min-clients={settings.min_clients}; stopping (resume from the last checkpoint)")
+
+    def combine(self, round_idx: int, global_state: AdapterState, updates: list) -> list:
+        """The updates the strategy aggregates. Plain rounds: each client's. SecAgg+ rounds: one update,
+        the unmasked weighted mean with the summed weight (only clients that passed ``check_update``,
+        i.e. all that completed the protocol: the sum cannot be split after the fact)."""
+        if not self.settings.secagg:
+            return updates
+        if self.secure_mean is None:
+            return []
+        from fedpeft.strategies.base import ClientUpdate
+
+        mean, weight = self.secure_mean
+        ids = sorted(u.client_id for u in updates)
+        return [ClientUpdate(client_id=ids[0] if ids else -1, tensors=mean, num_examples=int(weight), job="secagg",
+                             metrics={"secagg_clients": float(len(ids))})]
