@@ -1,7 +1,8 @@
 """Per-round time and peak memory: in-process engine vs a Flower rehearsal (SuperLink + SuperNodes on
-127.0.0.1), warm worker and cold (model built in every ClientApp process), same config and seed.
+127.0.0.1), warm worker and cold (model built in every ClientApp process), and warm with Flower's SecAgg+
+(``secagg``: what secure aggregation costs in bytes and seconds per protocol stage), same config and seed.
 
-    python bench/deploy_flower.py [--rounds 4] [--out bench/results/deploy_flower.json] [key=value ...]
+    python bench/deploy_flower.py [--rounds 4] [--modes in-process,warm,cold,secagg] [key=value ...]
 
 Memory of a rehearsal is the sum of the resident set sizes of every process of the federation (SuperLink,
 ServerApp, SuperNodes, SuperExecs, ClientApps, warm workers), sampled every 0.25 s; the peak of that sum
@@ -105,7 +106,21 @@ def round_summary(run_dir: Path) -> dict:
     out["round1_seconds"] = round(rounds[0]["seconds"], 2)
     out["later_round_mean_seconds"] = round(statistics.mean(e["seconds"] for e in later), 2)
     deploy = events(run_dir, "deploy_round")
-    if deploy:
+    if deploy and deploy[0].get("secagg"):
+        stages: dict[str, dict[str, list[float]]] = {}
+        for e in deploy:
+            for st in e["stages"]:
+                acc = stages.setdefault(st["stage"], {"seconds": [], "down_bytes": [], "up_bytes": []})
+                for k in acc:
+                    acc[k].append(st[k])
+        out["secagg_stages_mean"] = {name: {k: round(statistics.mean(v), 3) for k, v in acc.items()}
+                                     for name, acc in stages.items()}
+        out["secagg_message_bytes_per_round"] = {"down": statistics.mean(e["message_down_bytes"] for e in deploy),
+                                                 "up": statistics.mean(e["message_up_bytes"] for e in deploy)}
+        out["secagg_error_bound"] = max(e["error_bound"] for e in deploy)
+    elif deploy:
+        out["message_bytes_per_round"] = {"down": statistics.mean(e["message_down_bytes"] for e in deploy),
+                                          "up": statistics.mean(e["message_up_bytes"] for e in deploy)}
         split = []
         for e in deploy:
             for client in e["clients"].values():
@@ -131,14 +146,14 @@ def run_in_process(cfg, work: Path) -> dict:
             "peak_rss_mb_total": round(summary.peak_rss_mb, 1), **round_summary(summary.run_dir)}
 
 
-def run_rehearsal(cfg, work: Path, warm: bool) -> dict:
+def run_rehearsal(cfg, work: Path, warm: bool, secagg: bool = False) -> dict:
     from fedpeft.deploy.flower.app import write_app
     from fedpeft.deploy.flower.local import LocalFederation, rehearsal_node_configs
 
-    mode = "rehearsal-warm" if warm else "rehearsal-cold"
+    mode = "rehearsal-secagg" if secagg else "rehearsal-warm" if warm else "rehearsal-cold"
     base = work / mode
     run_dir = base / "run"
-    app = write_app(base / "app", cfg, run_dir=str(run_dir))
+    app = write_app(base / "app", cfg, run_dir=str(run_dir), secagg=True if secagg else None)
     nodes = rehearsal_node_configs(cfg.federation.num_clients, cfg.federation.num_clients, base / "stores",
                                    warm_worker=warm)
     federation = LocalFederation(base, nodes)
@@ -183,7 +198,7 @@ def main() -> None:
         if mode == "in-process":
             results.append(run_in_process(cfg, work))
         else:
-            results.append(run_rehearsal(cfg, work, warm=(mode == "warm")))
+            results.append(run_rehearsal(cfg, work, warm=(mode in ("warm", "secagg")), secagg=(mode == "secagg")))
         print(json.dumps(results[-1]), flush=True)
     report = {"config": args.config, "rounds": args.rounds, "clients": args.clients, "cpu_count": psutil.cpu_count(),
               "load_avg_1m": round(psutil.getloadavg()[0], 2), "results": results}

@@ -116,7 +116,7 @@ def test_secure_round_equals_fedit_within_the_quantisation_bound(tmp_path):
     assert event["secagg"] and event["answered"] == 3
     assert [s["stage"] for s in event["stages"]] == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
     diff = _max_diff(_final(secure.run_dir), _final(reference.run_dir))
-    print(f"secagg vs in-process: max diff {diff:.3g}, bound {event['error_bound']:.3g}")
+    print(f"secagg vs in-process: max diff {diff:.3g}, bound {event['error_bound']:.3g}; stages {event['stages']}")
     assert 0 < diff <= event["error_bound"], (diff, event["error_bound"])  # quantised, and within the bound
     assert event["error_bound"] < 1e-4
     # The per-client results (loss, examples) are the in-process ones; only the tensors were hidden.

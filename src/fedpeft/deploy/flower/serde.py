@@ -79,11 +79,18 @@ def _get_state(content: RecordDict, name: str, viewed: Mapping[str, Any]) -> Ada
 
 
 def record_bytes(content: RecordDict) -> int:
-    """Bytes of the arrays in a message (what dominates its size on the wire)."""
+    """Bytes of the arrays and binary values in a message (what dominates its size on the wire; SecAgg+
+    carries its masked vectors and keys as bytes in config records)."""
     total = 0
     for record in content.values():
         if isinstance(record, ArrayRecord):
             total += sum(len(array.data) for array in record.values())
+        elif isinstance(record, ConfigRecord):
+            for value in record.values():
+                if isinstance(value, bytes):
+                    total += len(value)
+                elif isinstance(value, list):
+                    total += sum(len(v) for v in value if isinstance(v, bytes))
     return total
 
 
