@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,24 +42,46 @@ METHODS = ["fedit", "fltac", "fedls", "fedgpl"]
 GENERATED_TASKS = ["arithmetic", "reverse", "uppercase", "unit_conversion"]
 
 
-def overrides_for(args, method: str, run_dir: Path) -> list[str]:
-    rank = args.fltac_rank if method == "fltac" and args.fltac_rank else args.rank
-    ov = [
-        f"model.name={args.model}", f"model.threads={args.threads}", f"seed={args.seed}",
-        f"peft.r={rank}", f"peft.alpha={2 * rank}", "peft.target_modules=[q_proj,k_proj,v_proj,o_proj]",
-        "data.template=chat", "data.partition.kind=dirichlet", "data.partition.alpha=0.5", "data.partition.min_frac=0.01",
+def base_config(args) -> Path:
+    return REPO / "configs" / ("fltac_minilm.yaml" if args.data == "minilm" else "tiny.yaml")
+
+
+def common_overrides(args, method: str) -> list[str]:
+    return [
+        f"model.threads={args.threads}", f"seed={args.seed}", "data.partition.kind=dirichlet",
+        "data.partition.alpha=0.5", "data.partition.min_frac=0.01",
         f"federation.num_clients={args.clients}", f"federation.clients_per_round={args.clients}",
         f"federation.rounds={args.rounds}", f"federation.local_steps={args.steps}", f"federation.batch_size={args.batch}",
-        f"method.name={method}", f"training.lr={args.lr}", f"training.lr_min={args.lr / 4}",
-        f"training.max_seq_len={args.seq_len}", "evaluation.every_rounds=0", "evaluation.before_training=false",
-        f"evaluation.max_new_tokens={args.max_new_tokens}", "evaluation.batch_size=32",
+        f"method.name={method}", "evaluation.every_rounds=0", "evaluation.before_training=false",
         "output.progress=false", "output.report=false",
     ]
+
+
+def overrides_for(args, method: str, run_dir: Path) -> list[str]:
+    ov = common_overrides(args, method)
+    if args.data == "minilm":
+        # configs/fltac_minilm.yaml: MiniLM encoder + classification head, r=4 on query/value, SST-2 plus the
+        # generated sentiment/topic/parity tasks; its lr and sequence length unless given here.
+        ov += [f"data.train_examples_per_task={args.per_task}", f"data.max_train_examples_per_task={args.per_task}",
+               f"data.eval_examples_per_task={args.eval_per_task}", "evaluation.batch_size=64"]
+        if args.model:
+            ov.append(f"model.name={args.model}")
+        if args.lr:
+            ov += [f"training.lr={args.lr}", f"training.lr_min={args.lr}"]
+    else:
+        rank = args.fltac_rank if method == "fltac" and args.fltac_rank else args.rank
+        lr = args.lr or 2e-3
+        ov += [
+            f"model.name={args.model or 'smollm2-135m-instruct'}", f"peft.r={rank}", f"peft.alpha={2 * rank}",
+            "peft.target_modules=[q_proj,k_proj,v_proj,o_proj]", "data.template=chat",
+            f"training.lr={lr}", f"training.lr_min={lr / 4}", f"training.max_seq_len={args.seq_len}",
+            f"evaluation.max_new_tokens={args.max_new_tokens}", "evaluation.batch_size=32",
+        ]
     if args.data == "generated":
         ov += ["data.source=generated", f"data.tasks=[{','.join(GENERATED_TASKS)}]",
                f"data.train_examples_per_task={args.per_task}", f"data.eval_examples_per_task={args.eval_per_task}",
                "data.partition.by=task"]
-    else:
+    elif args.data == "dolly":
         # final eval: all 80 global test records, ROUGE-L reported per category
         ov += ["data.source=dolly", "data.partition.by=category", "evaluation.group_by=category"]
     if method == "fltac":
@@ -108,8 +131,9 @@ def summarise(run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=METHODS)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--data", choices=["generated", "dolly"], default="generated")
+    parser.add_argument("--model", default=None, help="default: smollm2-135m-instruct (minilm: the config's encoder)")
+    parser.add_argument("--data", choices=["generated", "dolly", "minilm"], default="generated",
+                        help="minilm: configs/fltac_minilm.yaml (MiniLM classifier; SST-2 + 3 generated tasks)")
     parser.add_argument("--per-task", type=int, default=120)
     parser.add_argument("--eval-per-task", type=int, default=10)
     parser.add_argument("--clients", type=int, default=3)
@@ -120,7 +144,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=10)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--fltac-rank", type=int, help="FL-TAC's per-task rank (the paper uses a lower one); default --rank")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default 2e-3 (minilm: the config's)")
     parser.add_argument("--server-examples", type=int, default=8, help="FedGPL: server-held training records")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
@@ -142,7 +166,7 @@ def main() -> None:
             print(f"== {method}", flush=True)
             t0 = time.perf_counter()
             try:
-                run_experiment(REPO / "configs" / "tiny.yaml", overrides=overrides_for(args, method, run_dir), run_dir=run_dir)
+                run_experiment(base_config(args), overrides=overrides_for(args, method, run_dir), run_dir=run_dir)
                 row = summarise(run_dir)
             except Exception as exc:  # one broken method must not hide the others
                 row = {"error": f"{type(exc).__name__}: {exc}"}
@@ -153,14 +177,20 @@ def main() -> None:
 
 
 def write_table(args, rows) -> None:
+    minilm = args.data == "minilm"
+    model = args.model or ("all-minilm-l6-v2" if minilm else "smollm2-135m-instruct")
+    adapter = ("LoRA r=4 query/value + classification head (configs/fltac_minilm.yaml)" if minilm
+               else f"LoRA r={args.rank} q/k/v/o")
+    lr = args.lr or ("5e-3 (config)" if minilm else 2e-3)
     fmt_b = lambda b: f"{b / 1e6:.2f} MB" if b >= 1e6 else f"{b / 1e3:.1f} kB"
     tasks = sorted({k.split("/")[0] for r in rows for k in r.get("metrics", {}) if "/" in k}
                    | {t for r in rows for t in r.get("per_task_cluster", {})})
     head = "| method | " + " | ".join(tasks) + " | overall | uplink total | uplink/round | jobs/round | train+agg s/round | cluster acc | notes |"
     lines = [
-        f"# FedIT vs FL-TAC vs FedLS vs FedGPL on {args.model}, data {args.data}: {args.clients} clients (all per round), "
-        f"{args.rounds} rounds, {args.steps} local steps x batch {args.batch} per adapter, LoRA r={args.rank} q/k/v/o, "
-        f"{args.per_task} train / {args.eval_per_task} eval per task, lr {args.lr}, seed {args.seed}",
+        f"# FedIT vs FL-TAC vs FedLS vs FedGPL on {model}, data {args.data}: {args.clients} clients (all per round), "
+        f"{args.rounds} rounds, {args.steps} local steps x batch {args.batch} per adapter, {adapter}, "
+        f"{args.per_task} train / {args.eval_per_task} eval per task, lr {lr}, seed {args.seed}",
+        "", "Command: `python bench/methods2_smollm2.py " + " ".join(sys.argv[1:]) + "`",
         "", head, "|" + "---|" * (len(tasks) + 8),
     ]
     for r in rows:

@@ -62,3 +62,16 @@ def test_resolved_config_round_trips(tiny_config_path, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+def test_switching_method_drops_the_files_method_options():
+    from fedpeft.config import load_config
+
+    base = load_config("configs/fltac_generated.yaml")
+    assert base.method.options  # fltac's options in the file
+    switched = load_config("configs/fltac_generated.yaml", ["method.name=fedit"])
+    assert switched.method.name == "fedit" and switched.method.options == {}
+    explicit = load_config("configs/fltac_generated.yaml", ["method.name=fedls", "method.options.rho=0.5"])
+    assert explicit.method.options == {"rho": 0.5}  # the new method's options only
+    same = load_config("configs/fltac_generated.yaml", ["method.name=fltac"])
+    assert same.method.options == base.method.options

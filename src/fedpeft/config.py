@@ -7,11 +7,14 @@ typo such as ``federation.num_client`` fails before anything is loaded.
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -212,8 +215,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``key.sub=value``. Switching ``method.name`` to another method drops the options the
+    config had for the previous one (``configs/fltac_generated.yaml method.name=fedit`` is the baseline);
+    ``method.options.*`` overrides then apply to the new method."""
     for text in overrides:
         path, value = parse_override(text)
+        method = data.get("method")
+        if (path == ["method", "name"] and isinstance(method, dict) and method.get("name") != value
+                and method.get("options")):
+            log.info("method.name=%s: dropping method.options of '%s' (%s)", value, method.get("name"),
+                     ", ".join(sorted(method["options"])))
+            method.pop("options")
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
