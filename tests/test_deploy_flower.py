@@ -303,6 +303,24 @@ def test_rehearsal_matches_in_process_engine(federation, tmp_path):
 
 
 @pytest.mark.slow
+def test_rehearsal_with_secure_aggregation(federation, tmp_path):
+    """(Before the kill test below: it needs both SuperNodes.) Real SuperLink + SuperNodes with SecAgg+ (Flower's protocol, node contexts kept by the SuperNodes,
+    the warm worker in between): the round's aggregate is the in-process one within the quantisation bound."""
+    cfg = load_config("configs/tiny.yaml", BASE + ["name=secure", "federation.rounds=1",
+                                                   "evaluation.before_training=false"])
+    app = write_app(tmp_path / "app", cfg, run_dir=str(tmp_path / "deployed"), secagg=True)
+    run_id, status = federation.run(app, timeout=400)
+    assert status == "finished:completed", (run_id, status)
+    deployed = tmp_path / "deployed"
+    [event] = _events(deployed, "deploy_round")
+    assert event["secagg"] and event["answered"] == 2 and len(event["stages"]) == 4
+    reference = run_experiment(cfg, run_dir=tmp_path / "ref")
+    final, ref = _final(deployed), _final(reference.run_dir)
+    assert final.keys() == ref.keys()
+    assert max(float((final[k] - ref[k]).abs().max()) for k in final) <= event["error_bound"]
+    assert _train_losses(deployed) == _train_losses(reference.run_dir)
+
+@pytest.mark.slow
 def test_supernode_killed_mid_round_is_a_logged_dropout(federation, tmp_path):
     # SuperNode 1 SIGKILLs its own process group when asked to train client 1 in round 1 of the run
     # named "killed" (FEDPEFT_DEPLOY_KILL_AT in its environment, see the fixture).
@@ -351,21 +369,3 @@ def test_deploy_app_command_writes_the_resolved_config(tmp_path):
                                    "--resume"])
     assert bad.exit_code != 0 and "--run-dir" in bad.output
 
-
-@pytest.mark.slow
-def test_rehearsal_with_secure_aggregation(federation, tmp_path):
-    """Real SuperLink + SuperNodes with SecAgg+ (Flower's protocol, node contexts kept by the SuperNodes,
-    the warm worker in between): the round's aggregate is the in-process one within the quantisation bound."""
-    cfg = load_config("configs/tiny.yaml", BASE + ["name=secure", "federation.rounds=1",
-                                                   "evaluation.before_training=false"])
-    app = write_app(tmp_path / "app", cfg, run_dir=str(tmp_path / "deployed"), secagg=True)
-    run_id, status = federation.run(app, timeout=400)
-    assert status == "finished:completed", (run_id, status)
-    deployed = tmp_path / "deployed"
-    [event] = _events(deployed, "deploy_round")
-    assert event["secagg"] and event["answered"] == 2 and len(event["stages"]) == 4
-    reference = run_experiment(cfg, run_dir=tmp_path / "ref")
-    final, ref = _final(deployed), _final(reference.run_dir)
-    assert final.keys() == ref.keys()
-    assert max(float((final[k] - ref[k]).abs().max()) for k in final) <= event["error_bound"]
-    assert _train_losses(deployed) == _train_losses(reference.run_dir)
