@@ -16,11 +16,12 @@ import torch
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedpeft[flower]'); deployment tests skipped")
 
-from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from safetensors.torch import load_file
 
+from flower_fakes import FakeGrid, flower_env  # noqa: F401 (an autouse fixture)
+
 from fedpeft.config import load_config
-from fedpeft.deploy.flower import client_app
 from fedpeft.deploy.flower.app import run_config_values, write_app
 from fedpeft.deploy.flower.local import rehearsal_node_configs
 from fedpeft.deploy.flower.serde import (
@@ -130,61 +131,6 @@ def test_app_folder_is_a_valid_flower_app(tmp_path):
 
 
 # --- the transport under the engine, with the real ClientApp in process --------------------------
-
-
-class FakeGrid:
-    """The part of Flower's Grid that FlowerTransport uses, answering in process with the real ClientApp
-    handler. ``tamper(message, reply)`` may change or drop (return None) a reply."""
-
-    def __init__(self, run_config, node_configs, tamper=None):
-        self.run_config = run_config
-        self.nodes = {100 + i: cfg for i, cfg in enumerate(node_configs)}
-        self.tamper = tamper
-        self.replies: dict[str, Message] = {}
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id
-            node = msg.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config=self.nodes[node], state=RecordDict(),
-                              run_config=self.run_config)
-            try:
-                reply = client_app.app(msg, context)
-            except Exception as exc:  # what flwr-clientapp turns an exception into
-                reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            if self.tamper is not None:
-                reply = self.tamper(msg, reply)
-            if reply is not None:
-                self.replies[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
-
-
-@pytest.fixture(autouse=True)
-def _offline_flower(tmp_path, monkeypatch):
-    from fedpeft.deploy.flower.local import OFFLINE_ENV
-
-    for key, value in OFFLINE_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages are stamped with the process's Flower task identity (set by flwr-serverapp when deployed)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def _fake_engine(cfg, run_dir, tmp_path, tamper=None, **settings):

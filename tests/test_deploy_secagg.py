@@ -1,5 +1,6 @@
 """Secure aggregation (Flower's SecAgg+) under the engine: the real ClientApp with its SecAgg+ mod in
-process behind a fake Grid that keeps each node's Flower context between messages, as a SuperNode does.
+process behind a fake Grid (``flower_fakes.FakeGrid``) that keeps each node's Flower context between
+messages, as a SuperNode does.
 
 Properties: the aggregate equals the in-process FedIT aggregate within the quantisation bound; no reply
 carries an unmasked tensor; a client lost after masking is recovered from shares and the round equals
@@ -7,19 +8,16 @@ the in-process round without it; unsupported methods and set-ups are refused wit
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedpeft[flower]')")
 
-from flwr.app import Context, Error, Message, RecordDict
+from flower_fakes import FakeGrid, flower_env  # noqa: F401 (an autouse fixture)
 from safetensors.torch import load_file
 
 from fedpeft.config import load_config
-from fedpeft.deploy.flower import client_app
 from fedpeft.deploy.flower.app import run_config_values
 from fedpeft.deploy.flower.local import rehearsal_node_configs
 from fedpeft.deploy.flower.secagg import SECAGG_CONFIGS, check_secure_method
@@ -31,63 +29,10 @@ from fedpeft.federation.transport import InProcessTransport
 ONE_ROUND = ["federation.rounds=1", "evaluation.before_training=false", "output.report=false"]
 
 
-class StatefulGrid:
-    """Fake Grid: runs the real ClientApp (mods included) per message, with one persistent Context per
-    node. ``tamper(message, reply)`` may change or drop (None) a reply."""
-
-    def __init__(self, run_config, node_configs, tamper=None):
-        self.run_config = run_config
-        self.nodes = {100 + i: cfg for i, cfg in enumerate(node_configs)}
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(), run_config=run_config)
-                         for n, c in self.nodes.items()}
-        self.tamper = tamper
-        self.replies: dict[str, Message] = {}
-        self.seen: list[tuple[Message, Message]] = []
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            self.count = getattr(self, "count", 0) + 1  # messages of a stage can share content: number them
-            msg.metadata.__dict__["_message_id"] = f"m{self.count}"
-            delivered = copy.deepcopy(msg)  # as if serialised: the workflow sends one content object to all nodes
-            try:
-                reply = client_app.app(delivered, self.contexts[msg.metadata.dst_node_id])
-            except Exception as exc:  # what flwr-clientapp turns an exception into
-                reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            if self.tamper is not None:
-                reply = self.tamper(msg, reply)
-            if reply is not None:
-                self.replies[msg.metadata.message_id] = reply
-                self.seen.append((msg, reply))
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, ids):
-        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
-
-
-@pytest.fixture(autouse=True)
-def _flower_env(tmp_path, monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from fedpeft.deploy.flower.local import OFFLINE_ENV
-
-    for key, value in OFFLINE_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
 def _secure_engine(cfg, run_dir, tmp_path, nodes, tamper=None, **settings):
     run_config = run_config_values(cfg, secagg=True, round_timeout=5.0, **settings)
-    grid = StatefulGrid(run_config, rehearsal_node_configs(nodes, cfg.federation.num_clients, tmp_path / "stores",
-                                                           warm_worker=False), tamper)
+    nodes = rehearsal_node_configs(nodes, cfg.federation.num_clients, tmp_path / "stores", warm_worker=False)
+    grid = FakeGrid(run_config, nodes, tamper)
     transport = FlowerTransport(grid, DeploySettings.from_run_config(run_config))
     engine = Engine(cfg, run_dir, transport=transport)
     transport.engine = engine

@@ -16,6 +16,7 @@ A spec is one of:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -133,18 +134,15 @@ def tiny_bert(seed: int = 0, dtype: torch.dtype = torch.float32, num_labels: int
     return model, tokenizer
 
 
-class _seeded:
+@contextlib.contextmanager
+def _seeded(seed: int):
     """Run a block under ``torch.manual_seed(seed)`` and restore the global generator afterwards."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self.state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc) -> None:
-        torch.random.set_rng_state(self.state)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
 
 
 def bundled_minilm_dir() -> Path:
@@ -219,25 +217,21 @@ def _head_kwargs(head: str, num_labels: int | None) -> dict:
     return {"num_labels": num_labels} if head == "classification" else {}
 
 
-class _quiet_transformers:
+@contextlib.contextmanager
+def _quiet_transformers(active: bool):
     """Silence transformers' load report while loading a checkpoint whose classification head is
     missing by design (we add it); other loads keep their warnings."""
+    if not active:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
 
-    def __init__(self, active: bool) -> None:
-        self.active = active
-
-    def __enter__(self) -> None:
-        if self.active:
-            from transformers.utils import logging as hf_logging
-
-            self.level = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()
-
-    def __exit__(self, *exc) -> None:
-        if self.active:
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.set_verbosity(self.level)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _load_dir(path: Path, dtype: torch.dtype, head: str = "causal_lm", num_labels: int | None = None, seed: int = 0):

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 SECURE_METHODS = ("fedit", "fedprox", "ffa_lora")
 """Methods whose server step is a sample-weighted mean of the uploaded tensors, so the mean is all the
