@@ -230,7 +230,8 @@ class FlowerTransport:
                 outcomes[i] = ClientDropped(f"no SuperNode serves client {plan.client_id}")
             elif node in contents:
                 raise RuntimeError(f"round {round_idx}: secagg needs one client per SuperNode in a round; node {node} "
-                                   f"serves clients {plans[node_plan[node]].client_id} and {plan.client_id}")
+                                   f"serves clients {plans[node_plan[node]].client_id} and {plan.client_id} (give each "
+                                   "client its own SuperNode: as many nodes as federation.num_clients)")
             else:
                 contents[node] = encode_plan(round_idx, plan, global_state, lr, base, method=method)
                 node_plan[node] = i
