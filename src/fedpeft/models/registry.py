@@ -214,20 +214,22 @@ def _head_kwargs(head: str, num_labels: int | None) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet_transformers(active: bool):
-    """Silence transformers' load report while loading a checkpoint whose classification head is
-    missing by design (we add it); other loads keep their warnings."""
-    if not active:
-        yield
-        return
+def _quiet_transformers(new_head: bool):
+    """Load without transformers' per-tensor "Loading weights" bar (our run has its own progress
+    display; the load takes well under a second) and, when the checkpoint's classification head is
+    missing by design (we add it), without its load report; other loads keep their warnings."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if new_head:
+        hf_logging.set_verbosity_error()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def _load_dir(path: Path, dtype: torch.dtype, head: str = "causal_lm", num_labels: int | None = None, seed: int = 0):
