@@ -155,6 +155,18 @@ def test_flower_transport_matches_in_process_engine(tmp_path):
     assert kinds - {e["event"] for e in _events(reference.run_dir)} == {"deploy_round"}
 
 
+def test_a_classifier_deploys_like_it_simulates(tmp_path):
+    """model.head=classification on the nodes: same seeded head, same classes, same result."""
+    cfg = load_config("configs/tiny.yaml", BASE + [
+        "model.name=tiny-bert", "model.head=classification", "peft.target_modules=[query,value]",
+        "data.tasks=[sentiment,topic]", "data.train_examples_per_task=20", "data.eval_examples_per_task=4"])
+    deployed = _fake_engine(cfg, tmp_path / "deployed", tmp_path).run()
+    reference = run_experiment(cfg, run_dir=tmp_path / "ref")
+    final = _final(deployed.run_dir)
+    assert any("classifier" in k for k in final)
+    _assert_same_adapter(final, _final(reference.run_dir))
+    assert _train_losses(deployed.run_dir) == _train_losses(reference.run_dir)
+
 def _tamper_updates(msg, reply):
     """Client 0: wrongly shaped tensor; client 1: NaN; client 2: an unreadable reply; client 3 honest."""
     if reply.has_error() or msg.metadata.message_type != "train":
