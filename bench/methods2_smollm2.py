@@ -1,31 +1,30 @@
-"""FedIT vs FL-TAC vs FedLS vs FedGPL on SmolLM2-135M-Instruct: metric per task, uplink bytes,
-clustering accuracy (FL-TAC), time per round.
+"""FedIT vs FL-TAC vs FedLS vs FedGPL: metric per task, uplink bytes, clustering accuracy (FL-TAC),
+time per round, under one budget.
 
-Data: the generated multi-task set (``--data generated``, default: four tasks with exact answers,
-Dirichlet(0.5) per task with min_frac 0.01 over the clients) or Dolly's 8 categories (``--data dolly``,
-all training records split by category; ROUGE-L on the 80 global test records, which the engine scores
-as one task: per-category numbers come only from FL-TAC's per-task row). Every method runs the same clients (all of
-them every round: FL-TAC's clustering needs the tasks present), rounds, local steps per adapter and
-seed. FL-TAC trains one adapter per (client, local task), so it runs more local jobs per round.
+Scenarios (``--data``):
+* ``generated`` (default): SmolLM2-135M-Instruct on four generated tasks with exact answers,
+  Dirichlet(0.5) per task with min_frac 0.01 over the clients;
+* ``dolly``: SmolLM2-135M-Instruct on Dolly-15k's 8 categories (all training records split by category;
+  ROUGE-L on the 80 global test records, reported per category with ``evaluation.group_by``);
+* ``minilm``: ``configs/fltac_minilm.yaml``, the MiniLM encoder with a classification head on SST-2
+  plus the generated sentiment/topic/parity tasks (accuracy per task).
 
-FL-TAC is evaluated twice: with its single "global" adapter (the sample-weighted mean of the cluster
-adapters: what the engine evaluates) and per task, each task's records scored with the cluster adapter
-its clients' adapters were assigned to in the last round (``Strategy.task_evaluation_states``; the
-engine's ``task_adapters`` evaluation).
+Every method runs the same clients (all of them every round: FL-TAC's clustering needs the tasks
+present), rounds, local steps per adapter and seed. FL-TAC trains one adapter per (client, local task),
+so it runs more local jobs per round. It is reported twice: with its single "global" adapter (the
+sample-weighted mean of the cluster adapters: what the engine evaluates) and per task, each task's
+records scored with the cluster adapter its clients' adapters were assigned to in the last round
+(``Strategy.task_evaluation_states``; the engine's ``task_adapters`` evaluation).
 
     python bench/methods2_smollm2.py --threads 1 --rounds 3 --steps 4 --batch 4 --eval-per-task 10
-        # ~17 min on 2 shared (busy) CPU cores; the defaults are this budget
-    python bench/methods2_smollm2.py --methods fedit fltac --rounds 2
+    python bench/methods2_smollm2.py --data dolly --threads 1 --clients 3 --rounds 3 --steps 3 --batch 4 \
+        --seq-len 192 --max-new-tokens 48
+    python bench/methods2_smollm2.py --data minilm --threads 1 --clients 6 --rounds 5 --steps 10 --batch 32 \
+        --per-task 600 --eval-per-task 100
     python bench/methods2_smollm2.py --model tiny-llama --eval-per-task 2   # seconds: smoke test
 
-Measured (the first command, seed 42, exact match on 10 held-out records per task):
-
-    method                      arith reverse unit upper  overall  uplink total  s/round  cluster acc
-    fedit                       0.00  0.00    0.80 0.30   0.275    33.2 MB       53       -
-    fltac (mean adapter)        0.00  0.00    0.00 0.10   0.025    110.6 MB      161      1.00/1.00/1.00
-    fltac (per-task cluster)    0.50  0.80    0.80 0.40   0.625    (same run)
-    fedls (all_momentum)        0.00  0.00    0.80 0.30   0.275    24.7 MB       45       uplink 1.00/0.71/0.53
-    fedgpl (lora_per_l1, 2..6)  0.00  0.00    0.50 0.30   0.200    6.6 MB        40       6 of 30 layers
+Each writes a markdown table with its command (``--out``); the measured ones are in ``bench/results/``
+(``methods2_generated_smollm2.md``, ``methods2_dolly_smollm2.md``, ``methods2_minilm.md``).
 """
 
 from __future__ import annotations
