@@ -128,3 +128,21 @@ def test_unknown_method_fails_before_model_load(tmp_path, monkeypatch):
     cfg = load_config("configs/tiny.yaml", ["method.name=fedavgx"])
     with pytest.raises(ValueError, match="unknown method 'fedavgx'; valid methods: .*fedit"):
         Engine(cfg, tmp_path / "run").run()
+
+
+def test_personal_evaluation_scores_each_clients_own_adapter_and_can_be_capped(tmp_path):
+    """FedSA-LoRA: one score per client with its own B on the records of the tasks it holds; mean and
+    spread over clients; ``evaluation.personal_max_clients`` takes a seeded sample of clients."""
+    base = ["method.name=fedsa_lora", "federation.num_clients=4", "federation.clients_per_round=4",
+            "federation.rounds=1", "evaluation.before_training=false", "output.report=false"]
+    full = run_experiment("configs/tiny.yaml", base, run_dir=tmp_path / "all")
+    [event] = [e for e in _events(full.run_dir, "eval") if e.get("split") == "personal"]
+    scores = {int(k): v for k, v in event["per_client"].items()}
+    assert sorted(scores) == [0, 1, 2, 3] and event["clients_total"] == 4
+    assert full.final_metrics["personal/mean"] == pytest.approx(sum(scores.values()) / 4)
+    assert full.final_metrics["personal/max"] == max(scores.values())
+    capped = run_experiment("configs/tiny.yaml", base + ["evaluation.personal_max_clients=2"], run_dir=tmp_path / "cap")
+    [event2] = [e for e in _events(capped.run_dir, "eval") if e.get("split") == "personal"]
+    sample = {int(k): v for k, v in event2["per_client"].items()}
+    assert len(sample) == 2 and event2["clients_sampled"] == 2 and event2["clients_total"] == 4
+    assert all(scores[c] == v for c, v in sample.items())  # the same clients' same scores, just fewer of them

@@ -140,6 +140,9 @@ class EvaluationConfig(_Section):
     max_examples: int | None = Field(None, ge=1, description="Cap per task for per-round evaluation.")
     group_by: str | None = Field(None, description="Record field to report metrics by (default: the record's task; "
                                  "e.g. 'category' for Dolly). Records without the field fall back to their task.")
+    personal_max_clients: int | None = Field(
+        None, ge=1, description="Personalised methods (FedSA-LoRA, local-only): evaluate at most this many clients' "
+        "own adapters at the end, a seeded sample (None: every client).")
     suites: list[str] = Field(default_factory=list, description="Benchmark suites (commonsense8, mmlu, gsm8k, ...) run on the final global model.")
     suite_limit: int | None = Field(None, ge=1, description="Examples per suite task (None: all).")
 
