@@ -9,9 +9,12 @@ See docs/deploy.md for real machines (TLS, node authentication).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -42,13 +45,17 @@ def _load(config: Path, overrides: list[str]):
         raise typer.Exit(2) from None
 
 
-def _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume: bool = False,
-              secagg: bool = False) -> dict:
+def _settings(options: dict, resume: bool = False, resolve_run_dir: bool = False) -> dict:
+    """Keyword settings for ``write_app`` from the shared deploy options. ``resolve_run_dir``: the run
+    directory is on this machine (a rehearsal); otherwise it is a path on the SuperLink's machine and
+    kept as given."""
+    run_dir = options["run_dir"]
     if resume and not run_dir:
         raise typer.BadParameter("--resume needs --run-dir (the run directory to continue)", param_hint="--resume")
-    return {"run_dir": str(Path(run_dir).resolve()) if run_dir else None, "min_clients": min_clients,
-            "round_timeout": round_timeout, "straggler_timeout": straggler_timeout, "node_wait": node_wait,
-            "resume": True if resume else None, "secagg": True if secagg else None}
+    if run_dir:
+        run_dir = str(Path(run_dir).resolve()) if resolve_run_dir else str(run_dir)
+    return {**options, "run_dir": run_dir or None, "resume": True if resume else None,
+            "secagg": True if options["secagg"] else None}
 
 
 def _print_outcome(run_dir: Path, run_id: int, status: str, seconds: float) -> None:
@@ -72,23 +79,40 @@ def _print_outcome(run_dir: Path, run_id: int, status: str, seconds: float) -> N
     typer.echo(f"run directory: {run_dir}")
 
 
-SETTING_OPTIONS = dict(
-    run_dir=typer.Option(None, "--run-dir", help="Run directory (on the SuperLink's machine)."),
-    min_clients=typer.Option(None, "--min-clients", help="Fewest replies a round aggregates (default 1)."),
-    round_timeout=typer.Option(None, "--round-timeout", help="Seconds a round waits for replies (default 600)."),
-    straggler_timeout=typer.Option(None, "--straggler-timeout",
-                                   help="Once min-clients replied, seconds to wait for the rest (default 0: until "
-                                        "round-timeout)."),
-    node_wait=typer.Option(None, "--node-wait", help="Seconds to wait at start for SuperNodes (default 120)."),
-    secagg=typer.Option(False, "--secagg", help="Flower's SecAgg+: the server sees only each round's weighted mean "
-                        "(fedit, fedprox, ffa_lora; one client per SuperNode per round)."),
-)
+SETTING_OPTIONS: dict[str, tuple[type, Any]] = {
+    "run_dir": (Path, typer.Option(None, "--run-dir", help="Run directory (on the SuperLink's machine).")),
+    "min_clients": (int, typer.Option(None, "--min-clients", help="Fewest replies a round aggregates (default 1).")),
+    "round_timeout": (float, typer.Option(None, "--round-timeout", help="Seconds a round waits for replies (default 600).")),
+    "straggler_timeout": (float, typer.Option(None, "--straggler-timeout", help="Once min-clients replied, seconds to "
+                                              "wait for the rest (default 0: until round-timeout).")),
+    "node_wait": (float, typer.Option(None, "--node-wait", help="Seconds to wait at start for SuperNodes (default 120).")),
+    "secagg": (bool, typer.Option(False, "--secagg", help="Flower's SecAgg+: the server sees only each round's "
+                                  "weighted mean (fedit, fedprox, ffa_lora; one client per SuperNode per round).")),
+}
+"""The deploy settings every command takes (docs in deploy/flower/settings.py)."""
+
+
+def with_settings(command):
+    """Add the ``SETTING_OPTIONS`` to ``command``'s CLI options; it receives them as one dict, ``options``."""
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.name != "options"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+              for name, (kind, option) in SETTING_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        options = {name: kwargs.pop(name) for name in SETTING_OPTIONS}
+        return command(*args, options=options, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=own + shared)
+    return wrapper
 
 
 @deploy_app.command("rehearsal", context_settings=EXTRA, help=(
     "Start a SuperLink and N SuperNodes on 127.0.0.1 (--insecure), run the config on them, read the run's status "
     "from Flower, stop the processes. Node i serves clients i, i+N, ... of the config's partition.\n\n"
     "Example: fedpeft deploy rehearsal --config configs/tiny.yaml --clients 2 federation.rounds=2"))
+@with_settings
 def rehearsal(
     ctx: typer.Context,
     config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML."),
@@ -97,12 +121,7 @@ def rehearsal(
     timeout: float = typer.Option(3600.0, "--timeout", help="Give up on the run after this many seconds."),
     warm_worker: bool = typer.Option(True, "--warm-worker/--cold", help="Keep the model loaded in a worker per "
                                      "node (default), or build it in every ClientApp process."),
-    run_dir: Path = SETTING_OPTIONS["run_dir"],
-    min_clients: int = SETTING_OPTIONS["min_clients"],
-    round_timeout: float = SETTING_OPTIONS["round_timeout"],
-    straggler_timeout: float = SETTING_OPTIONS["straggler_timeout"],
-    node_wait: float = SETTING_OPTIONS["node_wait"],
-    secagg: bool = SETTING_OPTIONS["secagg"],
+    options: dict = None,
 ) -> None:
     _need_flower()
     import time
@@ -112,15 +131,14 @@ def rehearsal(
     from fedpeft.federation.engine import default_run_dir
 
     cfg = _load(config, list(ctx.args))
-    run_dir = Path(run_dir or default_run_dir(cfg)).resolve()
+    run_dir = Path(options["run_dir"] or default_run_dir(cfg)).resolve()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="fedpeft-rehearsal-")).resolve()
     try:
         nodes = rehearsal_node_configs(clients, cfg.federation.num_clients, workdir / "client-stores",
                                        warm_worker=warm_worker)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--clients") from None
-    app_dir = write_app(workdir / "app", cfg, **_settings(run_dir, min_clients, round_timeout, straggler_timeout,
-                                                          node_wait, secagg=secagg))
+    app_dir = write_app(workdir / "app", cfg, **_settings({**options, "run_dir": run_dir}, resolve_run_dir=True))
     typer.echo(f"rehearsal: SuperLink + {clients} SuperNodes on 127.0.0.1, logs in {workdir / 'logs'}", err=True)
     start = time.perf_counter()
     try:
@@ -140,24 +158,19 @@ def rehearsal(
     "Write the Flower app folder of a config (pyproject.toml with the resolved experiment in its run config), "
     "to run by hand: flwr run DIR <connection> --stream.\n\n"
     "Example: fedpeft deploy app --config configs/quickstart.yaml --out flower-app --run-dir /srv/runs/q1"))
+@with_settings
 def app_folder(
     ctx: typer.Context,
     config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write."),
     resume: bool = typer.Option(False, "--resume", help="Continue --run-dir from its last completed round."),
-    run_dir: Path = SETTING_OPTIONS["run_dir"],
-    min_clients: int = SETTING_OPTIONS["min_clients"],
-    round_timeout: float = SETTING_OPTIONS["round_timeout"],
-    straggler_timeout: float = SETTING_OPTIONS["straggler_timeout"],
-    node_wait: float = SETTING_OPTIONS["node_wait"],
-    secagg: bool = SETTING_OPTIONS["secagg"],
+    options: dict = None,
 ) -> None:
     _need_flower()
     from fedpeft.deploy.flower.app import write_app
 
     cfg = _load(config, list(ctx.args))
-    settings = _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume, secagg)
-    settings["run_dir"] = str(run_dir) if run_dir else None  # a path on the SuperLink's machine, kept as given
+    settings = _settings(options, resume)
     folder = write_app(out, cfg, **settings)
     typer.echo(f"wrote {folder / 'pyproject.toml'}; run it with: flwr run {folder} <connection> --stream")
 
@@ -167,6 +180,7 @@ def app_folder(
     "follows the run's status, not flwr's).\n\n"
     "Example: fedpeft deploy run --config configs/quickstart.yaml --superlink link.example.org:9093 "
     "--root-certificates ca.crt --run-dir /srv/runs/q1 --min-clients 3 --straggler-timeout 120"))
+@with_settings
 def run(
     ctx: typer.Context,
     config: Path = typer.Option(..., "--config", "-c", help="Experiment YAML."),
@@ -178,12 +192,7 @@ def run(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait for the run to finish."),
     resume: bool = typer.Option(False, "--resume", help="Continue --run-dir from its last completed round."),
     timeout: float = typer.Option(86400.0, "--timeout", help="Give up waiting after this many seconds."),
-    run_dir: Path = SETTING_OPTIONS["run_dir"],
-    min_clients: int = SETTING_OPTIONS["min_clients"],
-    round_timeout: float = SETTING_OPTIONS["round_timeout"],
-    straggler_timeout: float = SETTING_OPTIONS["straggler_timeout"],
-    node_wait: float = SETTING_OPTIONS["node_wait"],
-    secagg: bool = SETTING_OPTIONS["secagg"],
+    options: dict = None,
 ) -> None:
     _need_flower()
     import os
@@ -202,8 +211,7 @@ def run(
                          root_certificates=str(root_certificates.resolve()) if root_certificates else None,
                          make_default=False)
         connection = "fedpeft"
-    settings = _settings(run_dir, min_clients, round_timeout, straggler_timeout, node_wait, resume, secagg)
-    settings["run_dir"] = str(run_dir) if run_dir else None  # a path on the SuperLink's machine, kept as given
+    settings = _settings(options, resume)
     app_dir = write_app(Path(tempfile.mkdtemp(prefix="fedpeft-app-")), cfg, **settings)
     start = time.perf_counter()
     try:
@@ -216,8 +224,8 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"Flower run {run_id}: {status} ({time.perf_counter() - start:.1f} s)")
-    if run_dir and Path(run_dir).is_dir():
-        _print_outcome(Path(run_dir), run_id, status, time.perf_counter() - start)
+    if options["run_dir"] and Path(options["run_dir"]).is_dir():
+        _print_outcome(Path(options["run_dir"]), run_id, status, time.perf_counter() - start)
     if status != "finished:completed":
         raise typer.Exit(1)
 
