@@ -16,6 +16,7 @@ class ExperimentData:
     info: dict = field(default_factory=dict)
     tasks: dict = field(default_factory=dict)
     """Task name -> ``fedpeft.data.tasks.Task`` that scores predictions; empty: exact match."""
+    _classes: list[str] | None = field(default=None, repr=False, compare=False)
 
     def score(self, prediction: str, record: dict) -> float:
         task = self.tasks.get(str(record.get("task")))
@@ -33,8 +34,10 @@ class ExperimentData:
 
     def classes(self) -> list[str]:
         """The class list of a classification head: every distinct target, sorted (identical in every
-        process that loads the same data)."""
-        return sorted({str(r["output"]) for r in (*self.train, *self.evaluation)})
+        process that loads the same data). Computed once: the records do not change after loading."""
+        if self._classes is None:
+            self._classes = sorted({str(r["output"]) for r in (*self.train, *self.evaluation)})
+        return self._classes
 
     def labels(self) -> list[str]:
         missing = [i for i, r in enumerate(self.train) if self.label_field not in r]

@@ -97,19 +97,15 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.
     """Right-padded batch: input_ids, attention_mask, labels (padding labelled -100; for classification
     examples, labels is one class index per row)."""
     width = max(len(e.input_ids) for e in examples)
-    if examples[0].is_class:
-        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, e in enumerate(examples):
-            ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[row, :len(e.input_ids)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e.labels[0] for e in examples])}
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    per_row = examples[0].is_class
+    labels = (torch.tensor([e.labels[0] for e in examples]) if per_row
+              else torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long))
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
+        if not per_row:
+            labels[row, :n] = torch.tensor(e.labels)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

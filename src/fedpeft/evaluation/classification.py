@@ -9,18 +9,18 @@ shape as ``generation_eval`` so the engine treats both alike.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 
-from fedpeft.data.encoding import class_index, collate, encode_classification
-from fedpeft.evaluation.generation import first_per_group, group_key
+from fedpeft.data.encoding import collate, encode_classification
+from fedpeft.evaluation.generation import first_per_group, group_key, scored_result
 
 
 @torch.no_grad()
 def predict_classes(model, tokenizer, records: Sequence[dict], classes: Sequence[str], max_len: int,
-                    batch_size: int = 32) -> list[int]:
+                    batch_size: int = 32) -> tuple[list[int], list[int]]:
+    """Arg-max class index of every record, and its gold index."""
     was_training = model.training
     model.eval()
     encoded = [encode_classification(r, tokenizer, classes, max_len) for r in records]
@@ -30,7 +30,7 @@ def predict_classes(model, tokenizer, records: Sequence[dict], classes: Sequence
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         predictions += logits.argmax(dim=-1).tolist()
     model.train(was_training)
-    return predictions
+    return predictions, [e.labels[0] for e in encoded]
 
 
 def classification_eval(model, tokenizer, records: Sequence[dict], classes: Sequence[str], max_len: int = 128,
@@ -38,13 +38,6 @@ def classification_eval(model, tokenizer, records: Sequence[dict], classes: Sequ
     start = time.perf_counter()
     group_of = group_key(group_by)
     chosen = first_per_group(records, group_of, max_examples)
-    predicted = predict_classes(model, tokenizer, chosen, classes, max_len, batch_size)
-    correct: dict[str, list[float]] = defaultdict(list)
-    for r, p in zip(chosen, predicted):
-        correct[group_of(r)].append(float(p == class_index(r, classes)))
-    metrics = {f"{group}/accuracy": sum(v) / len(v) for group, v in sorted(correct.items())}
-    metrics["accuracy"] = sum(sum(v) for v in correct.values()) / max(1, len(chosen))
-    samples = [{"task": r["task"], "prompt": r["instruction"], "expected": r["output"], "predicted": classes[p]}
-               for r, p in list(zip(chosen, predicted))[:: max(1, len(chosen) // 8)]]
-    return {"metrics": metrics, "examples": len(chosen), "seconds": time.perf_counter() - start, "samples": samples,
-            "headline": "accuracy"}
+    predicted, gold = predict_classes(model, tokenizer, chosen, classes, max_len, batch_size)
+    return scored_result(chosen, [classes[p] for p in predicted], [float(p == g) for p, g in zip(predicted, gold)],
+                         group_of, lambda task: "accuracy", start, default_metric="accuracy")

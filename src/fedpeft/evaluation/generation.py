@@ -93,16 +93,24 @@ def generation_eval(model, tokenizer, records: Sequence[dict], template: str, sc
     chosen = first_per_group(records, group_of, max_examples)
     prompts = [format_prompt(r, template, tokenizer) for r in chosen]
     predictions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    scores: dict[str, list[float]] = defaultdict(list)
+    return scored_result(chosen, predictions, [score(pred, r) for r, pred in zip(chosen, predictions)], group_of,
+                         metric_name, start)
+
+
+def scored_result(chosen: Sequence[dict], predictions: Sequence[str], scores: Sequence[float], group_of, metric_name,
+                  start: float, default_metric: str = "score") -> dict:
+    """The evaluation result every evaluator returns: the mean score per group (named by the group's
+    metric) and overall (named by the one metric, or ``default_metric`` when groups differ), the
+    record count, seconds since ``start``, a few samples, and the headline metric's name."""
+    by_group: dict[str, list[float]] = defaultdict(list)
     group_metric: dict[str, str] = {}
-    for r, pred in zip(chosen, predictions):
-        scores[group_of(r)].append(score(pred, r))
+    for r, value in zip(chosen, scores):
+        by_group[group_of(r)].append(value)
         group_metric[group_of(r)] = metric_name(r["task"])
-    metrics = {f"{group}/{group_metric[group]}": sum(v) / len(v) for group, v in sorted(scores.items())}
+    metrics = {f"{group}/{group_metric[group]}": sum(v) / len(v) for group, v in sorted(by_group.items())}
     names = set(group_metric.values())
-    overall = names.pop() if len(names) == 1 else "score"
-    all_scores = [v for vs in scores.values() for v in vs]
-    metrics[overall] = sum(all_scores) / max(1, len(all_scores))
+    overall = names.pop() if len(names) == 1 else default_metric
+    metrics[overall] = sum(scores) / max(1, len(scores))
     samples = [{"task": r["task"], "prompt": r["instruction"], "expected": r["output"], "predicted": p}
                for r, p in list(zip(chosen, predictions))[:: max(1, len(chosen) // 8)]]
     return {"metrics": metrics, "examples": len(chosen), "seconds": time.perf_counter() - start, "samples": samples,

@@ -175,13 +175,19 @@ class Engine:
                          seconds=time.perf_counter() - start)
         return metrics
 
+    def _evaluation_labels(self) -> list[str]:
+        """The partition label (``data.partition.by``, else the task) of every evaluation record; once."""
+        if getattr(self, "_eval_labels", None) is None:
+            self._eval_labels = [str(r.get(self.data.label_field, r.get("task"))) for r in self.data.evaluation]
+        return self._eval_labels
+
     def evaluate_task_adapters(self, per_task: dict[str, AdapterState], global_state: AdapterState,
                                round_idx: int, final: bool) -> dict[str, float]:
         """Multi-adapter methods (FL-TAC): each label's evaluation records scored with its own adapter."""
         start = time.perf_counter()
         groups: dict[str, list[dict]] = {}
-        for record in self.data.evaluation:
-            groups.setdefault(str(record.get(self.data.label_field, record.get("task"))), []).append(record)
+        for record, label in zip(self.data.evaluation, self._evaluation_labels()):
+            groups.setdefault(label, []).append(record)
         fallback = self.strategy.evaluation_state(global_state, self.store)
         metrics: dict[str, float] = {}
         weighted, total, headline = 0.0, 0, None
@@ -214,7 +220,7 @@ class Engine:
             idx = self.client_indices[client_id]
             state = self.strategy.personal_state(client_id, global_state, self.store)
             held = {self.labels[i] for i in idx}
-            records = [r for r in self.data.evaluation if str(r.get(self.data.label_field, r.get("task"))) in held]
+            records = [r for r, label in zip(self.data.evaluation, self._evaluation_labels()) if label in held]
             if state is None or not records:
                 continue
             set_adapter_state(self.model, state)
