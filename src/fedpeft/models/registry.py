@@ -94,6 +94,17 @@ def tiny_tokenizer():
     return fast
 
 
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run a block under ``torch.manual_seed(seed)`` and restore the global generator afterwards."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden_size: int = 64, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -111,12 +122,8 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden_size: i
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with _seeded(seed):
         model = LlamaForCausalLM(config).to(dtype)
-    finally:
-        torch.random.set_rng_state(generator_state)
     return model, tokenizer
 
 
@@ -132,17 +139,6 @@ def tiny_bert(seed: int = 0, dtype: torch.dtype = torch.float32, num_labels: int
     with _seeded(seed):
         model = BertForSequenceClassification(config).to(dtype)
     return model, tokenizer
-
-
-@contextlib.contextmanager
-def _seeded(seed: int):
-    """Run a block under ``torch.manual_seed(seed)`` and restore the global generator afterwards."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(state)
 
 
 def _bundled_file(model: str, module: str, package: str, relative: str) -> Path:
@@ -203,16 +199,6 @@ def _gguf_cache_target(gguf_path: Path) -> Path:
     return cache_dir() / "models" / f"{gguf_path.stem}-{key}"
 
 
-def _auto_class(head: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification if head == "classification" else AutoModelForCausalLM
-
-
-def _head_kwargs(head: str, num_labels: int | None) -> dict:
-    return {"num_labels": num_labels} if head == "classification" else {}
-
-
 @contextlib.contextmanager
 def _quiet_transformers(new_head: bool):
     """Load without transformers' per-tensor "Loading weights" bar (our run has its own progress
@@ -232,13 +218,18 @@ def _quiet_transformers(new_head: bool):
             hf_logging.enable_progress_bar()
 
 
-def _load_dir(path: Path, dtype: torch.dtype, head: str = "causal_lm", num_labels: int | None = None, seed: int = 0):
-    from transformers import AutoTokenizer
+def _from_pretrained(source, dtype: torch.dtype, head: str, num_labels: int | None, seed: int, **hub):
+    """Model (causal LM or sequence classifier) and tokenizer from a directory or hub id (``hub``:
+    revision, gguf_file). A classification head is new: it is drawn from ``seed``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    with _seeded(seed), _quiet_transformers(head == "classification"):  # the head is new: drawn from the seed
-        model = _auto_class(head).from_pretrained(path, dtype=dtype, **_head_kwargs(head, num_labels))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    if head == "classification":
+        auto, extra = AutoModelForSequenceClassification, {"num_labels": num_labels}
+    else:
+        auto, extra = AutoModelForCausalLM, {}
+    with _seeded(seed), _quiet_transformers(head == "classification"):
+        model = auto.from_pretrained(source, dtype=dtype, **hub, **extra)
+    return model, AutoTokenizer.from_pretrained(source, **hub)
 
 
 def resolve_model_path(name: str) -> tuple[str, Path | None]:
@@ -285,23 +276,19 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
     elif kind in ("bundled", "gguf"):
         target = cache_dir() / "models" / "smollm2-135m-instruct" if kind == "bundled" else _gguf_cache_target(path)
         convert_gguf(path, target)
-        model, tokenizer = _load_dir(target, torch_dtype, head, num_labels, seed)
+        model, tokenizer = _from_pretrained(target, torch_dtype, head, num_labels, seed)
         source = str(target)
     elif kind == "dir":
         if gguf_file:
             target = _gguf_cache_target(path / gguf_file)
             convert_gguf(path / gguf_file, target)
             path = target
-        model, tokenizer = _load_dir(path, torch_dtype, head, num_labels, seed)
+        model, tokenizer = _from_pretrained(path, torch_dtype, head, num_labels, seed)
         source = str(path)
     else:
-        from transformers import AutoTokenizer
-
         try:
-            with _seeded(seed):
-                model = _auto_class(head).from_pretrained(name, dtype=torch_dtype, revision=revision, gguf_file=gguf_file,
-                                                          **_head_kwargs(head, num_labels))
-            tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, gguf_file=gguf_file)
+            model, tokenizer = _from_pretrained(name, torch_dtype, head, num_labels, seed, revision=revision,
+                                                gguf_file=gguf_file)
         except (OSError, ValueError) as exc:
             bundled = "; ".join(f"'{k}': {v}" for k, v in BUNDLED.items())
             raise ModelNotFoundError(
