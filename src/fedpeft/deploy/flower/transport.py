@@ -42,6 +42,18 @@ def _raise(exc: BaseException):
     raise exc
 
 
+def _hand_over(round_idx: int, plans: Sequence[ClientPlan], outcomes: Sequence[Any], answered: int,
+               min_clients: int, progress: Any, what: str) -> Iterator[tuple[ClientPlan, Any]]:
+    """Give the engine each plan's outcome as a job (a LocalResult, or the exception that stands for
+    the client's failure); then stop the run if fewer than ``min_clients`` clients ``what``."""
+    for plan, outcome in zip(plans, outcomes):
+        progress.start_client(plan.client_id, 0)
+        yield plan, ((lambda o=outcome: o) if isinstance(outcome, LocalResult) else (lambda e=outcome: _raise(e)))
+    if answered < min_clients:
+        raise RuntimeError(f"round {round_idx}: {answered} of {len(plans)} clients {what}, fewer than "
+                           f"min-clients={min_clients}; stopping (resume from the last checkpoint)")
+
+
 def _latency_split(node: Any, pushed_at: float, pulled_at: float) -> dict[str, float]:
     """Where a reply's wait went, from the ClientApp's wall-clock stamps (one clock in a rehearsal; across
     machines the split is off by their clock skew): ``queue`` push -> ClientApp process start (SuperNode
@@ -199,15 +211,7 @@ class FlowerTransport:
             engine.metrics.log("deploy_round", round=round_idx, messages=len(sent), answered=answered,
                                message_down_bytes=down_bytes, message_up_bytes=up_bytes,
                                push_seconds=t_wait - t_push, wait_seconds=t_done - t_wait, clients=per_client)
-        for plan, outcome in zip(plans, outcomes):
-            progress.start_client(plan.client_id, 0)
-            if isinstance(outcome, LocalResult):
-                yield plan, (lambda o=outcome: o)
-            else:
-                yield plan, (lambda e=outcome: _raise(e))
-        if answered < min_clients:
-            raise RuntimeError(f"round {round_idx}: {answered} of {len(plans)} clients answered, fewer than "
-                               f"min-clients={min_clients}; stopping (resume from the last checkpoint)")
+        yield from _hand_over(round_idx, plans, outcomes, answered, min_clients, progress, "answered")
 
     # --- secure aggregation (SecAgg+) ---------------------------------------------------------------
     def _secure_jobs(self, round_idx: int, plans: Sequence[ClientPlan], global_state: AdapterState, lr: float,
@@ -276,13 +280,8 @@ class FlowerTransport:
                                error_bound=quantization_bound(settings.secagg_clip, weights, max_weight) if weights else None,
                                message_down_bytes=sum(s["down_bytes"] for s in result.stages),
                                message_up_bytes=sum(s["up_bytes"] for s in result.stages))
-        for i, plan in enumerate(plans):
-            progress.start_client(plan.client_id, 0)
-            outcome = outcomes[i]
-            yield plan, ((lambda o=outcome: o) if isinstance(outcome, LocalResult) else (lambda e=outcome: _raise(e)))
-        if answered < settings.min_clients:
-            raise RuntimeError(f"round {round_idx}: {answered} of {len(plans)} clients completed secure aggregation, "
-                               f"fewer than min-clients={settings.min_clients}; stopping (resume from the last checkpoint)")
+        yield from _hand_over(round_idx, plans, [outcomes[i] for i in range(len(plans))], answered,
+                              settings.min_clients, progress, "completed secure aggregation")
 
     def combine(self, round_idx: int, global_state: AdapterState, updates: list) -> list:
         """The updates the strategy aggregates. Plain rounds: each client's. SecAgg+ rounds: one update,
