@@ -93,12 +93,12 @@ def test_bad_client_updates_are_rejected_and_logged(tmp_path, monkeypatch):
 
 
 def test_bad_data_fails_before_model_load(tmp_path, monkeypatch):
-    import fedpeft.federation.engine as engine_module
+    import fedpeft.models.registry as registry_module
 
     def boom(*a, **k):
         raise AssertionError("model must not be loaded")
 
-    monkeypatch.setattr(engine_module, "load_base_model", boom)
+    monkeypatch.setattr(registry_module, "load_base_model", boom)
     cfg = load_config("configs/tiny.yaml", ["data.tasks=[arithmetic, nosuchtask]"])
     with pytest.raises(ValueError, match="unknown generated task 'nosuchtask'"):
         Engine(cfg, tmp_path / "run").run()
@@ -122,9 +122,9 @@ def test_uplink_compression_bytes_and_effect(tmp_path, finished_run):
 
 
 def test_unknown_method_fails_before_model_load(tmp_path, monkeypatch):
-    import fedpeft.federation.engine as engine_module
+    import fedpeft.models.registry as registry_module
 
-    monkeypatch.setattr(engine_module, "load_base_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(registry_module, "load_base_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     cfg = load_config("configs/tiny.yaml", ["method.name=fedavgx"])
     with pytest.raises(ValueError, match="unknown method 'fedavgx'; valid methods: .*fedit"):
         Engine(cfg, tmp_path / "run").run()

@@ -44,8 +44,7 @@ from fedpeft.metering.allocator import malloc_mode, tune_malloc
 from fedpeft.metering.compression import decode, encode
 from fedpeft.metering.flops import count_parameters
 from fedpeft.metering.memory import peak_cuda_mb, peak_rss_mb
-from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, set_base_weights, wrap_lora
-from fedpeft.models.registry import load_base_model
+from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, load_experiment_model, set_base_weights
 from fedpeft.strategies import build_experiment_strategy
 from fedpeft.strategies.base import AggregateResult, ClientUpdate
 
@@ -113,12 +112,9 @@ class Engine:
         self.data = load_experiment_data(cfg)
         self.data.labels()  # a missing partition field fails here, before the model loads
         self.strategy = build_experiment_strategy(cfg)  # an unknown method or bad option too
-        loaded = load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
-                                 gguf_file=cfg.model.gguf_file, head=cfg.model.head,
-                                 num_labels=len(self.data.classes()) if cfg.model.head == "classification" else None)
+        loaded, self.model = load_experiment_model(cfg, self.data)
         self.model_source, self.model_load_seconds = loaded.source, loaded.load_seconds
         self.tokenizer = loaded.tokenizer
-        self.model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed, head=cfg.model.head)
         self.strategy.prepare_model(self.model)
         self.client_data = prepare_client_data(cfg, self.data, self.tokenizer)
         self.client_indices, self.labels = self.client_data.indices, self.client_data.labels

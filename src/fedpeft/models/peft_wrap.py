@@ -35,6 +35,19 @@ def wrap_lora(model: torch.nn.Module, peft_config, seed: int, head: str = "causa
     return wrapped
 
 
+def load_experiment_model(cfg, data):
+    """The base model of an experiment config, with the head its data needs (a classifier gets one
+    output per class of ``data``), wrapped with LoRA: what the engine and every Flower node build.
+    Returns (the ``LoadedModel`` with tokenizer and load facts, the wrapped model)."""
+    from fedpeft.models import registry
+
+    head = cfg.model.head
+    loaded = registry.load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
+                                      gguf_file=cfg.model.gguf_file, head=head,
+                                      num_labels=len(data.classes()) if head == "classification" else None)
+    return loaded, wrap_lora(loaded.model, cfg.peft, seed=cfg.seed, head=head)
+
+
 def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Adapter-key module name (as ``adapters.module_name`` gives it) -> the PEFT LoRA layer."""
     from peft.tuners.lora import LoraLayer

@@ -83,8 +83,7 @@ def build_worker(run_config: dict, node_config: dict, run_id: int = 0, node_id: 
     from fedpeft.deploy.flower.store import NodeClientStore
     from fedpeft.federation.client import ClientRunner, prepare_client_data
     from fedpeft.metering.allocator import tune_malloc
-    from fedpeft.models.peft_wrap import wrap_lora
-    from fedpeft.models.registry import load_base_model
+    from fedpeft.models.peft_wrap import load_experiment_model
     from fedpeft.strategies import build_experiment_strategy
 
     start = time.perf_counter()
@@ -103,10 +102,7 @@ def build_worker(run_config: dict, node_config: dict, run_id: int = 0, node_id: 
     if cfg.model.threads:
         torch.set_num_threads(cfg.model.threads)
     data = load_experiment_data(cfg)
-    loaded = load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
-                             gguf_file=cfg.model.gguf_file, head=cfg.model.head,
-                             num_labels=len(data.classes()) if cfg.model.head == "classification" else None)
-    model = wrap_lora(loaded.model, cfg.peft, seed=cfg.seed, head=cfg.model.head)
+    loaded, model = load_experiment_model(cfg, data)
     strategy = build_experiment_strategy(cfg)
     strategy.prepare_model(model)
     client_data = prepare_client_data(cfg, data, loaded.tokenizer)
