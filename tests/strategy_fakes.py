@@ -16,6 +16,10 @@ PREFIX = "base_model.model.model.layers.{}.self_attn.{}"
 MODULES = {PREFIX.format(0, "q_proj"): (6, 5), PREFIX.format(0, "v_proj"): (3, 5), PREFIX.format(1, "q_proj"): (6, 5)}
 """module name -> (d_out, d_in)"""
 ALPHA = 8.0
+HEAD = "base_model.model.score.modules_to_save.default.weight"
+"""A non-LoRA adapter key (a classifier's head, peft's ``modules_to_save``): every fake adapter holds one,
+so every strategy test also exercises the keys that are not LoRA factors."""
+HEAD_SHAPE = (2, 5)
 
 
 def a_key(module: str) -> str:
@@ -26,12 +30,14 @@ def b_key(module: str) -> str:
     return f"{module}.lora_B.default.weight"
 
 
-def adapter(r: int, seed: int, zero_b: bool = False) -> dict[str, torch.Tensor]:
+def adapter(r: int, seed: int, zero_b: bool = False, head: bool = True) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for module, (d_out, d_in) in MODULES.items():
         out[a_key(module)] = torch.randn(r, d_in, generator=g)
         out[b_key(module)] = torch.zeros(d_out, r) if zero_b else torch.randn(d_out, r, generator=g)
+    if head:
+        out[HEAD] = torch.randn(HEAD_SHAPE, generator=g)
     return out
 
 
@@ -116,6 +122,7 @@ def run_round(strategy, round_idx, clients, global_state, store, sizes, steps=3,
                              mean_loss=1.0, last_loss=1.0, lr=lr, seconds=0.0)
         up = strategy.client_update(round_idx, plan, trained, result, store)
         strategy.check_update(global_state, up)
+        strategy.commit_private(up, store)  # what the engine does once the update is accepted
         updates.append(up)
     agg = strategy.aggregate(round_idx, global_state, updates) if plans else None
     return plans, updates, agg

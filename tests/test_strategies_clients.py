@@ -7,7 +7,7 @@ import torch
 
 from fedpeft.adapters import state_bytes
 from fedpeft.strategies.base import ClientPlan, TrainResult
-from strategy_fakes import MODULES, MemoryStore, a_key, adapter, b_key, make, run_round
+from strategy_fakes import HEAD, HEAD_SHAPE, MODULES, MemoryStore, a_key, adapter, b_key, make, run_round
 
 R = 4
 SIZES = {0: 10, 1: 30, 2: 20, 3: 40}
@@ -17,7 +17,11 @@ def result(n=10, steps=3, lr=0.1):
     return TrainResult(steps=steps, examples_seen=0, num_examples=n, mean_loss=1.0, last_loss=1.0, lr=lr, seconds=0.0)
 
 
+HEAD_BYTES = HEAD_SHAPE[0] * HEAD_SHAPE[1] * 4
+
+
 def full_bytes(rank):
+    """A rank-``rank`` adapter's LoRA bytes (float32), without the head."""
     return sum(rank * (d_in + d_out) * 4 for d_out, d_in in MODULES.values())
 
 
@@ -68,6 +72,8 @@ def test_scaffold_controls_follow_option_two():
                     p -= lr * p.grad
         trained = {k: p.detach().clone() for k, p in params.items()}
         up = strategy.client_update(1, plan, trained, result(SIZES[cid], steps, lr), store)
+        assert store.get(cid, "scaffold_control") is None  # c_k+ is kept only once the update is accepted
+        strategy.commit_private(up, store)
         for k in glob:
             torch.testing.assert_close(store.get(cid, "scaffold_control")[k], g[k] * (cid + 1))
             torch.testing.assert_close(up.control[k], g[k] * (cid + 1))  # c_k was 0
@@ -109,6 +115,7 @@ def test_scaffold_mean_gradient_control_is_the_mean_raw_gradient():
                 p -= 1e-3 * torch.sign(p.grad)  # Adam-like: the step does not scale with the gradient
     trained = {k: p.detach().clone() for k, p in params.items()}
     up = strategy.client_update(2, plan, trained, result(10, steps=3, lr=1e-3), store)
+    strategy.commit_private(up, store)
     for k in glob:
         torch.testing.assert_close(store.get(0, "scaffold_control")[k], torch.full_like(glob[k], 0.2))
         torch.testing.assert_close(up.control[k], torch.full_like(glob[k], 0.2))  # c_k was 0
@@ -133,9 +140,9 @@ def test_ffa_lora_trains_and_sends_only_b():
     glob = strategy.init_global(adapter(R, seed=1))
     plans, updates, agg = run_round(strategy, 1, [0, 1], glob, MemoryStore(), SIZES)
     for plan, up in zip(plans, updates):
-        assert all(".lora_B." in k for k in plan.trainable) and set(plan.trainable) == set(up.tensors)
+        assert set(plan.trainable) == {b_key(m) for m in MODULES} | {HEAD} == set(up.tensors)  # B and the head
         assert set(plan.downlink) == set(up.tensors)
-        assert state_bytes(up.tensors) == sum(d_out * R * 4 for d_out, _ in MODULES.values())
+        assert state_bytes(up.tensors) == sum(d_out * R * 4 for d_out, _ in MODULES.values()) + HEAD_BYTES
     for module in MODULES:
         assert torch.equal(agg.global_state[a_key(module)], glob[a_key(module)])  # A frozen
 
@@ -159,7 +166,7 @@ def test_fedsa_lora_shares_a_and_keeps_b_personal():
     store = MemoryStore()
     plans, updates, agg = run_round(strategy, 1, [0, 1], glob, store, SIZES)
     for plan, up in zip(plans, updates):
-        assert set(up.tensors) == {a_key(m) for m in MODULES} == set(plan.downlink)
+        assert set(up.tensors) == {a_key(m) for m in MODULES} | {HEAD} == set(plan.downlink)
         assert store.get(plan.client_id, "fedsa_lora_B") is not None
     glob2 = agg.global_state
     assert all(float(glob2[b_key(m)].abs().max()) == 0 for m in MODULES)  # the server never sees B
@@ -189,11 +196,11 @@ def test_heterogeneous_clients_send_and_train_only_their_rank(name):
     plans, updates, _ = run_round(strategy, 1, [0, 1, 2], glob, MemoryStore(), SIZES)
     for plan, up in zip(plans, updates):
         r = ranks[plan.client_id]
-        assert state_bytes(up.tensors) == full_bytes(r)
+        assert state_bytes(up.tensors) == full_bytes(r) + HEAD_BYTES  # the r_k slice and the whole head
         if name != "flora":
-            assert state_bytes(plan.downlink) == full_bytes(r)
+            assert state_bytes(plan.downlink) == full_bytes(r) + HEAD_BYTES
         else:
-            assert plan.downlink == {}  # fresh LoRA from a seed: nothing adapter-shaped goes down
+            assert set(plan.downlink) == {HEAD}  # fresh LoRA from a seed: only the head goes down
         for m in MODULES:  # init beyond r_k is zero, so nothing beyond r_k can ever train
             assert float(plan.init_state[a_key(m)][r:].abs().sum()) == 0
             assert float(plan.init_state[b_key(m)][:, r:].abs().sum()) == 0
@@ -264,6 +271,8 @@ def test_hetlora_self_pruning_shrinks_rank_when_the_tail_shrinks():
         trained[b_key(m)][:, 2:] *= 0.5  # tail norm went down during training
     up = strategy.client_update(1, plan, trained, result(), store)
     assert up.tensors[a_key(next(iter(MODULES)))].shape[0] == 2
+    assert strategy.configure_client(2, 0, glob, store).info["rank"] == 4  # kept only once accepted
+    strategy.commit_private(up, store)
     assert strategy.configure_client(2, 0, glob, store).info["rank"] == 2
     # a tail that grew keeps the rank
     plan = strategy.configure_client(3, 0, glob, store)
@@ -271,7 +280,7 @@ def test_hetlora_self_pruning_shrinks_rank_when_the_tail_shrinks():
     trained = {k: v.clone() for k, v in plan.init_state.items()}
     for m in MODULES:
         trained[b_key(m)][:, 1:2] *= 2
-    strategy.client_update(3, plan, trained, result(), store)
+    strategy.commit_private(strategy.client_update(3, plan, trained, result(), store), store)
     assert strategy.configure_client(4, 0, glob, store).info["rank"] == 2
 
 

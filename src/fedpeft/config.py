@@ -130,6 +130,10 @@ class TrainingConfig(_Section):
     max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm; null disables.")
     max_seq_len: int = Field(128, ge=8)
     precision: Literal["fp32", "bf16"] = "fp32"
+    keep_optimizer: bool = Field(
+        False, description="Keep each client's local optimizer state (AdamW moments, SGD momentum) across the rounds "
+        "it is sampled, per local adapter, in its client store (so a resumed run continues it exactly); false: a "
+        "fresh optimizer every round.")
 
 
 class EvaluationConfig(_Section):

@@ -17,12 +17,15 @@ from fedpeft.adapters import AdapterState, adapter_parameters, get_adapter_state
 from fedpeft.data.dataset import encode_for_experiment
 from fedpeft.data.encoding import EncodedExample, collate
 from fedpeft.data.partition import partition
-from fedpeft.federation.local_trainer import train_local
+from fedpeft.federation.local_trainer import load_optimizer_tensors, make_optimizer, optimizer_tensors, train_local
 from fedpeft.federation.sampling import derive_seed, index_stream
 from fedpeft.models.peft_wrap import lora_modules
 from fedpeft.strategies.base import ClientPlan, ClientUpdate, Strategy, TrainResult
 
 log = logging.getLogger(__name__)
+
+OPTIMIZER_NAME = "local_optimizer_"
+"""Client-store name prefix (+ the plan's job) of a kept local optimizer state (training.keep_optimizer)."""
 
 
 @dataclass
@@ -113,6 +116,12 @@ class ClientRunner:
         params = {n: p for n, p in adapter_parameters(self.model).items() if p.requires_grad}
         torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, plan.client_id, plan.job))
         batches = self.data.batches(examples, derive_seed(cfg.seed, "batches", round_idx, plan.client_id, plan.job))
+        optimizer = None
+        if cfg.training.keep_optimizer:  # continue this client's (job's) optimizer from its own store
+            optimizer = make_optimizer(list(params.values()), cfg.training.optimizer, lr, cfg.training.weight_decay)
+            saved = self.store.get(plan.client_id, OPTIMIZER_NAME + plan.job) if self.store is not None else None
+            if saved is not None:
+                load_optimizer_tensors(optimizer, params, saved)
         if on_start is not None:
             on_start(plan.client_id, cfg.federation.local_steps)
         with scaled_lora(self.model, plan.scaling):
@@ -121,8 +130,10 @@ class ClientRunner:
                 steps=cfg.federation.local_steps, grad_accumulation=cfg.federation.grad_accumulation, lr=lr,
                 optimizer_name=cfg.training.optimizer, weight_decay=cfg.training.weight_decay,
                 max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
-                num_examples=len(examples), on_step=on_step,
+                num_examples=len(examples), on_step=on_step, optimizer=optimizer,
             )
         update = self.strategy.client_update(round_idx, plan, get_adapter_state(self.model), result, self.store)
+        if optimizer is not None:  # kept once the update is accepted, like the strategy's private state
+            update.private[OPTIMIZER_NAME + plan.job] = optimizer_tensors(optimizer, params)
         update.metrics.setdefault("loss", result.mean_loss)
         return LocalResult(update, result, losses)

@@ -303,6 +303,7 @@ class Engine:
                         local = run_job()
                         update, result, losses = local.update, local.result, local.losses
                         self.strategy.check_update(global_state, update)
+                        self.strategy.commit_private(update, self.store)  # client-private state, once accepted
                     except Exception as exc:  # a failing client never stops the round or corrupts the global state
                         log.warning("round %d client %d (%s) failed: %s", round_idx, plan.client_id, plan.job, exc)
                         self.metrics.log("client_failed", round=round_idx, client=plan.client_id, job=plan.job,

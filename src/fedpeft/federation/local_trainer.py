@@ -1,8 +1,15 @@
 """The local trainer: one lean loop over the shared model (no per-round Trainer objects).
 
-K optimizer steps, each of ``grad_accumulation`` micro-batches; optional extra loss and gradient
-transform from the ClientPlan; gradient-norm clipping; a fresh optimizer every call (the learning
-rate is constant within a round, the engine picks it from the cross-round schedule).
+K optimizer steps, each over ``grad_accumulation`` micro-batches. The step's loss is the mean over every
+supervised token of its micro-batches (for a classifier: over its examples), so accumulating micro-batches
+gives the gradient of the same examples in one batch, whatever their token counts: each micro-batch's mean
+loss is weighted by its share of the step's supervised tokens (``supervised_count``). The plan's extra loss
+(e.g. FedProx's proximal term) is added once per step. Then the raw gradient is clipped to
+``max_grad_norm``, and only then the plan's ``grad_transform`` edits it (SCAFFOLD's correction c - c_k, a
+rank mask): a correction is not clipped away, and SCAFFOLD's control estimates the gradient the client
+actually followed. The optimizer is fresh every call unless the caller passes one (``training.keep_optimizer``:
+the client runner restores it from the client's store); the learning rate is constant within a round, the
+engine picks it from the cross-round schedule (``round_lr``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from fedpeft.strategies.base import ClientPlan, TrainResult
+
+IGNORE_INDEX = -100
+"""Label value the loss skips (transformers' convention)."""
 
 
 def round_lr(round_idx: int, rounds: int, lr: float, lr_min: float, schedule: str) -> float:
@@ -33,6 +43,37 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.o
     raise ValueError(f"training.optimizer: unknown optimizer '{name}'; valid: adamw, sgd")
 
 
+def supervised_count(labels: torch.Tensor) -> int:
+    """How many targets a batch's mean loss averages over: for a causal LM the label tokens after the
+    one-position shift the model applies (``labels[:, 1:] != -100``); for per-example labels (a
+    classifier's class ids) the examples."""
+    if labels.dim() <= 1:
+        return int(labels.shape[0])
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+# --- optimizer state as flat tensors (the client store holds str -> tensor) -----------------------------
+def optimizer_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as ``"<param name>::<state key>" -> tensor`` (CPU)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            out[f"{name}::{key}"] = torch.as_tensor(value).detach().to("cpu").clone()
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.nn.Parameter],
+                           tensors: Mapping[str, torch.Tensor]) -> None:
+    """Restore what ``optimizer_tensors`` saved, for the parameters present with the same shape (a
+    parameter trained for the first time, or reshaped, starts fresh)."""
+    for name, p in params.items():
+        prefix = f"{name}::"
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state or any(v.dim() and tuple(v.shape) != tuple(p.shape) for v in state.values()):
+            continue
+        optimizer.state[p] = {k: (v.clone() if k == "step" else v.to(p.device, p.dtype).clone()) for k, v in state.items()}
+
+
 def train_local(
     model: torch.nn.Module,
     params: Mapping[str, torch.nn.Parameter],
@@ -48,10 +89,15 @@ def train_local(
     precision: str = "fp32",
     num_examples: int = 0,
     on_step=None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[TrainResult, list[float]]:
-    """Train ``params`` (already set trainable on ``model``) and return the result and per-step losses."""
+    """Train ``params`` (already set trainable on ``model``) and return the result and per-step losses.
+    ``optimizer`` (over ``params``): continue with it (its learning rate is set to ``lr``); None: a fresh one."""
     start = time.perf_counter()
-    optimizer = make_optimizer(list(params.values()), optimizer_name, lr, weight_decay)
+    if optimizer is None:
+        optimizer = make_optimizer(list(params.values()), optimizer_name, lr, weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     autocast = (torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
                 if precision == "bf16" else contextlib.nullcontext())
     model.train()
@@ -59,24 +105,33 @@ def train_local(
     seen = tokens = 0
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
+        micro = [next(batches) for _ in range(grad_accumulation)]
+        counts = [supervised_count(batch["labels"]) for batch in micro]
+        total = sum(counts)
+        if total == 0:
+            raise ValueError(f"local step {step + 1}: its {grad_accumulation} micro-batch(es) hold no supervised "
+                             f"target (every label is {IGNORE_INDEX}); check training.max_seq_len and the template")
         step_loss = 0.0
-        for _ in range(grad_accumulation):
-            batch = next(batches)
-            with autocast:
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            loss = out.loss / grad_accumulation
-            if plan.extra_loss is not None:
-                loss = loss + plan.extra_loss(params) / grad_accumulation
-            loss.backward()
-            step_loss += float(loss.detach())
+        for batch, count in zip(micro, counts):
             seen += batch["input_ids"].shape[0]
             tokens += int(batch["attention_mask"].sum())
+            if count == 0:  # its mean loss is 0/0; it adds nothing to the step's token mean
+                continue
+            with autocast:
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            loss = out.loss * (count / total)  # sum of these = mean over the step's supervised targets
+            loss.backward()
+            step_loss += float(loss.detach())
+        if plan.extra_loss is not None:
+            extra = plan.extra_loss(params)
+            extra.backward()
+            step_loss += float(extra.detach())
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"local loss became {step_loss} at step {step + 1}")
-        if plan.grad_transform is not None:
-            plan.grad_transform(params)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
+        if plan.grad_transform is not None:
+            plan.grad_transform(params)
         optimizer.step()
         losses.append(step_loss)
         if on_step is not None:

@@ -82,6 +82,10 @@ class ClientUpdate:
     wire_bytes: int | None = None
     """Uplink bytes the transport actually sent for this update when they differ from the tensors'
     size (SecAgg+: the masked vector and key material; the tensors themselves never arrive)."""
+    private: dict[str, AdapterState] = field(default_factory=dict)
+    """Client-private state to keep in the client's own store once this update is accepted (store name ->
+    tensors; e.g. SCAFFOLD's c_k+, FedSA-LoRA's B). Never sent, never metered: ``Strategy.commit_private``
+    writes it, after ``check_update`` passed, so a dropped update leaves the client's state as it was."""
 
 
 @dataclass
@@ -143,6 +147,12 @@ class Strategy:
             job=plan.job,
             metrics={"loss": result.mean_loss},
         )
+
+    def commit_private(self, update: ClientUpdate, store: Any) -> None:
+        """Write ``update.private`` into the client's store; the caller does this only once the update is
+        accepted (the in-process engine: after ``check_update``)."""
+        for name, state in update.private.items():
+            store.put(update.client_id, name, state)
 
     def check_update(self, global_state: AdapterState, update: ClientUpdate) -> None:
         """Raise ValueError when ``update`` cannot be aggregated into ``global_state`` (the engine drops

@@ -10,7 +10,7 @@ import torch
 
 from fedpeft.adapters import AdapterState, lora_pairs, validate_update
 from fedpeft.strategies.base import ClientUpdate, Strategy, example_weights, weighted_average
-from fedpeft.strategies.lora_math import frobenius_of_product, stack_factors
+from fedpeft.strategies.lora_math import frobenius_of_product, is_lora, stack_factors
 from fedpeft.strategies.server_optimizers import is_identity
 
 COMMON_OPTIONS = frozenset({"lora_alpha", "r", "rslora", "seed", "num_clients", "local_optimizer"})
@@ -72,6 +72,20 @@ class MethodStrategy(Strategy):
         new_global = {k: v.clone() for k, v in global_state.items()}
         new_global.update(new_values)
         return new_global
+
+
+def average_non_lora(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AdapterState:
+    """sum_k w_k theta_k over the uploaded keys that are not LoRA factors (a classification head):
+    methods that rebuild the LoRA part of the global state from its factors (FLoRA, FlexLoRA, the
+    heterogeneous-rank rules) average these plainly, so the head learns like under FedIT."""
+    keys = [k for k in updates[0].tensors if not is_lora(k)] if updates else []
+    if not keys:
+        return {}
+    for update in updates:
+        missing = [k for k in keys if k not in update.tensors]
+        if missing:
+            raise ValueError(f"client {update.client_id} did not upload '{missing[0]}' (client {updates[0].client_id} did)")
+    return weighted_average([{k: u.tensors[k] for k in keys} for u in updates], weights)
 
 
 def refuse_uploaded(update: ClientUpdate, forbidden, method: str, reason: str) -> None:

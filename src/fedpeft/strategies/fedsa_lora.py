@@ -1,6 +1,10 @@
 """FedSA-LoRA (Guo et al., ICLR 2025): clients train A and B, upload only A; A <- sum p_k A_k; each
 client keeps its own B in the client store (personalised).
 
+A non-LoRA adapter key (a classification head, peft's ``modules_to_save``) is shared like A: uploaded,
+averaged, and part of the global state, so the global and the personal evaluations use the learned head
+(the paper's personal part is B only).
+
 Downlink: the A tensors. A client's B starts as the initial (zero) B and then persists across rounds in
 the store (``fedsa_lora_B``). Evaluation is per client (``personal_state``: global A + its own B); the
 "global model" (``evaluation_state``) is the global A with the example-weighted mean of the personal
@@ -17,7 +21,7 @@ import torch
 from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
 from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
-from fedpeft.strategies.lora_math import is_a, is_b
+from fedpeft.strategies.lora_math import is_b
 
 PERSONAL_NAME = "fedsa_lora_B"
 NUM_EXAMPLES_KEY = "__num_examples__"
@@ -44,12 +48,12 @@ class FedSALoRA(MethodStrategy):
         return state
 
     def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
-        a_keys = [k for k in global_state if is_a(k)]
+        shared = [k for k in global_state if not is_b(k)]  # A, and a head when the model has one
         return ClientPlan(
             client_id=client_id,
-            downlink={k: global_state[k] for k in a_keys},
+            downlink={k: global_state[k] for k in shared},
             trainable=None,
-            upload=a_keys,
+            upload=shared,
         )
 
     def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
@@ -61,8 +65,9 @@ class FedSALoRA(MethodStrategy):
     def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any) -> ClientUpdate:
         personal = {k: v.detach().float().clone() for k, v in trained.items() if is_b(k)}
         personal[NUM_EXAMPLES_KEY] = torch.tensor(float(result.num_examples))
-        store.put(plan.client_id, PERSONAL_NAME, personal)
-        return super().client_update(round_idx, plan, trained, result, store)
+        update = super().client_update(round_idx, plan, trained, result, store)
+        update.private[PERSONAL_NAME] = personal  # kept in the client's store once the update is accepted
+        return update
 
     def check_update(self, global_state: AdapterState, update: ClientUpdate) -> None:
         super().check_update(global_state, update)

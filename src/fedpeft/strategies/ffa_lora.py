@@ -2,8 +2,10 @@
 only B trains and travels; B <- sum p_k B_k. Exact: s * (sum p_k B_k) A = sum p_k s B_k A.
 
 The shared A is the initial adapter's A, which the engine draws from the run seed: every client (and a
-resumed run) rebuilds it from that seed, so A is never sent. Downlink and uplink: the B tensors only.
-Server optimizers compose (they step on B).
+resumed run) rebuilds it from that seed, so A is never sent. Downlink and uplink: the B tensors, and any
+non-LoRA adapter key (a classification head, peft's ``modules_to_save``), which trains and is averaged
+like B (the paper fine-tunes the classifier head of its GLUE models too). Server optimizers compose (they
+step on B and the head).
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ class FFALoRA(MethodStrategy):
         return super().init_global(initial)
 
     def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store) -> ClientPlan:
-        b_keys = [k for k in global_state if is_b(k)]
+        keys = [k for k in global_state if not is_a(k)]  # B, and a head when the model has one
         return ClientPlan(
             client_id=client_id,
-            downlink={k: global_state[k] for k in b_keys},
+            downlink={k: global_state[k] for k in keys},
             init_state=global_state,
-            trainable=b_keys,
-            upload=b_keys,
+            trainable=keys,
+            upload=keys,
         )
 
     def check_update(self, global_state: AdapterState, update: ClientUpdate) -> None:

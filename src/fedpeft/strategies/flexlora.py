@@ -8,6 +8,8 @@ its rank (``HeterogeneousRankStrategy``), and uploads its r_k slice. When sum of
 global equals Delta W exactly; otherwise it is the best rank-r_max approximation (Eckart-Young), and
 the relative truncation error is reported as ``truncation_rel``.
 
+A non-LoRA adapter key (a classification head) is averaged with the weights p_k, as FedIT does.
+
 A server optimizer is refused: the factors are re-derived by an SVD every round, so their coordinates
 do not name the same directions from one round to the next and per-coordinate moments are meaningless.
 """
@@ -20,6 +22,7 @@ import torch
 
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.strategies.base import AggregateResult, ClientUpdate, example_weights
+from fedpeft.strategies.common import average_non_lora
 from fedpeft.strategies.hetlora import HeterogeneousRankStrategy
 from fedpeft.strategies.lora_math import factored_svd, sliced_rank, stack_factors
 
@@ -59,6 +62,7 @@ class FlexLoRA(HeterogeneousRankStrategy):
             new_global[b_key], new_global[a_key] = b_new, a_new
             total_sq += float(sv.double().pow(2).sum())
             kept_sq += float(sv[:q].double().pow(2).sum())
+        new_global.update(average_non_lora(updates, weights))
         truncation = (max(total_sq - kept_sq, 0.0) / total_sq) ** 0.5 if total_sq > 0 else 0.0
         metrics = {"truncation_rel": truncation, "stacked_rank": sum(ranks)}
         return AggregateResult(global_state=new_global, metrics=metrics)

@@ -9,6 +9,10 @@ is then reset (B = 0). Every registered client, sampled or not, must receive the
 it is the ``broadcast`` (per module the stacked factors, sum_k r_k (d_in + d_out) numbers, or the dense
 d_out x d_in delta when that is smaller), metered once per registered client.
 
+A non-LoRA adapter key (a classification head, peft's ``modules_to_save``) is not part of the stacked
+update: it is a plain parameter of the global state, sent down with the plan, trained, uploaded and
+averaged with the weights p_k (as FedIT does), so a classifier's head learns.
+
 Options: ``client_ranks``, ``rank_scaling`` (see ``lora_math``; the default "constant" keeps s = alpha/r
 equal for all clients as the reference code does with alpha = 2 r_k), ``seed`` (filled by the engine).
 A server optimizer is refused: the adapter is fresh every round and the update is merged into the base
@@ -24,12 +28,13 @@ import torch
 
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
-from fedpeft.strategies.common import MethodStrategy
+from fedpeft.strategies.common import MethodStrategy, average_non_lora
 from fedpeft.strategies.lora_math import (
     RankPlan,
     delta_message,
     is_a,
     is_b,
+    is_lora,
     model_rank,
     rank_mask,
     slice_to_rank,
@@ -88,7 +93,7 @@ class FLoRA(MethodStrategy):
         rank = self.ranks.rank(client_id)
         return ClientPlan(
             client_id=client_id,
-            downlink={},
+            downlink={k: global_state[k] for k in global_state if not is_lora(k)},  # the head, if any
             init_state=fresh_lora(global_state, rank, fresh_seed(self.seed, round_idx, client_id)),
             scaling=self.ranks.plan_scaling(rank),
             info={"rank": rank, "r_max": self.ranks.r_max},
@@ -131,5 +136,6 @@ class FLoRA(MethodStrategy):
             broadcast.update(message)
             base_delta[module] = dense
         new_global = {k: (torch.zeros_like(v) if is_b(k) else v.clone()) for k, v in global_state.items()}
+        new_global.update(average_non_lora(updates, weights))
         metrics = {"stacked_rank": sum(ranks), "broadcast_bytes_per_client": state_bytes(broadcast)}
         return AggregateResult(global_state=new_global, base_delta=base_delta, broadcast=broadcast, metrics=metrics)

@@ -6,10 +6,18 @@ zero, and its gradients are zeroed), and uploads its r_k slice. The server zero-
 r_max and averages:
 
 - ``zero_padding``: weights p_k = n_k / sum n_j (the FLoRA paper's heterogeneous baseline);
-- ``hetlora``: weights proportional to ||s_k B_k A_k||_F (summed over modules), and optional rank
-  self-pruning: the client adds lambda * sum_modules ||B[:, t:r] A[t:r]||_F (t = floor(gamma * r)) to its
-  loss; if training shrank that tail norm below its value at the start, the client drops the tail and
-  keeps rank t from then on (persisted in the client store as ``hetlora_rank``).
+- ``hetlora``: the paper's sparsity-weighted aggregation, one weight per client proportional to the
+  Frobenius norm of its whole update, ||Delta W_k||_F = sqrt(sum_modules ||s_k B_k A_k||_F^2) (the paper
+  writes one LoRA pair, p_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F; over several modules the update is the
+  block-diagonal matrix of all of them, so its norm is the root of the summed squares, not a sum of
+  per-module norms), and optional rank self-pruning: the client adds
+  lambda * sum_modules ||B[:, t:r] A[t:r]||_F (t = floor(gamma * r)) to its loss; if training shrank that
+  tail norm below its value at the start, the client drops the tail and keeps rank t from then on
+  (persisted in the client store as ``hetlora_rank``, once the update is accepted).
+
+A non-LoRA adapter key (a classification head, peft's ``modules_to_save``) has no rank: it is sent whole
+and averaged with the example weights p_k under both rules (HetLoRA's norm weights are defined on the
+LoRA product only).
 
 Options: ``client_ranks`` (list per client, or shorter list repeated over client ids; default: every
 client at r_max), ``rank_scaling`` (constant | alpha, see ``lora_math``); hetlora adds ``prune``
@@ -27,10 +35,11 @@ import torch
 
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights, weighted_average
-from fedpeft.strategies.common import MethodStrategy
+from fedpeft.strategies.common import MethodStrategy, average_non_lora
 from fedpeft.strategies.lora_math import (
     RankPlan,
     frobenius_of_product,
+    is_lora,
     model_rank,
     pad_to_rank,
     rank_mask,
@@ -122,7 +131,8 @@ class HeterogeneousRankStrategy(MethodStrategy):
         if any(set(p) != keys for p in padded):
             raise ValueError(f"method '{self.name}': clients uploaded different tensor keys")
         weights = self.client_weights(updates, padded)
-        averaged = weighted_average(padded, weights)
+        averaged = weighted_average([{k: v for k, v in p.items() if is_lora(k)} for p in padded], weights)
+        averaged.update(average_non_lora(updates, example_weights(updates)))
         metrics = {"mean_client_rank": sum(ranks) / len(ranks), "weights": [round(w, 6) for w in weights]}
         return AggregateResult(global_state=self.apply_average(global_state, averaged), metrics=metrics)
 
@@ -190,10 +200,13 @@ class HetLoRA(HeterogeneousRankStrategy):
         with torch.no_grad():
             before = float(_tail_norm(plan.init_state, start, rank))
             after = float(_tail_norm(trained, start, rank))
-        if after < before:
-            rank = start
-        store.put(plan.client_id, RANK_NAME, {"rank": torch.tensor(rank)})
-        return rank
+        return start if after < before else rank
+
+    def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any) -> ClientUpdate:
+        update = super().client_update(round_idx, plan, trained, result, store)
+        if self.tail_start(plan.info["rank"]) is not None:  # the (possibly pruned) rank, kept once accepted
+            update.private[RANK_NAME] = {"rank": torch.tensor(int(update.metrics["rank"]))}
+        return update
 
     def client_weights(self, updates: Sequence[ClientUpdate], padded: Sequence[AdapterState]) -> list[float]:
         """w_k proportional to ||Delta W_k||_F = sqrt(sum_modules ||B_k A_k||_F^2) (padded under the model's s)."""

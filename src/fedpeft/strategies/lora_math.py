@@ -128,6 +128,12 @@ def is_b(key: str) -> bool:
     return ".lora_B." in key
 
 
+def is_lora(key: str) -> bool:
+    """A LoRA factor; every other adapter key is a trained copy of a whole module (peft's
+    ``modules_to_save``, e.g. a classification head), which the rank and factor algebra leaves alone."""
+    return is_a(key) or is_b(key)
+
+
 def slice_to_rank(state: Mapping[str, torch.Tensor], rank: int) -> AdapterState:
     """First ``rank`` rows of every A and columns of every B (contiguous copies: what goes on the wire)."""
     out: AdapterState = {}

@@ -1,16 +1,27 @@
 """SCAFFOLD (Karimireddy et al. 2020) over the adapter parameters.
 
-- Each local step uses the corrected gradient g + c - c_k (``ClientPlan.grad_transform``).
+- Each local step uses the corrected gradient g + c - c_k (``ClientPlan.grad_transform``). With
+  ``training.max_grad_norm`` the local trainer clips the raw gradient g first and adds the correction
+  after, so the step is clip(g) + c - c_k and option II's control below comes out as the mean of the
+  clipped gradients the client followed (clipping after the correction would mix c - c_k into the
+  control: c_k+ = c_k - c + mean(clip(g + c - c_k)), which is no gradient estimate).
 - After K local steps the client's control becomes (option ``control_update``):
   ``option2`` (default, the paper's option II): c_k+ = c_k - c + (theta_global - theta_k) / (K * eta_l);
   ``mean_gradient``: c_k+ = the mean raw gradient g over the K local steps (option I's gradient,
   evaluated along the local trajectory instead of an extra pass at theta_global).
-  The client keeps c_k+ in the client store (``scaffold_control``) and uploads theta_k together with
-  the control delta c_k+ - c_k (``ClientUpdate.control``): the uplink doubles.
+  The client keeps c_k+ in its client store (``scaffold_control``) only once its update is accepted
+  (``ClientUpdate.private``, written by ``commit_private``: a dropped client keeps its old c_k, so
+  c = mean_k c_k still holds), and uploads theta_k together with the control delta c_k+ - c_k
+  (``ClientUpdate.control``): the uplink doubles (bytes: 2 x the adapter up, adapter + c down).
 - The server averages the models (p_k weights; server optimizers compose) and sets
   c <- c + (1/N) * sum_{k in S} (c_k+ - c_k), N = all registered clients (``options['num_clients']``).
 - The server control c travels down with every plan (``ClientPlan.control``, metered) and is saved in
   the strategy state for resume.
+
+With AdamW local steps the correction is added to the gradient before Adam's moments see it, so it is
+rescaled per coordinate by 1 / sqrt(v) like the gradient itself: the step is Adam's direction for
+g + c - c_k, not g's Adam step plus c - c_k (the paper analyses SGD only). ``mean_gradient`` controls
+stay in gradient units either way.
 
 Option II divides the model change by K * eta_l, which estimates a gradient only for plain SGD steps.
 With Adam(W) the change per coordinate is about eta_l whatever the gradient, so option II's controls
@@ -133,7 +144,6 @@ class Scaffold(MethodStrategy):
             for key in keys:
                 c_new[key] = c_k[key] - c[key] + (start[key].float() - trained[key].float()) * scale
                 delta[key] = c_new[key] - c_k[key]
-        store.put(plan.client_id, CONTROL_NAME, c_new)
         return ClientUpdate(
             client_id=plan.client_id,
             tensors={k: trained[k] for k in keys},
@@ -141,6 +151,7 @@ class Scaffold(MethodStrategy):
             job=plan.job,
             control=delta,
             metrics={"loss": result.mean_loss},
+            private={CONTROL_NAME: c_new},  # c_k+ is kept by the client once the update is accepted
         )
 
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:

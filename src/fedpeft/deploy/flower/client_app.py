@@ -141,6 +141,8 @@ def handle_train(content: RecordDict, run_config: dict, node_config: dict, run_i
     _maybe_kill(worker.config.name, received.round_idx, plan.client_id)
     worker.store.begin_round(received.round_idx)
     local = worker.runner.run(received.round_idx, plan, received.start_state, received.lr)
+    # The node keeps its private state now (the server's acceptance is not known here); it never leaves the node.
+    worker.strategy.commit_private(local.update, worker.store)
     from fedpeft.deploy.flower.secagg import is_secagg_message, secagg_reply
 
     if is_secagg_message(content):  # only the masked vector leaves the node (flwr's secaggplus_mod masks it)
