@@ -3,9 +3,14 @@
 A <- sum p_k A_k, B <- sum p_k B_k (as FedIT), and R = sum_k p_k B_k A_k - B_avg A_avg is added to the
 frozen base weights: W0 <- W0 + s R (``AggregateResult.base_delta``). Then W0 + s B_avg A_avg equals
 W0 + sum_k p_k s B_k A_k: exact. Every registered client must apply R to stay in sync: the ``broadcast``
-carries it as factors (rank <= (|S| + 1) r: [B_1..B_K, B_avg] and [p_1 A_1; ..; p_K A_K; -A_avg], scaled
-by s) or as the dense matrix when that is smaller. Option ``residual_rank`` sends a truncated SVD of
-s R of that rank instead (cheaper, no longer exact; the truncation error is reported).
+carries s R as the centred factors it actually has. Since sum_k p_k = 1,
+R = sum_k p_k (B_k - B_avg)(A_k - A_avg), and since sum_k p_k (A_k - A_avg) = 0 the last client's term
+folds into the others: R = sum_{k<K} p_k (B_k - B_K)(A_k - A_avg), factors of rank (K - 1) r, i.e.
+[s (B_1 - B_K), ..., s (B_{K-1} - B_K)] and [p_1 (A_1 - A_avg); ...; p_{K-1} (A_{K-1} - A_avg)], or the
+dense d_out x d_in matrix when that is smaller; per module min((K - 1) r (d_out + d_in), d_out d_in)
+numbers (nothing with one client: R = 0). ``broadcast_bytes_per_client`` counts what is sent. Option
+``residual_rank`` sends a truncated SVD of s R of that rank instead (cheaper, no longer exact; the
+truncation error is reported).
 
 A server optimizer is refused: whatever it did to A and B, the residual is defined to restore the exact
 average, so it could change the factorisation but never the model.
@@ -57,8 +62,13 @@ class FedExLoRA(MethodStrategy):
             if a_key not in averaged or b_key not in averaged:
                 raise ValueError(f"fedex_lora: clients must upload both factors of module '{module}'")
             b_exact, a_exact = stack_factors([u.tensors[b_key] for u in updates], [u.tensors[a_key] for u in updates], weights)
-            b_res = s * torch.cat([b_exact, averaged[b_key]], dim=1)
-            a_res = torch.cat([a_exact, -averaged[a_key]], dim=0)
+            exact_sq += float((s * b_exact.double() @ a_exact.double()).pow(2).sum())
+            if len(updates) < 2:  # one client: the average is its product, R = 0, nothing to send
+                continue
+            b_last = updates[-1].tensors[b_key].float()
+            a_avg = averaged[a_key].float()
+            b_res, a_res = stack_factors([s * (u.tensors[b_key].float() - b_last) for u in updates[:-1]],
+                                         [u.tensors[a_key].float() - a_avg for u in updates[:-1]], weights[:-1])
             if self.residual_rank is not None:
                 u, sv, vh = factored_svd(b_res, a_res)
                 q = min(int(self.residual_rank), sv.numel())
@@ -68,7 +78,6 @@ class FedExLoRA(MethodStrategy):
             broadcast.update(message)
             base_delta[module] = dense
             residual_sq += float(dense.double().pow(2).sum())
-            exact_sq += float((s * b_exact.double() @ a_exact.double()).pow(2).sum())
         metrics = {
             "residual_rel": (residual_sq / exact_sq) ** 0.5 if exact_sq > 0 else 0.0,
             "broadcast_bytes_per_client": state_bytes(broadcast),

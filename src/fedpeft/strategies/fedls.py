@@ -1,6 +1,8 @@
 """FedLS (layer sampling with a server momentum buffer; seed 000, ALGORITHMS.md section 3).
 
-Unit: a LoRA module (its A and B together). The server keeps, per module i, the last aggregated update
+Unit (option ``mask_unit``): ``module`` (default: a LoRA module, its A and B sampled together, the unit
+of ALGORITHMS.md's per-module statistics) or ``key`` (the seed code's unit: every state-dict key on its
+own, so lora_A and lora_B of one module are sampled independently). Below, "module" means the unit. The server keeps, per module i, the last aggregated update
 Delta_i (avg - theta over A and B, from the last round the module was trained) and from it the L2 norm
 l_i and the entropy H_i of the normalised magnitudes |Delta_i| / sum |Delta_i|. The score is
 s_i = (l_i / max l) * (H_i / max H) and the sampling probability p_i = clip(rho * s_i, min_prob, max_prob).
@@ -20,10 +22,13 @@ theta for left-out ones; then the momentum buffer b (per module; it starts as th
                          b <- mu * b + (1 - mu) * D; trained modules: theta <- average, b unchanged
 - ``no_momentum``      (seed code 3): theta <- average for trained modules, left-out modules unchanged
 
-where D is this round's averaged update for trained modules, and for a left-out module its last
-aggregated update (option ``momentum_delta: last``, the default, ALGORITHMS.md's Delta_i) or zero
-(``momentum_delta: round``: this round's update, which is zero for a module nobody trained; the seed
-code's ``delta_dict``). ``beta`` and ``mu`` override the variant's values.
+where D is this round's averaged update: for a left-out module zero (option ``momentum_delta: round``,
+the default: the seed code's ``delta_dict = avg - global``, zero for a key nobody trained, so a left-out
+module's buffer decays geometrically, b <- mu b), or its last aggregated update (``momentum_delta: last``,
+a variant that is not the seed: the buffer never decays and the module drifts linearly while left out).
+``beta`` and ``mu`` override the variant's values. Sampling defaults per variant are the seed's:
+rho 1, min_prob 0.4, max_prob 0.99, except ``no_momentum``: rho 0.5, max_prob 0.9; ``rho``,
+``min_prob``, ``max_prob`` override them.
 
 Every round logs the uplink ratio vs FedIT (bytes of the masked-in keys / bytes of the whole adapter,
 per client), the number of modules trained and the mean sampling probability. Server optimizers compose:
@@ -45,6 +50,11 @@ from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate
 from fedpeft.strategies.common import MethodStrategy
 
 VARIANTS = {"all_momentum": (0.05, 0.5), "left_out_momentum": (0.1, 0.8), "no_momentum": (0.0, 0.0)}
+"""variant -> (beta, mu) of the seed code."""
+VARIANT_SAMPLING = {"all_momentum": (1.0, 0.4, 0.99), "left_out_momentum": (1.0, 0.4, 0.99),
+                    "no_momentum": (0.5, 0.4, 0.9)}
+"""variant -> (rho, min_prob, max_prob) of the seed run that used it."""
+MASK_UNITS = ("module", "key")
 
 
 def module_keys(state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -90,7 +100,7 @@ def sample_mask(probs: np.ndarray, seed: int, round_idx: int) -> np.ndarray:
 class FedLS(MethodStrategy):
     name = "fedls"
     summary = "layer sampling by update norm x entropy, one mask per round, server momentum for left-out modules"
-    option_names = frozenset({"variant", "rho", "min_prob", "max_prob", "beta", "mu", "momentum_delta"})
+    option_names = frozenset({"variant", "rho", "min_prob", "max_prob", "beta", "mu", "momentum_delta", "mask_unit"})
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
@@ -100,10 +110,14 @@ class FedLS(MethodStrategy):
         beta, mu = VARIANTS[self.variant]
         self.beta = float(self.option("beta", beta))
         self.mu = float(self.option("mu", mu))
-        self.rho = float(self.option("rho", 1.0))
-        self.min_prob = float(self.option("min_prob", 0.4))
-        self.max_prob = float(self.option("max_prob", 0.99))
-        self.momentum_delta = str(self.option("momentum_delta", "last"))
+        rho, min_prob, max_prob = VARIANT_SAMPLING[self.variant]
+        self.rho = float(self.option("rho", rho))
+        self.min_prob = float(self.option("min_prob", min_prob))
+        self.max_prob = float(self.option("max_prob", max_prob))
+        self.momentum_delta = str(self.option("momentum_delta", "round"))
+        self.mask_unit = str(self.option("mask_unit", "module"))
+        if self.mask_unit not in MASK_UNITS:
+            raise ValueError(f"method.options.mask_unit must be one of {', '.join(MASK_UNITS)}, got {self.mask_unit!r}")
         self.seed = int(self.option("seed", 0))
         if not 0 <= self.min_prob <= self.max_prob <= 1:
             raise ValueError(f"fedls: need 0 <= min_prob <= max_prob <= 1, got {self.min_prob}, {self.max_prob}")
@@ -120,8 +134,14 @@ class FedLS(MethodStrategy):
         self.probs: dict[str, float] = {}
 
     # --- per round ----------------------------------------------------------------------------
+    def units(self, state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+        """Sampling unit -> its adapter keys, units in sorted order."""
+        if self.mask_unit == "key":
+            return {k: [k] for k in sorted(state)}
+        return module_keys(state)
+
     def round_mask(self, round_idx: int, global_state: Mapping[str, torch.Tensor]) -> dict[str, bool]:
-        modules = list(module_keys(global_state))
+        modules = list(self.units(global_state))
         if not self.stats or any(m not in self.stats for m in modules):
             self.probs = {m: 1.0 for m in modules}
             return {m: True for m in modules}
@@ -133,14 +153,14 @@ class FedLS(MethodStrategy):
     def configure_round(self, round_idx: int, clients: Sequence[int], global_state: AdapterState, store: Any
                         ) -> list[ClientPlan]:
         self.mask = self.round_mask(round_idx, global_state)
-        groups = module_keys(global_state)
+        groups = self.units(global_state)
         keys = [k for m, ks in groups.items() if self.mask[m] for k in ks]
         return [ClientPlan(client_id=cid, downlink=global_state, trainable=list(keys), upload=list(keys))
                 for cid in clients]
 
     # --- server -------------------------------------------------------------------------------
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        groups = module_keys(global_state)
+        groups = self.units(global_state)
         if not self.mask:  # aggregate without configure_round (tests): infer from the uploads
             up = set(updates[0].tensors) if updates else set()
             self.mask = {m: any(k in up for k in ks) for m, ks in groups.items()}
