@@ -255,3 +255,46 @@ def test_engine_runs_fedgpl_on_the_tiny_model(tmp_path):
     train = [e for e in events if e["event"] == "client_train"]
     assert train and all(e["uplink_bytes"] == full // 2 for e in train)
     assert not [e for e in events if e["event"] == "client_failed"]
+
+
+class StateDependentModel(ControlledGradModel):
+    """loss = sum_p 1/2 <C_p, p * p>, so dL/dp = C_p * p: the gradient depends on the adapter values."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None):
+        loss = sum((self.coef[n] * p * p).sum() / 2 for n, p in self.named_parameters() if p.requires_grad)
+        return type("Out", (), {"loss": loss})()
+
+
+@pytest.mark.parametrize("grad_eval", ["lora_l1", "lora_l2"])
+def test_scores_are_taken_at_the_given_state_of_a_state_dependent_model(grad_eval):
+    """Issue 13: scores at a given state S are the norms of C * S per layer (computed here by hand); the
+    model's own adapter values would give different ones, and they are restored afterwards."""
+    torch.manual_seed(0)
+    model = StateDependentModel()
+    own = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    for n in own:  # non-zero B as well, so every LoRA parameter has a gradient
+        own[n] = torch.randn_like(own[n])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in own:
+                p.copy_(own[n])
+    state = {n: torch.randn_like(v) * (1 + layer_of(n)) for n, v in own.items()}
+    expected: dict[int, float] = {}
+    for n, v in state.items():
+        g = (model.coef[n] * v).double()
+        expected[layer_of(n)] = expected.get(layer_of(n), 0.0) + float(g.abs().sum() if grad_eval == "lora_l1" else g.pow(2).sum())
+    if grad_eval == "lora_l2":
+        expected = {k: math.sqrt(v) for k, v in expected.items()}
+    got = layer_gradient_scores(model, [BATCH], grad_eval, state=state)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got != pytest.approx(layer_gradient_scores(model, [BATCH], grad_eval), rel=1e-3)  # own values differ
+    for n, p in model.named_parameters():
+        if n in own:
+            assert torch.equal(p.detach(), own[n])
+
+
+def test_defaults_are_the_seeds_fedadam_and_a_training_server_batch():
+    """Issue 13, finding 5: seed 002 defaults to FedAdam; the server batch comes from the training records."""
+    strategy = make("fedgpl")
+    assert strategy.fed_alg == "fedadam" and strategy.server_optimizer.name == "fedadam"
+    assert strategy.server_batch == "train"

@@ -14,17 +14,19 @@ sum to at least ``coverage`` (0.5) of the total, clamped to [``min_layer_num``, 
 to the number of layers (k = ``min_layer_num`` when every score is 0). Only the selected layers' LoRA
 parameters train and are uploaded; adapter keys outside any numbered layer always train.
 
-Server batch (``server_batch``): ``heldout`` = ``server_examples`` (16) records drawn (seeded, fixed for
-the run) from the evaluation records, encoded like the training data (they stay in the evaluation set:
-the server only reads their gradients); ``train`` (or an integer N, meaning ``train`` with N records) =
-records drawn from the training data, batched by ``ServerContext.make_batch``. Batches of
+Server batch (``server_batch``): ``train`` (the default; or an integer N, meaning ``train`` with N
+records) = ``server_examples`` (16) records drawn (seeded, fixed for the run) from the training data,
+batched by ``ServerContext.make_batch``, so no evaluation record influences which layers train;
+``heldout`` = records drawn from the evaluation records, encoded like the training data (an opt-in for a
+server that holds a declared public split: with the run's own evaluation set it leaks test data into
+layer selection). Batches of
 ``federation.batch_size``; ``server_batches`` caps how many (default: enough to cover the records once).
 
 ``train_mode``: ``fedGradFocus`` (selection, the paper), ``fed`` (every layer, no gradients computed),
 ``local`` (no federation: each client trains its whole adapter from its own stored copy, nothing is
-uploaded, evaluation per client). ``fed_alg``: ``fedavg`` (the average; a configured server optimizer
-composes), ``fedadam`` (the configured FedAdam server optimizer, else FedAdam with ``server_lr``
-(5e-4, the seed's), beta1 0.9, beta2 0.99, tau 1e-3), ``fedprox`` (the proximal term (mu/2)||theta -
+uploaded, evaluation per client). ``fed_alg``: ``fedadam`` (the default, as in seed 002: the configured
+FedAdam server optimizer, else FedAdam with ``server_lr`` (5e-4, the seed's), beta1 0.9, beta2 0.99,
+tau 1e-3), ``fedavg`` (the average; a configured server optimizer composes), ``fedprox`` (the proximal term (mu/2)||theta -
 theta_global||^2 with ``mu`` (0.01) over the trained parameters).
 
 The score computation leaves the model as it found it: adapter values, ``requires_grad`` flags, ``.grad``
@@ -159,12 +161,12 @@ class FedGPL(MethodStrategy):
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
         self.train_mode = str(self.option("train_mode", "fedGradFocus"))
-        self.fed_alg = str(self.option("fed_alg", "fedavg")).lower()
+        self.fed_alg = str(self.option("fed_alg", "fedadam")).lower()
         self.grad_eval = str(self.option("grad_eval", "lora_per_l1"))
         self.min_layers = int(self.option("min_layer_num", 2))
         self.max_layers = int(self.option("max_layer_num", 6))
         self.coverage = float(self.option("coverage", 0.5))
-        server_batch = self.option("server_batch", "heldout")
+        server_batch = self.option("server_batch", "train")
         if isinstance(server_batch, int) and not isinstance(server_batch, bool):
             self.server_batch, self.server_examples = "train", int(server_batch)
         else:
@@ -192,7 +194,8 @@ class FedGPL(MethodStrategy):
             if is_identity(server_optimizer):
                 self.server_optimizer = FedAdam(lr=float(self.option("server_lr", 5e-4)))
             elif server_optimizer.name != "fedadam":
-                raise ValueError(f"fedgpl fed_alg=fedadam conflicts with server optimizer '{server_optimizer.name}'")
+                raise ValueError(f"fedgpl fed_alg=fedadam (the default) conflicts with server optimizer "
+                                 f"'{server_optimizer.name}': set method.options.fed_alg=fedavg to compose with it")
         self.personalized = self.train_mode == "local"
         self._server: Any = None
         self._selected: list[int] | None = None
