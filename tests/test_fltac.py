@@ -9,12 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fedpeft.strategies.base import ClientUpdate
+from fedpeft.strategies.base import ClientUpdate, TrainResult
 from fedpeft.strategies.fltac import (
     ASSIGNMENTS_FILE,
-    TRUE_TASK,
     cluster_average,
     clustering_accuracy,
+    local_tasks,
     plot_cluster_rounds,
 )
 from strategy_fakes import MODULES, MemoryStore, a_key, adapter, b_key, make
@@ -24,6 +24,12 @@ TASKS = ["arithmetic", "reverse", "uppercase", "sort_numbers"]
 # client -> its local tasks (every task on at least two clients)
 CLIENT_TASKS = {0: ["arithmetic", "reverse"], 1: ["reverse", "uppercase", "sort_numbers"], 2: ["arithmetic", "uppercase"],
                 3: ["sort_numbers", "arithmetic"], 4: ["uppercase", "reverse", "sort_numbers"]}
+# the ground truth a simulation knows: (client, job) -> task; client adapters t0, t1... follow sorted labels
+TRUTH = {(c, f"t{j}"): t for c, ts in CLIENT_TASKS.items() for j, t in enumerate(sorted(ts))}
+
+
+def truth_of(u):
+    return TRUTH[(u.client_id, u.job)]
 
 
 def centres(scale=10.0):
@@ -49,16 +55,16 @@ def synthetic_updates(noise=0.01, seed=0, jobs=None):
     cs = centres()
     updates = []
     for cid, tasks in CLIENT_TASKS.items():
-        for j, t in enumerate(tasks):
+        for j, t in enumerate(sorted(tasks)):
             tensors = {k: v + noise * torch.randn(v.shape, generator=g) for k, v in cs[t].items()}
             job = jobs(cid, j) if jobs else f"t{j}"
             updates.append(ClientUpdate(client_id=cid, tensors=tensors, num_examples=3 + 7 * cid + 2 * j, job=job,
-                                        metrics={"loss": 1.0, TRUE_TASK: t}))
+                                        metrics={"loss": 1.0}))
     return updates
 
 
 def expected_task_average(updates, task):
-    members = [u for u in updates if u.metrics[TRUE_TASK] == task]
+    members = [u for u in updates if truth_of(u) == task]
     total = sum(u.num_examples for u in members)
     return {k: sum(u.tensors[k] * (u.num_examples / total) for u in members) for k in members[0].tensors}
 
@@ -66,6 +72,7 @@ def expected_task_average(updates, task):
 def test_kmeans_recovers_well_separated_tasks_and_averages_exactly(tmp_path):
     strategy = make("fltac", r=R, num_tasks=len(TASKS), seed=7)
     glob = strategy.init_global(adapter(R, seed=1, zero_b=True))
+    strategy.begin_round(1, fake_server())  # the simulation's ground truth, for the accuracy only
     updates = synthetic_updates()
     agg = strategy.aggregate(1, glob, updates)
     assert agg.metrics["cluster_accuracy"] == 1.0
@@ -73,7 +80,7 @@ def test_kmeans_recovers_well_separated_tasks_and_averages_exactly(tmp_path):
                                                           for task in TASKS)
     assignment = {(c, j): cl for c, j, cl, _ in agg.metrics["cluster_assignments"]}
     for task in TASKS:
-        members = [u for u in updates if u.metrics[TRUE_TASK] == task]
+        members = [u for u in updates if truth_of(u) == task]
         clusters = {assignment[(u.client_id, u.job)] for u in members}
         assert len(clusters) == 1
         got = strategy.clusters[clusters.pop()]
@@ -104,15 +111,14 @@ def test_hungarian_clustering_accuracy():
 
 
 def test_aggregation_never_reads_job_names_or_task_labels():
-    """Renamed jobs and no true labels give the same clusters and averages (the labels only feed the log)."""
+    """Renamed jobs and no ground truth give the same clusters and averages (the truth only feeds the log)."""
     a = make("fltac", r=R, num_tasks=len(TASKS), seed=7)
     b = make("fltac", r=R, num_tasks=len(TASKS), seed=7)
     glob = a.init_global(adapter(R, seed=1, zero_b=True))
     b.init_global(glob)
+    a.begin_round(1, fake_server())
     ua = synthetic_updates()
     ub = synthetic_updates(jobs=lambda c, j: f"zz{97 - 13 * j}")
-    for u in ub:
-        del u.metrics[TRUE_TASK]
     ra, rb = a.aggregate(1, glob, ua), b.aggregate(1, glob, ub)
     assert "cluster_accuracy" not in rb.metrics
     assert [x[2] for x in ra.metrics["cluster_assignments"]] == [x[2] for x in rb.metrics["cluster_assignments"]]
@@ -128,22 +134,29 @@ def test_each_client_task_gets_its_cluster_adapter_next_round(tmp_path):
     server = fake_server()
     strategy.begin_round(1, server)
     plans = strategy.configure_round(1, [0, 1, 2, 3, 4], glob, store)
-    # one plan per (client, local task); opaque job ids; data_key = the task (client-side data selection)
-    assert [(p.client_id, p.data_key) for p in plans] == [(c, t) for c in CLIENT_TASKS for t in sorted(CLIENT_TASKS[c])]
-    assert all(p.job.startswith("t") and p.job[1:].isdigit() for p in plans)
+    # one plan per (client, local task); opaque job ids; no task label on the wire: the client resolves its job
+    assert [(p.client_id, p.job) for p in plans] == [(c, f"t{j}") for c in CLIENT_TASKS for j in range(len(CLIENT_TASKS[c]))]
+    for p in plans:
+        assert p.data_key is None and not any(t in json.dumps([p.job, p.info, p.data_key]) for t in TASKS)
+        counts = {t: 5 for t in CLIENT_TASKS[p.client_id]}
+        assert strategy.local_data_key(p, counts) == TRUTH[(p.client_id, p.job)]
     for p in plans:  # round 1 starts from the initial adapter
         for k in glob:
             assert torch.equal(p.downlink[k], glob[k])
     cs = centres()
-    updates = [ClientUpdate(client_id=p.client_id, tensors={k: v.clone() for k, v in cs[p.data_key].items()},
-                            num_examples=5, job=p.job, metrics={TRUE_TASK: p.data_key}) for p in plans]
+    updates = []
+    for p in plans:
+        trained = {k: v.clone() for k, v in cs[TRUTH[(p.client_id, p.job)]].items()}
+        up = strategy.client_update(1, p, trained, TrainResult(1, 1, 5, 1.0, 1.0, 0.1, 0.0), store)
+        assert not any(t in json.dumps(up.metrics) for t in TASKS)  # no label goes up either
+        updates.append(up)
     agg = strategy.aggregate(1, glob, updates)
     assert agg.metrics["cluster_accuracy"] == 1.0
     strategy.begin_round(2, server)
     plans2 = strategy.configure_round(2, [1, 3], agg.global_state, store)
     for p in plans2:
         for k in glob:
-            torch.testing.assert_close(p.downlink[k], cs[p.data_key][k])
+            torch.testing.assert_close(p.downlink[k], cs[TRUTH[(p.client_id, p.job)]][k])
     # per-task evaluation: each task scored with the cluster adapter its clients were assigned
     per_task = strategy.task_evaluation_states(agg.global_state, store)
     assert set(per_task) == set(TASKS)
@@ -217,11 +230,22 @@ def test_cluster_on_delta_separates_tasks_whose_adapters_started_far_apart():
     for mode in ("adapter", "delta"):
         strategy = make("fltac", r=R, num_tasks=len(TASKS), seed=7, cluster_on=mode)
         glob = strategy.init_global(adapter(R, seed=1, zero_b=True))
+        strategy.begin_round(1, fake_server())
         updates = []
         for cid, tasks in CLIENT_TASKS.items():
-            for j, t in enumerate(tasks):
+            for j, t in enumerate(sorted(tasks)):
                 strategy._sent[f"{cid}/t{j}"] = starts[cid]
                 updates.append(ClientUpdate(client_id=cid, tensors={k: starts[cid][k] + cs[t][k] for k in glob},
-                                            num_examples=5, job=f"t{j}", metrics={TRUE_TASK: t}))
+                                            num_examples=5, job=f"t{j}"))
         results[mode] = strategy.aggregate(1, glob, updates).metrics["cluster_accuracy"]
     assert results["delta"] == 1.0 and results["adapter"] < 1.0
+
+
+def test_local_tasks_and_a_job_the_client_does_not_have():
+    assert local_tasks({"b": 3, "a": 1, "c": 2}, 2) == ["b", "c"]
+    strategy = make("fltac", r=R, min_task_examples=2)
+    from fedpeft.strategies.base import ClientPlan
+
+    assert strategy.local_data_key(ClientPlan(0, {}, job="t1"), {"b": 3, "a": 1, "c": 2}) == "c"
+    with pytest.raises(ValueError, match="no adapter 't2'"):
+        strategy.local_data_key(ClientPlan(0, {}, job="t2"), {"b": 3, "a": 1, "c": 2})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,11 @@ class ClientData:
 
     def examples(self, client_id: int, data_key: str | None = None) -> list[int]:
         idx = self.indices[client_id]
-        return idx if data_key is None else [i for i in idx if self.labels[i] == data_key]
+        return idx if data_key is None else [i for i in idx if str(self.labels[i]) == str(data_key)]
+
+    def label_counts(self, client_id: int) -> dict[str, int]:
+        """The client's own partition labels and how many of its records carry each."""
+        return dict(Counter(str(self.labels[i]) for i in self.indices[client_id]))
 
     def batches(self, indices: list[int], seed: int):
         """Endless batches over ``indices`` in a seeded order (epochs without replacement)."""
@@ -101,10 +106,11 @@ class ClientRunner:
         """Train one plan. ``start_state`` is loaded first (the engine passes the global adapter), then
         ``plan.init_state`` (or ``plan.downlink``) over it."""
         cfg = self.config
-        examples = self.data.examples(plan.client_id, plan.data_key)
+        data_key = self.strategy.local_data_key(plan, self.data.label_counts(plan.client_id))
+        examples = self.data.examples(plan.client_id, data_key)
         if not examples:
             raise ValueError(f"client {plan.client_id} has no training examples"
-                             + (f" for '{plan.data_key}'" if plan.data_key else ""))
+                             + (f" for '{data_key}'" if data_key else ""))
         # Client side first: hooks and client-private state (e.g. a personal B merged into init_state)
         # come from this client's own store, wherever it runs.
         self.strategy.attach_client_hooks(round_idx, plan, self.store)

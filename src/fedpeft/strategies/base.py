@@ -127,6 +127,12 @@ class Strategy:
     def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
         return ClientPlan(client_id=client_id, downlink=global_state)
 
+    def local_data_key(self, plan: ClientPlan, label_counts: Mapping[str, int]) -> str | None:
+        """Runs on the client: the partition label of the records ``plan`` trains on (None: all of them),
+        from the plan and the client's own ``label -> record count``. Default: ``plan.data_key``. FL-TAC
+        resolves an opaque job id here, so no task label is on the wire."""
+        return plan.data_key
+
     def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
         """Runs on the client before training. A plan crosses the network as data only (tensors and
         JSON-able fields); callables such as ``extra_loss`` / ``grad_transform`` that a method needs

@@ -1,17 +1,21 @@
 """FL-TAC (Ping et al. 2024, seed 001): one adapter per (client, local task), clustered on the server.
 
-Each sampled client trains one adapter per local task: one ``ClientPlan`` per task, ``data_key`` = the
-task's partition label (used only by the client runtime to pick its records) and ``job`` = an opaque
-local id (``t0``, ``t1``... in the client's own order). The server never reads job names or data keys
-to aggregate: it flattens every received adapter, runs K-means with K = ``num_tasks`` (scikit-learn,
+Each sampled client trains one adapter per local task: one ``ClientPlan`` per task with ``job`` = an
+opaque local id (``t0``, ``t1``...) and no data key. No task label travels: the client resolves ``t<j>``
+to its own j-th local task (its partition labels with at least ``min_task_examples`` records, sorted:
+``local_tasks``) in ``local_data_key``, on the client, and its update carries no label either. The server
+only needs how many adapters each client keeps (in this simulation it reads the count from the
+partition). The server never reads job names to aggregate: it flattens every received adapter, runs K-means with K = ``num_tasks`` (scikit-learn,
 ``n_init`` 10, ``random_state`` derived from the run seed and round), averages the adapters of each
 cluster weighted by their sample counts, and returns to each (client, local adapter) its cluster's
 average, which initialises that adapter the next time the client is sampled. An adapter never seen
 before starts from the initial adapter.
 
-Clustering accuracy against the true tasks is for the evaluation harness only: ``client_update`` puts
-the plan's label in ``ClientUpdate.metrics["_true_task"]`` and ``aggregate`` uses it for nothing but
-the Hungarian-matched accuracy it logs.
+Clustering accuracy against the true tasks is for the simulation's evaluation only: ``begin_round`` takes
+the ground truth ((client, job) -> task) from the simulation's own partition (``ServerContext.labels`` and
+``client_indices``, the same ``local_tasks`` rule the clients apply), never from anything a client sends;
+``aggregate`` uses it for nothing but the Hungarian-matched accuracy it logs, the per-task evaluation
+adapters and the artifacts. Without that ground truth no accuracy is reported.
 
 Per round the strategy reports ``cluster_accuracy``, ``cluster_sizes``, ``cluster_inertia`` and the
 compact assignment list in ``AggregateResult.metrics``; when it knows an artifact directory (option
@@ -49,7 +53,6 @@ from fedpeft.federation.sampling import derive_seed
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, weighted_average
 from fedpeft.strategies.common import MethodStrategy
 
-TRUE_TASK = "_true_task"
 STORE_PREFIX = "fltac_"
 ASSIGNMENTS_FILE = "cluster_assignments.jsonl"
 
@@ -120,6 +123,17 @@ def pca_2d(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
+def local_tasks(label_counts: Mapping[str, int], min_examples: int) -> list[str]:
+    """A client's local tasks, in the order its adapters ``t0``, ``t1``... are numbered: its partition
+    labels with at least ``min_examples`` records, sorted. The client applies it to its own records; the
+    simulation's evaluation applies it to the partition to know the truth."""
+    return sorted(str(label) for label, n in label_counts.items() if n >= min_examples)
+
+
+def job_name(slot: int) -> str:
+    return f"t{slot}"
+
+
 def client_label_counts(server: Any) -> list[dict[str, int]]:
     """Each client's local tasks: partition label -> number of its training records.
 
@@ -165,8 +179,10 @@ class FLTAC(MethodStrategy):
         self.pending: dict[str, int] = {}  # "client/job" -> cluster id of the last aggregate, not yet delivered
         self.task_cluster: dict[str, int] = {}  # evaluation harness: task -> cluster its examples went to
         self.log_offset = 0
-        # client-runtime view (recomputed each round, not state)
-        self.client_tasks: list[list[str]] | None = None
+        # recomputed at the first begin_round, not state: how many adapters each client keeps, and the
+        # simulation's ground truth "client/job" -> task (evaluation only; never sent by a client)
+        self.client_jobs: list[int] | None = None
+        self.truth: dict[str, str] = {}
         self._sent: dict[str, AdapterState] = {}  # cluster_on=delta: "client/job" -> state sent this round
         self._truncate_log = True  # at the first begin_round: a fresh run starts the jsonl empty
 
@@ -182,9 +198,11 @@ class FLTAC(MethodStrategy):
             if self.artifact_dir is not None:  # lines written by a round that did not complete
                 truncate_log(self.artifact_dir / ASSIGNMENTS_FILE, self.log_offset)
             self._truncate_log = False
-        if self.client_tasks is None:
+        if self.client_jobs is None:
             counts = client_label_counts(server)
-            self.client_tasks = [sorted(lab for lab, n in c.items() if n >= self.min_task_examples) for c in counts]
+            tasks = [local_tasks(c, self.min_task_examples) for c in counts]
+            self.client_jobs = [len(t) for t in tasks]
+            self.truth = {f"{cid}/{job_name(j)}": task for cid, ts in enumerate(tasks) for j, task in enumerate(ts)}
             if self.num_tasks is None:
                 self.num_tasks = len({lab for c in counts for lab in c})
 
@@ -206,23 +224,26 @@ class FLTAC(MethodStrategy):
                 store.put(int(cid), STORE_PREFIX + job, self.clusters[cluster])
         self.pending = {}
         self._sent = {}
-        if self.client_tasks is None:
-            raise RuntimeError("fltac: begin_round must run before configure_round (it learns each client's tasks)")
+        if self.client_jobs is None:
+            raise RuntimeError("fltac: begin_round must run before configure_round (it learns each client's "
+                               "number of local adapters)")
         plans = []
         for cid in clients:
-            for j, task in enumerate(self.client_tasks[cid]):
-                job = f"t{j}"
+            for j in range(self.client_jobs[cid]):
+                job = job_name(j)
                 start = self._start_state(cid, job, store)
                 if self.cluster_on == "delta":  # server-side memory of what each adapter started from
                     self._sent[f"{cid}/{job}"] = start
-                plans.append(ClientPlan(client_id=cid, downlink=start, job=job, data_key=task))
+                plans.append(ClientPlan(client_id=cid, downlink=start, job=job))
         return plans
 
-    def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any
-                      ) -> ClientUpdate:
-        update = super().client_update(round_idx, plan, trained, result, store)
-        update.metrics[TRUE_TASK] = plan.data_key  # for the clustering-accuracy log only
-        return update
+    def local_data_key(self, plan: ClientPlan, label_counts: Mapping[str, int]) -> str | None:
+        """On the client: adapter ``t<j>`` trains on the client's own j-th local task."""
+        tasks = local_tasks(label_counts, self.min_task_examples)
+        slot = int(plan.job[1:]) if plan.job[:1] == "t" and plan.job[1:].isdigit() else -1
+        if not 0 <= slot < len(tasks):
+            raise ValueError(f"fltac: client {plan.client_id} has {len(tasks)} local task(s); no adapter '{plan.job}'")
+        return tasks[slot]
 
     # --- server -----------------------------------------------------------------------------------
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
@@ -251,7 +272,7 @@ class FLTAC(MethodStrategy):
         new_global = {kk: v.clone() for kk, v in global_state.items()}
         new_global.update(mean)
 
-        truth = [u.metrics.get(TRUE_TASK) for u in updates]
+        truth = [self.truth.get(f"{u.client_id}/{u.job}") for u in updates]  # the simulation's, for evaluation
         metrics: dict[str, Any] = {
             "num_adapters": len(updates), "num_clusters": len(clusters),
             "cluster_sizes": [int((labels == c).sum()) for c in sorted(clusters)],
