@@ -208,3 +208,50 @@ def test_heterogeneous_rank_bytes_are_the_client_rank_slice(name):
         rk = ranks[plan.client_id]
         expected = 4 * (sum(rk * (d_in + d_out) for d_out, d_in in MODULES.values()) + HEAD_SHAPE[0] * HEAD_SHAPE[1])
         assert _adapter_bytes(plan.downlink) == expected == _adapter_bytes(up.tensors)
+
+
+# --- merges into bfloat16 base weights (FLoRA, FedEx-LoRA) ----------------------------------------------------
+def _bf16_lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    from fedpeft.models.peft_wrap import lora_modules
+
+    net = torch.nn.Sequential()
+    net.add_module("q", torch.nn.Linear(4, 3, bias=False))
+    with torch.no_grad():
+        net.q.weight.fill_(1.0)
+    model = get_peft_model(net, LoraConfig(r=2, lora_alpha=4, target_modules=["q"]))
+    name = next(iter(lora_modules(model)))
+    model.base_model.model.q.base_layer.weight.data = model.base_model.model.q.base_layer.weight.data.to(torch.bfloat16)
+    return model, name
+
+
+def test_small_merges_accumulate_in_a_bfloat16_base_weight():
+    """Issue 13, finding 9: ten merges of 0.003 into W0 = 1 (bf16 spacing at 1 is 2^-7 = 0.0078): added
+    straight, each is rounded away (W stays 1.0); with the float32 master W is the bf16 nearest to 1.03."""
+    from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, lora_modules, master_from_saved, set_base_weights
+
+    plain, name = _bf16_lora_model()
+    kept, _ = _bf16_lora_model()
+    master: dict[str, torch.Tensor] = {}
+    delta = torch.full((3, 4), 0.003)
+    for _ in range(10):
+        add_to_base_weight(plain, {name: delta})
+        add_to_base_weight(kept, {name: delta}, master=master)
+    weight = lambda m: lora_modules(m)[name].get_base_layer().weight  # noqa: E731
+    assert torch.equal(weight(plain), torch.ones(3, 4, dtype=torch.bfloat16))  # the lost merges (before)
+    expected = torch.full((3, 4), 1.0 + 10 * 0.003).to(torch.bfloat16)
+    assert float(expected[0, 0]) == 1.03125
+    assert torch.equal(weight(kept), expected)
+    torch.testing.assert_close(master[name], torch.full((3, 4), 1.03), rtol=0, atol=1e-6)
+    # a checkpoint saves the master; a resumed run continues the exact sum
+    saved = base_weights(kept, [name], master)
+    assert saved[name].dtype == torch.float32
+    resumed, _ = _bf16_lora_model()
+    set_base_weights(resumed, saved)
+    resumed_master = master_from_saved(resumed, saved)
+    for model, m in ((kept, master), (resumed, resumed_master)):
+        for _ in range(10):
+            add_to_base_weight(model, {name: delta}, master=m)
+    assert torch.equal(weight(resumed), weight(kept))
+    assert torch.equal(weight(kept), torch.full((3, 4), 1.06).to(torch.bfloat16))

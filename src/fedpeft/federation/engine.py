@@ -44,7 +44,13 @@ from fedpeft.metering.allocator import malloc_mode, tune_malloc
 from fedpeft.metering.compression import decode, encode
 from fedpeft.metering.flops import count_parameters
 from fedpeft.metering.memory import peak_cuda_mb, peak_rss_mb
-from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, load_experiment_model, set_base_weights
+from fedpeft.models.peft_wrap import (
+    add_to_base_weight,
+    base_weights,
+    load_experiment_model,
+    master_from_saved,
+    set_base_weights,
+)
 from fedpeft.strategies import build_experiment_strategy
 from fedpeft.strategies.base import AggregateResult, ClientUpdate
 
@@ -124,6 +130,7 @@ class Engine:
         self.live = make_loggers(cfg.output.live_loggers, self.run_dir, cfg.model_dump(mode="json"))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", listener=self.live.log_event if self.live else None)
         self.base_touched: set[str] = set()
+        self.base_master: dict[str, torch.Tensor] = {}  # float32 masters of merged bfloat16 base weights
         self.runner = ClientRunner(self.model, self.strategy, cfg, self.client_data, self.store)
         if self.transport is None:
             self.transport = InProcessTransport(self.runner)
@@ -250,6 +257,7 @@ class Engine:
             if ckpt.base_weights:
                 set_base_weights(self.model, ckpt.base_weights)
                 self.base_touched = set(ckpt.base_weights)
+                self.base_master = master_from_saved(self.model, ckpt.base_weights)
             start_round = ckpt.round + 1
             cum_up, cum_down = ckpt.state["cum_uplink_bytes"], ckpt.state["cum_downlink_bytes"]
             elapsed_before = ckpt.state.get("elapsed_seconds", 0.0)
@@ -343,7 +351,7 @@ class Engine:
                               else AggregateResult(global_state=global_state))
                 global_state = aggregated.global_state
                 if aggregated.base_delta:
-                    add_to_base_weight(self.model, aggregated.base_delta)
+                    add_to_base_weight(self.model, aggregated.base_delta, master=self.base_master)
                     self.base_touched.update(aggregated.base_delta)
                 round_down += state_bytes(aggregated.broadcast) * fed.num_clients
                 phases["aggregate"] = time.perf_counter() - t_agg
@@ -376,7 +384,8 @@ class Engine:
                 save_checkpoint(
                     self.run_dir / "checkpoints",
                     Checkpoint(round_idx, global_state, self.strategy.state_dict(),
-                               base_weights(self.model, sorted(self.base_touched)) if self.base_touched else {}, state),
+                               base_weights(self.model, sorted(self.base_touched), self.base_master)
+                               if self.base_touched else {}, state),
                     keep=cfg.output.keep_checkpoints,
                     before_commit=lambda r=round_idx: _maybe_kill(f"checkpoint:{r}"),
                 )
@@ -415,7 +424,8 @@ class Engine:
         if self.base_touched:
             from safetensors.torch import save_file
 
-            save_file(base_weights(self.model, sorted(self.base_touched)), str(final / "base_weights.safetensors"))
+            save_file(base_weights(self.model, sorted(self.base_touched), self.base_master),
+                      str(final / "base_weights.safetensors"))
         return final
 
 

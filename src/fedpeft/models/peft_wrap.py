@@ -55,8 +55,16 @@ def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
-def add_to_base_weight(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> None:
-    """W0 <- W0 + delta for each named LoRA module, in place (no copy of the base model is made)."""
+def add_to_base_weight(model: torch.nn.Module, deltas: dict[str, torch.Tensor],
+                       master: dict[str, torch.Tensor] | None = None) -> None:
+    """W0 <- W0 + delta for each named LoRA module, in place (no copy of the base model is made).
+
+    With ``master`` (a dict the caller keeps for the whole run), a weight held in a lower precision than
+    float32 (``model.dtype: bfloat16``) gets a float32 master copy of itself, made at its first merge: the
+    delta is added to the master and the weight becomes the master rounded once. Added straight to a
+    bfloat16 weight (8 bits of mantissa), a delta under half a unit in the last place of W0 is rounded
+    away at every merge, so FLoRA's and FedEx-LoRA's merges would never accumulate; with the master the
+    weight stays the nearest bfloat16 to W0 + sum of the deltas."""
     modules = lora_modules(model)
     with torch.no_grad():
         for name, delta in deltas.items():
@@ -65,12 +73,35 @@ def add_to_base_weight(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) 
             weight = modules[name].get_base_layer().weight
             if tuple(weight.shape) != tuple(delta.shape):
                 raise ValueError(f"base delta for '{name}' has shape {tuple(delta.shape)}, weight is {tuple(weight.shape)}")
-            weight.add_(delta.to(weight.dtype))
+            if master is not None and weight.dtype != torch.float32:
+                kept = master.get(name)
+                if kept is None:
+                    kept = master[name] = weight.detach().float().clone()
+                kept.add_(delta.to(device=kept.device, dtype=torch.float32))
+                weight.copy_(kept)
+            else:
+                weight.add_(delta.to(weight.dtype))
 
 
-def base_weights(model: torch.nn.Module, names) -> dict[str, torch.Tensor]:
+def base_weights(model: torch.nn.Module, names, master: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The named base weights as CPU tensors: a float32 master copy where ``master`` keeps one (so a
+    checkpoint resumes the exact sum), else the weight itself."""
     modules = lora_modules(model)
-    return {name: modules[name].get_base_layer().weight.detach().to("cpu").clone() for name in names}
+    master = master or {}
+    return {name: (master[name] if name in master else modules[name].get_base_layer().weight).detach().to("cpu").clone()
+            for name in names}
+
+
+def master_from_saved(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float32 masters a resumed run continues with: saved float32 values of weights the model holds
+    in a lower precision (what ``base_weights`` wrote with a master)."""
+    modules = lora_modules(model)
+    out = {}
+    for name, value in weights.items():
+        weight = modules[name].get_base_layer().weight
+        if value.dtype == torch.float32 and weight.dtype != torch.float32:
+            out[name] = value.detach().to(weight.device).clone()
+    return out
 
 
 def set_base_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
