@@ -95,3 +95,19 @@ def test_resume_is_exact_when_the_method_changes_base_weights(tmp_path, tiny_con
         assert ref.keys() == got.keys() and len(ref) > 0
         for key in ref:
             assert torch.equal(ref[key], got[key]), (name, key)
+
+
+def test_resume_is_exact_with_a_kept_local_optimizer(tmp_path, reference, tiny_config_path_module):
+    """training.keep_optimizer: each client's AdamW state lives in its client store, committed with the
+    round, so a run killed mid-round resumes it exactly; and it is a different run from fresh optimizers."""
+    args = ["--config", str(tiny_config_path_module), *OVERRIDES, "training.keep_optimizer=true"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    assert _run([*args, "--run-dir", str(ref_dir)]).returncode == 0
+    assert any(p.name.startswith("local_optimizer_default.") for p in (ref_dir / "client_store").glob("*/*"))
+    killed = _run([*args, "--run-dir", str(run_dir)], {KILL_ENV: "client:3:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = _run(["--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    ref, got, fresh = _final(ref_dir), _final(run_dir), _final(reference)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert any(not torch.equal(ref[k], fresh[k]) for k in ref)
