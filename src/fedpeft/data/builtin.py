@@ -230,7 +230,7 @@ def load_builtin(name: str, split: str = "train", path: str | Path | None = None
         if spec.hub_id and split in spec.hub_splits and not hub:
             hub_note = "; hub loading is off"
         raise DataError(f"built-in dataset '{spec.name}' split '{split}': no local copy (looked in {looked}){hub_note}. "
-                        f"Point data.path or ${DATA_DIR_ENV} at a copy")
+                        f"Point data.path (fedpeft run), --data-dir (fedpeft eval) or ${DATA_DIR_ENV} at a copy")
     if spec.convert is not None:
         records = [spec.convert(r) for r in records]
     for record in records:

@@ -39,6 +39,16 @@ class ExperimentData:
             self._classes = sorted({str(r["output"]) for r in (*self.train, *self.evaluation)})
         return self._classes
 
+    def label_set_lines(self) -> list[str]:
+        """One line per classification task: its label set (value -> word) and where it came from."""
+        inferred = set(self.info.get("labels_inferred", ()))
+        lines = []
+        for task, words in self.info.get("label_sets", {}).items():
+            how = "inferred from the training records" if task in inferred else "given"
+            pairs = ", ".join(value if value == word else f"{value} -> {word}" for value, word in words.items())
+            lines.append(f"labels of task '{task}' ({len(words)}, {how}): {pairs}")
+        return lines
+
     def labels(self) -> list[str]:
         missing = [i for i, r in enumerate(self.train) if self.label_field not in r]
         if missing:
