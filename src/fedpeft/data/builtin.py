@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.data.sources import DataError, Record, load_hub, load_local, load_records, looks_local
-from fedpeft.data.tasks import Task, get_task, infer_task_type
+from fedpeft.data.tasks import ClassificationTask, Task, get_task, infer_task_type
 
 logger = logging.getLogger(__name__)
 
@@ -376,16 +376,14 @@ def _check_evaluation_labels(tasks: Mapping[str, Task], evaluation: list[Record]
     """Every evaluation label of a classification task must be in the label set learnt from training:
     a head has no output for an unseen label, and a generating model was never taught its word."""
     for name, task in tasks.items():
-        labels = getattr(task, "labels", None)
-        if labels is None or getattr(task, "label_words", None) is None:
+        if not isinstance(task, ClassificationTask) or task.label_words is None:
             continue
-        known = set(labels())
         field_ = task.label_field
-        seen = {task._label(r) for r in evaluation if str(r.get("task")) == name and r.get(field_) is not None}
-        unknown = sorted(seen - known, key=str)
+        seen = {task.label_of(r) for r in evaluation if str(r.get("task")) == name and r.get(field_) is not None}
+        unknown = sorted(seen - set(task.labels()), key=str)
         if unknown:
             raise DataError(f"{origin}: evaluation labels {unknown} (field {field_!r}, task '{name}') are not in the training "
-                            f"label set {labels()}; evaluate on data with the training labels, or give every label in "
+                            f"label set {task.labels()}; evaluate on data with the training labels, or give every label in "
                             f"data.task_options.label_words")
 
 
@@ -410,7 +408,7 @@ def load_for_experiment(config: Any):
     train, evaluation, eval_split, eval_origin = _evaluation_records(config, train)
     tasks = tasks_for_records(train, data.source, task_type, task_options, data.path)
     for task_name, task in tasks.items():  # label sets come from the training records alone
-        if hasattr(task, "fit_labels"):
+        if isinstance(task, ClassificationTask):
             task.fit_labels([r for r in train if str(r.get("task", data.source)) == task_name],
                             f"{data.source} (train, task '{task_name}')")
     _check_evaluation_labels(tasks, evaluation, eval_origin)
@@ -426,12 +424,13 @@ def load_for_experiment(config: Any):
                                              f"({name_}, task '{task_name}')")
         normalized[name_] = [tasks[str(r.get("task", data.source))].normalize(r) for r in records]
     task_types = sorted({t.name for t in tasks.values()})
-    label_sets = {name: dict(t.label_words) for name, t in tasks.items() if getattr(t, "label_words", None)}
+    label_sets = {name: dict(t.label_words) for name, t in tasks.items()
+                  if isinstance(t, ClassificationTask) and t.label_words is not None}
     return ExperimentData(
         train=normalized["train"], evaluation=normalized["evaluation"], label_field=data.partition.by,
         scorer=task_types[0] if len(task_types) == 1 else "per_task",
         info={"source": data.source, "split": split, "eval_source": eval_origin, "eval_split": eval_split,
               "task_types": {name: t.name for name, t in tasks.items()}, "label_sets": label_sets,
-              "labels_inferred": sorted(name for name, t in tasks.items() if getattr(t, "inferred", False))},
+              "labels_inferred": sorted(name for name, t in tasks.items() if isinstance(t, ClassificationTask) and t.inferred)},
         tasks=tasks,
     )

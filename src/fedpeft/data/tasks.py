@@ -437,7 +437,7 @@ class ClassificationTask(Task):
             raise DataError(f"{origin}: record {missing} has no field {self.label_field!r} to read its label from "
                             f"(it has {sorted(records[missing])}); map a column to it with data.columns or set "
                             f"data.task_options.label_field")
-        values = sorted({self._label(r) for r in records}, key=_label_sort_key)
+        values = sorted({self.label_of(r) for r in records}, key=_label_sort_key)
         if len(values) < 2:
             raise DataError(f"{origin}: field {self.label_field!r} has only the value(s) {values}; classification needs "
                             f"at least two labels in the training data")
@@ -463,7 +463,7 @@ class ClassificationTask(Task):
         texts = ((self.DEFAULT_TEXT_FIELDS,) if self.text_fields is None else tuple((f,) for f in self.text_fields))
         return (*texts, (self.label_field,))
 
-    def _label(self, record: Record) -> str:
+    def label_of(self, record: Record) -> str:
         value = record[self.label_field]
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -474,7 +474,7 @@ class ClassificationTask(Task):
         return list(self._words())
 
     def _check_record(self, record: Record, index: int, origin: str) -> None:
-        if self._label(record) not in self._words():
+        if self.label_of(record) not in self._words():
             raise DataError(f"{origin}: record {index}: {self.label_field} {record[self.label_field]!r} is not in the "
                             f"label set {self.labels()}")
 
@@ -486,7 +486,7 @@ class ClassificationTask(Task):
         return "\n".join(f"{f.replace('_', ' ').capitalize()}: {str(record[f]).strip()}" for f in fields)
 
     def example(self, record: Record) -> Example:
-        label = self._label(record)
+        label = self.label_of(record)
         words = self._words()
         if label not in words:
             raise DataError(f"{self.label_field} {record[self.label_field]!r} is not in the label set {self.labels()}")
