@@ -118,7 +118,7 @@ def test_add_generated_mixes_tasks_into_a_dataset(tmp_path):
 
     path = tmp_path / "reviews.jsonl"
     path.write_text("".join(json.dumps({"sentence": f"film {i}", "label": i % 2}) + "\n" for i in range(30)))
-    cfg = build_config({"data": {"source": str(path), "task": "classification", "add_generated": ["topic"],
+    cfg = build_config({"data": {"source": str(path), "task": "sst2", "add_generated": ["topic"],
                                  "train_examples_per_task": 10, "eval_examples_per_task": 3,
                                  "partition": {"by": "task"}}})
     data = load_experiment_data(cfg)

@@ -170,7 +170,8 @@ def test_eval_command_base_and_adapter(tmp_path, data_dir):
     metrics = tmp_path / "base" / "metrics.jsonl"
     result = runner.invoke(app, ["eval", "--model", "tiny-llama", "--suite", "boolq,sst2,hellaswag", "--limit", "2",
                                  "--data-dir", str(data_dir), "--metrics", str(metrics), "--threads", "1"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # hellaswag has no data: the results are logged, the exit says so
+    assert "1 task(s) did not run: hellaswag" in result.output and "--data-dir" in result.output
     [event] = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert event["event"] == "eval_suite" and event["model"] == "tiny-llama"
     assert set(event["metrics"]) >= {"boolq/acc", "sst2/acc"}

@@ -76,11 +76,17 @@ class DataConfig(_Section):
     template: Literal["chat", "alpaca", "plain"] = "chat"
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     columns: dict[str, str] = Field(default_factory=dict, description="Column mapping source->field.")
+    fieldnames: list[str] | None = Field(
+        None, description="Column names of a CSV/TSV without a header row (training and evaluation files); every "
+        "row, the first included, is then a record. Without it the first row is the header.")
     split: str = Field("train", description="Split of a built-in dataset to train on.")
     eval_split: str | None = Field(None, description="Evaluation split (default: the dataset's own, else a seeded hold-out).")
-    eval_source: str | None = Field(None, description="A different dataset (name or path) to evaluate on.")
+    eval_source: str | None = Field(None, description="The dataset to evaluate on: a local file or directory (its records "
+                                    "are the evaluation set, named like the training task unless they have a 'task' field), "
+                                    "a built-in name or a hub id (with data.eval_split).")
     task: str | None = Field(None, description="Task type for plain files (instruction, gsm8k, commonsense, mmlu, classification, math).")
-    task_options: dict[str, Any] = Field(default_factory=dict, description="Task options, e.g. {shots: 5} or label_words.")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="Task options, e.g. {shots: 5}, or for "
+                                         "classification label_words, text_field, label_field, instruction, head_instruction.")
     max_train_examples_per_task: int | None = Field(None, ge=1, description="Cap training records per task/label.")
     add_generated: list[str] = Field(
         default_factory=list, description="Generated tasks added to a dataset source (train/eval_examples_per_task "
@@ -141,7 +147,8 @@ class EvaluationConfig(_Section):
     before_training: bool = Field(True, description="Also evaluate the base model before round 1.")
     max_new_tokens: int = Field(16, ge=1)
     batch_size: int = Field(32, ge=1)
-    max_examples: int | None = Field(None, ge=1, description="Cap per task for per-round evaluation.")
+    max_examples: int | None = Field(None, ge=1, description="Evaluate on a seeded sample of at most this many records "
+                                     "per group (task, or group_by), the same records in every evaluation, final included.")
     group_by: str | None = Field(None, description="Record field to report metrics by (default: the record's task; "
                                  "e.g. 'category' for Dolly). Records without the field fall back to their task.")
     personal_max_clients: int | None = Field(

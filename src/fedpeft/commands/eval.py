@@ -207,3 +207,8 @@ def register(app: typer.Typer) -> None:
             details.write_text(json.dumps(extras, indent=1, default=str))
             console.print(f"samples, answers and judge failures: {details}")
         console.print(f"appended to {metrics_path}")
+        skipped = [r.task for r in results if r.skipped]
+        if skipped:  # a partial evaluation must not look like a finished one to a script
+            console.print(f"[red]error:[/red] {len(skipped)} task(s) did not run: {', '.join(skipped)}. Give their data "
+                          f"with --data-dir DIR (or $FEDPEFT_DATA_DIR); see the reasons above")
+            raise typer.Exit(1)

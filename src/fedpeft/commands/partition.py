@@ -79,6 +79,7 @@ def register(app: typer.Typer) -> None:
         )
         from fedpeft.data.sources import DataError
 
+        label_sets: list[str] = []
         try:
             cfg = load_config(config, list(ctx.args))
             pcfg = cfg.data.partition
@@ -95,6 +96,7 @@ def register(app: typer.Typer) -> None:
                 labels = data.labels()
                 order = None
                 source = cfg.data.source
+                label_sets = data.label_set_lines()
             parts = partition(labels, num_clients, pcfg.kind, cfg.seed, alpha=pcfg.alpha, min_frac=pcfg.min_frac,
                               classes_per_client=pcfg.classes_per_client, label_order=order)
         except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
@@ -114,6 +116,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(format_table(values, table))
         else:
             console.print(_rich_table(title, values, table))
+        for line in label_sets:
+            typer.echo(line)
         holders = (table > 0).sum(axis=0)
         typer.echo("clients holding each value: " + ", ".join(f"{v} {int(h)}/{num_clients}" for v, h in zip(values, holders)))
         empty = empty_clients(parts)

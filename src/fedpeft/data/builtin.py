@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft.data.sources import DataError, Record, load_hub, load_local, load_records
-from fedpeft.data.tasks import Task, get_task, infer_task_type
+from fedpeft.data.sources import DataError, Record, load_hub, load_local, load_records, looks_local
+from fedpeft.data.tasks import ClassificationTask, Task, get_task, infer_task_type
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _registry() -> dict[str, BuiltinDataset]:
                        {"dev": "dev", "validation": "validation", "test": "test"},
                        {"dev": "mmlu/dev", "validation": "mmlu/val", "test": "mmlu/test"},
                        {"fieldnames": _MMLU_COLUMNS}, convert=_mmlu_subject_from_file, eval_split="validation"),
-        BuiltinDataset("sst2", "classification", "SST-2 sentiment", "nyu-mll/glue", "sst2",
+        BuiltinDataset("sst2", "sst2", "SST-2 sentiment", "nyu-mll/glue", "sst2",
                        {"train": "train", "validation": "validation"},
                        {"train": "sst2/train.tsv", "validation": "sst2/dev.tsv", "test": "sst2/test.tsv"},
                        eval_split="validation"),
@@ -230,7 +230,7 @@ def load_builtin(name: str, split: str = "train", path: str | Path | None = None
         if spec.hub_id and split in spec.hub_splits and not hub:
             hub_note = "; hub loading is off"
         raise DataError(f"built-in dataset '{spec.name}' split '{split}': no local copy (looked in {looked}){hub_note}. "
-                        f"Point data.path or ${DATA_DIR_ENV} at a copy")
+                        f"Point data.path (fedpeft run), --data-dir (fedpeft eval) or ${DATA_DIR_ENV} at a copy")
     if spec.convert is not None:
         records = [spec.convert(r) for r in records]
     for record in records:
@@ -254,8 +254,10 @@ def make_task(name: str, path: str | Path | None = None, **options: Any) -> Task
 
 
 def load_source(source: str, split: str = "train", path: str | Path | None = None,
-                columns: Mapping[str, str] | str | None = None, *, limit: int | None = None) -> list[Record]:
-    """Records for ``data.source``: a built-in name, else a local file/directory, else a hub id."""
+                columns: Mapping[str, str] | str | None = None, *, limit: int | None = None,
+                fieldnames: list[str] | None = None) -> list[Record]:
+    """Records for ``data.source``: a built-in name, else a local file/directory, else a hub id.
+    ``fieldnames`` names the columns of a local CSV/TSV without a header row."""
     if builtin(source) is not None:
         records = load_builtin(source, split, path, limit=limit)
         if columns:
@@ -263,7 +265,8 @@ def load_source(source: str, split: str = "train", path: str | Path | None = Non
 
             records = apply_columns(records, columns, f"built-in '{source}'")
         return records
-    records = load_records(path or source, columns, split=split, limit=limit)
+    records = load_records(path or source, columns, split=split, limit=limit,
+                           **({"fieldnames": fieldnames} if fieldnames else {}))
     name = Path(str(source)).stem or str(source)
     for record in records:
         record.setdefault("task", name)
@@ -324,15 +327,75 @@ def _cap_per_task(records: list[Record], cap: int | None) -> list[Record]:
     return kept
 
 
+def _evaluation_records(config: Any, train: list[Record]) -> tuple[list[Record], list[Record], str, str]:
+    """(train, evaluation, evaluation split, where the evaluation records come from).
+
+    ``data.eval_source`` is always used when set: a local file or directory is the evaluation set as
+    it is (its records take the training task's name unless they have a ``task`` field); a built-in
+    name or a hub id gives its ``data.eval_split`` (a built-in's own evaluation split by default). Without
+    it, ``data.eval_split`` (or the built-in source's own evaluation split) of ``data.source``; else
+    ``eval_examples_per_task`` seeded records per task are held out of the training records."""
+    data = config.data
+    columns = data.columns or None
+    fieldnames = getattr(data, "fieldnames", None)
+    eval_source = getattr(data, "eval_source", None)
+    eval_split = getattr(data, "eval_split", None)
+    if eval_source and builtin(eval_source) is None:
+        local = looks_local(eval_source)
+        if not local and eval_split is None:
+            raise DataError(f"data.eval_source '{eval_source}' is neither a local file nor a built-in dataset name, so it is "
+                            f"read as a Hugging Face Hub dataset: set data.eval_split to the split to evaluate on")
+        if local and eval_split is not None:
+            logger.warning("data.eval_split=%s is ignored: data.eval_source '%s' is a local file, used whole",
+                           eval_split, eval_source)
+        options = {"fieldnames": fieldnames} if (local and fieldnames) else {}
+        evaluation = load_records(eval_source, columns, split=eval_split or "test", **options)
+        unnamed = [r for r in evaluation if r.get("task") in (None, "")]
+        if unnamed:
+            train_tasks = sorted({str(r.get("task")) for r in train})
+            if len(train_tasks) != 1:
+                raise DataError(f"data.eval_source '{eval_source}': its records have no 'task' field and the training data "
+                                f"has several tasks {train_tasks}; add a 'task' column naming one of them to each record")
+            for record in unnamed:
+                record["task"] = train_tasks[0]
+        return train, evaluation, "local file" if local else str(eval_split), str(eval_source)
+    source = eval_source or data.source
+    spec = builtin(source)
+    eval_split = eval_split or (spec.eval_split if spec is not None else None)
+    if eval_split is None and eval_source:
+        raise DataError(f"data.eval_source '{eval_source}' has no default evaluation split; set data.eval_split "
+                        f"(its splits: {', '.join(spec.splits) if spec else '?'})")
+    if eval_split is not None:
+        eval_path = data.path if source == data.source else None
+        return train, load_source(source, eval_split, eval_path, columns), eval_split, str(source)
+    train, evaluation = _hold_out(train, data.eval_examples_per_task, getattr(config, "seed", 0))
+    return train, evaluation, "held_out", f"{data.source} (held out)"
+
+
+def _check_evaluation_labels(tasks: Mapping[str, Task], evaluation: list[Record], origin: str) -> None:
+    """Every evaluation label of a classification task must be in the label set learnt from training:
+    a head has no output for an unseen label, and a generating model was never taught its word."""
+    for name, task in tasks.items():
+        if not isinstance(task, ClassificationTask) or task.label_words is None:
+            continue
+        field_ = task.label_field
+        seen = {task.label_of(r) for r in evaluation if str(r.get("task")) == name and r.get(field_) is not None}
+        unknown = sorted(seen - set(task.labels()), key=str)
+        if unknown:
+            raise DataError(f"{origin}: evaluation labels {unknown} (field {field_!r}, task '{name}') are not in the training "
+                            f"label set {task.labels()}; evaluate on data with the training labels, or give every label in "
+                            f"data.task_options.label_words")
+
+
 def load_for_experiment(config: Any):
     """``config.data`` (a non-generated source) -> ``ExperimentData``: normalized train and evaluation
     records, validated by their tasks before any model is loaded.
 
-    Reads ``data.source``, ``data.path``, ``data.columns``, ``data.eval_examples_per_task`` and
-    ``data.partition.by``, plus, when the config has them, ``data.split`` (default ``train``),
-    ``data.eval_split`` (default: the dataset's own evaluation split, else a held-out sample of
-    ``eval_examples_per_task`` per task), ``data.eval_source``, ``data.task`` / ``data.task_options`` and
-    ``data.max_train_examples_per_task``.
+    Reads ``data.source``, ``data.path``, ``data.columns``, ``data.fieldnames``,
+    ``data.eval_examples_per_task`` and ``data.partition.by``, plus ``data.split`` (default ``train``),
+    ``data.eval_source`` / ``data.eval_split`` (see ``_evaluation_records``), ``data.task`` /
+    ``data.task_options`` and ``data.max_train_examples_per_task``. A classification task without
+    ``label_words`` learns its label set from the training records only.
     """
     from fedpeft.data.dataset import ExperimentData
 
@@ -340,32 +403,34 @@ def load_for_experiment(config: Any):
     split = getattr(data, "split", None) or "train"
     task_type = getattr(data, "task", None)
     task_options = getattr(data, "task_options", None) or {}
-    columns = data.columns or None
-    train = load_source(data.source, split, data.path, columns)
+    train = load_source(data.source, split, data.path, data.columns or None, fieldnames=getattr(data, "fieldnames", None))
     train = _cap_per_task(train, getattr(data, "max_train_examples_per_task", None))
-    eval_source = getattr(data, "eval_source", None) or data.source
-    spec = builtin(eval_source)
-    eval_split = getattr(data, "eval_split", None) or (spec.eval_split if spec is not None else None)
-    if eval_split is not None:
-        eval_path = data.path if eval_source == data.source else None
-        evaluation = load_source(eval_source, eval_split, eval_path, columns)
-    else:
-        train, evaluation = _hold_out(train, data.eval_examples_per_task, getattr(config, "seed", 0))
-    tasks = tasks_for_records(train + evaluation, data.source, task_type, task_options, data.path)
+    train, evaluation, eval_split, eval_origin = _evaluation_records(config, train)
+    tasks = tasks_for_records(train, data.source, task_type, task_options, data.path)
+    for task_name, task in tasks.items():  # label sets come from the training records alone
+        if isinstance(task, ClassificationTask):
+            task.fit_labels([r for r in train if str(r.get("task", data.source)) == task_name],
+                            f"{data.source} (train, task '{task_name}')")
+    _check_evaluation_labels(tasks, evaluation, eval_origin)
+    tasks.update(tasks_for_records([r for r in evaluation if str(r.get("task", data.source)) not in tasks],
+                                   data.source, task_type, task_options, data.path))
     normalized = {}
     for name_, records in (("train", train), ("evaluation", evaluation)):
         grouped: dict[str, list[Record]] = {}
         for record in records:
             grouped.setdefault(str(record.get("task", data.source)), []).append(record)
         for task_name, group in grouped.items():
-            tasks[task_name].validate(group, f"{eval_source if name_ == 'evaluation' else data.source} "
+            tasks[task_name].validate(group, f"{eval_origin if name_ == 'evaluation' else data.source} "
                                              f"({name_}, task '{task_name}')")
         normalized[name_] = [tasks[str(r.get("task", data.source))].normalize(r) for r in records]
     task_types = sorted({t.name for t in tasks.values()})
+    label_sets = {name: dict(t.label_words) for name, t in tasks.items()
+                  if isinstance(t, ClassificationTask) and t.label_words is not None}
     return ExperimentData(
         train=normalized["train"], evaluation=normalized["evaluation"], label_field=data.partition.by,
         scorer=task_types[0] if len(task_types) == 1 else "per_task",
-        info={"source": data.source, "split": split, "eval_split": eval_split or "held_out",
-              "task_types": {name: t.name for name, t in tasks.items()}},
+        info={"source": data.source, "split": split, "eval_source": eval_origin, "eval_split": eval_split,
+              "task_types": {name: t.name for name, t in tasks.items()}, "label_sets": label_sets,
+              "labels_inferred": sorted(name for name, t in tasks.items() if isinstance(t, ClassificationTask) and t.inferred)},
         tasks=tasks,
     )

@@ -39,6 +39,16 @@ class ExperimentData:
             self._classes = sorted({str(r["output"]) for r in (*self.train, *self.evaluation)})
         return self._classes
 
+    def label_set_lines(self) -> list[str]:
+        """One line per classification task: its label set (value -> word) and where it came from."""
+        inferred = set(self.info.get("labels_inferred", ()))
+        lines = []
+        for task, words in self.info.get("label_sets", {}).items():
+            how = "inferred from the training records" if task in inferred else "given"
+            pairs = ", ".join(value if value == word else f"{value} -> {word}" for value, word in words.items())
+            lines.append(f"labels of task '{task}' ({len(words)}, {how}): {pairs}")
+        return lines
+
     def labels(self) -> list[str]:
         missing = [i for i, r in enumerate(self.train) if self.label_field not in r]
         if missing:
@@ -58,15 +68,56 @@ def encode_for_experiment(config, data: ExperimentData, records, tokenizer):
     return encode_records(records, tokenizer, config.data.template, config.training.max_seq_len, classes=classes)
 
 
+def evaluation_group(record: dict, group_by: str | None) -> str:
+    """The reporting group of an evaluation record: its ``group_by`` field when it has one, else its task
+    (the grouping the evaluators report by)."""
+    value = record.get(group_by) if group_by else None
+    return str(value) if value not in (None, "") else str(record.get("task"))
+
+
+def sample_evaluation(records: list[dict], max_examples: int | None, seed: int, group_by: str | None = None) -> list[dict]:
+    """At most ``max_examples`` records per group, a seeded random sample kept in file order (all when
+    None). Applied once when the data loads, so every evaluation of a run (round 0, the rounds between,
+    the final one) scores the very same records and before/after numbers compare like with like."""
+    if max_examples is None:
+        return records
+    import numpy as np
+
+    by_group: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_group.setdefault(evaluation_group(record, group_by), []).append(i)
+    rng = np.random.default_rng(seed)
+    kept: set[int] = set()
+    for group in sorted(by_group):  # sorted: the sample does not depend on which group comes first
+        indices = by_group[group]
+        chosen = indices if len(indices) <= max_examples else rng.choice(indices, max_examples, replace=False)
+        kept.update(int(i) for i in chosen)
+    return [r for i, r in enumerate(records) if i in kept]
+
+
 def load_experiment_data(config) -> ExperimentData:
-    """Resolve ``config.data`` to records; raises before any model is loaded when the data is bad."""
+    """Resolve ``config.data`` to records; raises before any model is loaded when the data is bad.
+    ``evaluation.max_examples`` keeps a seeded sample of the evaluation records (``sample_evaluation``)."""
+    loaded = _load(config)
+    evaluation = getattr(config, "evaluation", None)
+    cap = getattr(evaluation, "max_examples", None)
+    if cap is not None:
+        total = len(loaded.evaluation)
+        loaded.evaluation = sample_evaluation(loaded.evaluation, cap, config.seed, evaluation.group_by)
+        loaded.info["evaluation_sample"] = {"max_examples_per_group": cap, "kept": len(loaded.evaluation), "of": total,
+                                            "seed": config.seed}
+    return loaded
+
+
+def _load(config) -> ExperimentData:
     data = config.data
     if data.source == "generated":
         if data.add_generated:
             raise ValueError("data.add_generated: only for a dataset source; with source=generated list the tasks in data.tasks")
         train, evaluation = generate_split(list(data.tasks), data.train_examples_per_task,
                                            data.eval_examples_per_task, config.seed)
-        return ExperimentData(train=train, evaluation=evaluation, label_field=data.partition.by)
+        return ExperimentData(train=train, evaluation=evaluation, label_field=data.partition.by,
+                              info={"source": "generated", "eval_split": "generated"})
     from fedpeft.data.builtin import load_for_experiment
 
     loaded = load_for_experiment(config)

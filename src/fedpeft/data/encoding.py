@@ -5,8 +5,8 @@ loss covers only the target tokens (labels of the prompt are -100). When an exam
 prompt is cut from the left (its end, next to the answer, is kept); a target that cannot fit whole is
 never cut: the example is dropped and counted, and the caller reports the count.
 
-For a classification head (``model.head=classification``) a record becomes its text (instruction and
-input, cut from the right at ``max_len`` as encoders usually are) and the index of its target in the
+For a classification head (``model.head=classification``) a record becomes its text (``head_text``, else
+instruction and input; cut from the right at ``max_len`` as encoders usually are) and the index of its target in the
 experiment's class list (the sorted distinct targets: SST-2's "negative"/"positive", a generated task's
 answers); the model's own cross-entropy over its head is the loss.
 """
@@ -54,7 +54,11 @@ class EncodedExample:
 
 
 def classification_text(record: dict) -> str:
-    """What an encoder classifier reads: the instruction and, when present, the input or context."""
+    """What an encoder classifier reads: a classification task's ``head_text`` (the input text alone:
+    a head needs no instruction, and one would take room from the text), else the instruction and, when
+    present, the input or context (the generated tasks, whose text is in the instruction)."""
+    if record.get("head_text"):
+        return record["head_text"]
     extra = record.get("input") or record.get("context") or ""
     return f"{record['instruction']}\n{extra}" if extra else record["instruction"]
 

@@ -128,6 +128,10 @@ def _read_delimited(path: Path, delimiter: str, fieldnames: Sequence[str] | None
                                 quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
         records = []
         for number, row in enumerate(reader, 1 if fieldnames else 2):
+            if fieldnames and number == 1 and [str(v).strip() for v in row.values()] == [str(f) for f in fieldnames]:
+                # A header row read as data would become a record (and, in a classification file, a label).
+                raise DataError(f"{path}: its first row {list(row.values())} repeats data.fieldnames, so the file has "
+                                f"a header row; drop data.fieldnames (or map the header's columns with data.columns)")
             if None in row:
                 raise DataError(f"{path}: line {number} has more values than the header ({reader.fieldnames})")
             if any(v is None for v in row.values()):
@@ -145,7 +149,8 @@ def _read_parquet(path: Path) -> list[Record]:
 
 
 def read_file(path: str | Path, fieldnames: Sequence[str] | None = None) -> list[Record]:
-    """Records of one file, by suffix. ``fieldnames`` names the columns of a CSV/TSV without header."""
+    """Records of one file, by suffix. ``fieldnames`` names the columns of a CSV/TSV without a header
+    row: every row, the first included, is then a record."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file '{path}' does not exist")
@@ -238,11 +243,17 @@ def load_hub(name: str, config: str | None = None, split: str = "train",
     return apply_columns(records, columns, f"hub:{name}")
 
 
+def looks_local(source: str | Path) -> bool:
+    """A path on disk, or something shaped like one (a data suffix, or starting with ``.``, ``/``, ``~``);
+    anything else is read as a Hugging Face Hub dataset name."""
+    path = Path(source)
+    return path.exists() or path.suffix.lower() in SUFFIXES or str(source).startswith((".", "/", "~"))
+
+
 def load_records(source: str | Path, columns: Mapping[str, str] | str | None = None, *, split: str = "train",
                  hub_config: str | None = None, limit: int | None = None, **local_options: Any) -> list[Record]:
     """A local path when ``source`` exists on disk (or looks like a path), else a Hub dataset name."""
     path = Path(source)
-    looks_local = path.exists() or path.suffix.lower() in SUFFIXES or str(source).startswith((".", "/", "~"))
-    if looks_local:
+    if looks_local(source):
         return load_local(path.expanduser(), columns, limit=limit, **local_options)
     return load_hub(str(source), hub_config, split, columns, limit=limit)

@@ -12,7 +12,8 @@ Types (``get_task(name)``):
 - ``commonsense``: LLM-Adapters multiple choice (``answer`` like ``solution1``, ``true``, ``option2``);
   scored on the first option word in the answer, as LLM-Adapters does.
 - ``mmlu``: question + 4 options -> letter, optional k-shot exemplars from the dev set of the same subject.
-- ``classification`` (alias ``sst2``): sentence -> label word; scored on the first label word said.
+- ``classification``: text -> label word (the label set given, or inferred from the training records);
+  scored on the first label word said. ``sst2``: the same with SST-2's negative/positive words.
 - ``math``: math word problems (LLM-Adapters format; number or option letter answers).
 
 Every task validates its records up front (``task.validate(records, origin)``): a missing field or a
@@ -368,52 +369,140 @@ class MMLUTask(Task):
         return list(self.LETTERS)
 
 
+SST2_LABEL_WORDS = {"0": "negative", "1": "positive"}
+SST2_INSTRUCTION = "Classify the sentiment of the sentence. Answer with one word: negative or positive."
+
+
+def _label_sort_key(value: str) -> tuple[int, float | str]:
+    """Integers in numeric order ("2" before "10"), then everything else alphabetically."""
+    try:
+        return (0, int(value))
+    except ValueError:
+        return (1, value)
+
+
 class ClassificationTask(Task):
-    """Sentence classification (SST-2 style; sentence pairs with several ``text_field`` names):
-    text -> the label word of ``label``. ``label_words`` maps label values (compared as strings) to the
-    words the model should say; a label outside them is an error naming the value."""
+    """Text classification: text -> the label word of ``label``.
+
+    ``label_words`` maps label values (compared as strings) to the words the model should say. Without
+    it the label set is inferred from the training records (``fit_labels``): the sorted distinct values,
+    each label's word its value lower-cased. A label outside the set is an error naming the value.
+    ``text_field`` names the text column(s) (default ``sentence``, else ``text``); several names make a
+    sentence-pair task. ``instruction`` is what a generating model is told (default: a neutral
+    "Classify the text..." naming the label words). A classification head (``model.head=classification``)
+    reads the text alone, unless ``head_instruction`` is true."""
 
     name = "classification"
+    DEFAULT_TEXT_FIELDS: ClassVar[tuple[str, ...]] = ("sentence", "text")
 
-    def __init__(self, label_words: Mapping[Any, str] | None = None, text_field: str | Sequence[str] = "sentence",
-                 label_field: str = "label", instruction: str | None = None) -> None:
-        self.label_words = {str(k): str(v) for k, v in (label_words or {"0": "negative", "1": "positive"}).items()}
-        if len(set(self.label_words.values())) != len(self.label_words):
-            raise DataError(f"label_words must map each label to a different word, got {self.label_words}")
-        self.text_fields = [text_field] if isinstance(text_field, str) else list(text_field)
-        if not self.text_fields:
-            raise DataError("classification task needs at least one text_field")
+    def __init__(self, label_words: Mapping[Any, str] | None = None, text_field: str | Sequence[str] | None = None,
+                 label_field: str = "label", instruction: str | None = None, head_instruction: bool = False) -> None:
+        self.label_words: dict[str, str] | None = None
+        self.inferred = label_words is None
+        if label_words is not None:
+            self._set_label_words({str(k).strip(): str(v) for k, v in label_words.items()})
+        if text_field is None:
+            self.text_fields: list[str] | None = None  # the first of DEFAULT_TEXT_FIELDS a record has
+        else:
+            self.text_fields = [text_field] if isinstance(text_field, str) else list(text_field)
+            if not self.text_fields:
+                raise DataError("classification task needs at least one text_field")
         self.label_field = label_field
-        words = " or ".join(self.label_words.values())
-        self.instruction = instruction or f"Classify the sentiment of the sentence. Answer with one word: {words}."
+        self._instruction = instruction
+        self.head_instruction = bool(head_instruction)
+
+    def _set_label_words(self, label_words: dict[str, str]) -> None:
+        if len(set(label_words.values())) != len(label_words):
+            raise DataError(f"label_words must map each label to a different word, got {label_words}")
+        self.label_words = label_words
+
+    @property
+    def instruction(self) -> str:
+        if self._instruction:
+            return self._instruction
+        return f"Classify the text. Answer with one word: {' or '.join(self._words().values())}."
+
+    def _words(self) -> dict[str, str]:
+        if self.label_words is None:
+            raise DataError(f"classification task: the label set is not known yet; give data.task_options.label_words "
+                            f"or let it be inferred from the training records (field {self.label_field!r})")
+        return self.label_words
+
+    def fit_labels(self, records: Sequence[Record], origin: str = "<records>") -> dict[str, str]:
+        """Infer the label set from (training) records unless ``label_words`` was given; return it."""
+        if self.label_words is not None:
+            return self.label_words
+        missing = next((i for i, r in enumerate(records) if r.get(self.label_field) is None), None)
+        if missing is not None:
+            raise DataError(f"{origin}: record {missing} has no field {self.label_field!r} to read its label from "
+                            f"(it has {sorted(records[missing])}); map a column to it with data.columns or set "
+                            f"data.task_options.label_field")
+        values = sorted({self.label_of(r) for r in records}, key=_label_sort_key)
+        if len(values) < 2:
+            raise DataError(f"{origin}: field {self.label_field!r} has only the value(s) {values}; classification needs "
+                            f"at least two labels in the training data")
+        words = {value: value.lower() for value in values}
+        if len(set(words.values())) != len(words):
+            raise DataError(f"{origin}: labels {values} differ only in case; give data.task_options.label_words")
+        self._set_label_words(words)
+        return words
+
+    def validate(self, records: Sequence[Record], origin: str = "<records>") -> None:
+        if self.label_words is None and records:
+            self.fit_labels(records, origin)
+        super().validate(records, origin)
+
+    def _fields_of(self, record: Record) -> list[str]:
+        if self.text_fields is not None:
+            return self.text_fields
+        found = next((f for f in self.DEFAULT_TEXT_FIELDS if record.get(f) is not None), None)
+        return [found] if found else [self.DEFAULT_TEXT_FIELDS[0]]
 
     @property
     def fields(self) -> tuple[tuple[str, ...], ...]:  # type: ignore[override]
-        return (*((f,) for f in self.text_fields), (self.label_field,))
+        texts = ((self.DEFAULT_TEXT_FIELDS,) if self.text_fields is None else tuple((f,) for f in self.text_fields))
+        return (*texts, (self.label_field,))
 
-    def _label(self, record: Record) -> str:
+    def label_of(self, record: Record) -> str:
         value = record[self.label_field]
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         return str(value).strip()
 
+    def labels(self) -> list[str]:
+        """The label values, in label-set order."""
+        return list(self._words())
+
     def _check_record(self, record: Record, index: int, origin: str) -> None:
-        if self._label(record) not in self.label_words:
+        if self.label_of(record) not in self._words():
             raise DataError(f"{origin}: record {index}: {self.label_field} {record[self.label_field]!r} is not in the "
-                            f"label set {sorted(self.label_words)}")
+                            f"label set {self.labels()}")
+
+    def text(self, record: Record) -> str:
+        """The input text alone (sentence pairs one per line, each named)."""
+        fields = self._fields_of(record)
+        if len(fields) == 1:
+            return str(record[fields[0]]).strip()
+        return "\n".join(f"{f.replace('_', ' ').capitalize()}: {str(record[f]).strip()}" for f in fields)
 
     def example(self, record: Record) -> Example:
-        label = self._label(record)
-        if label not in self.label_words:
-            raise DataError(f"{self.label_field} {record[self.label_field]!r} is not in the label set {sorted(self.label_words)}")
-        if len(self.text_fields) == 1:
-            text = f"Sentence: {str(record[self.text_fields[0]]).strip()}"
-        else:
-            text = "\n".join(f"{f.replace('_', ' ').capitalize()}: {str(record[f]).strip()}" for f in self.text_fields)
-        return Example(self.instruction, self.label_words[label], text)
+        label = self.label_of(record)
+        words = self._words()
+        if label not in words:
+            raise DataError(f"{self.label_field} {record[self.label_field]!r} is not in the label set {self.labels()}")
+        fields = self._fields_of(record)
+        text = f"Sentence: {self.text(record)}" if len(fields) == 1 else self.text(record)
+        return Example(self.instruction, words[label], text)
+
+    def normalize(self, record: Record) -> Record:
+        """As ``Task.normalize``, plus ``head_text``: what a classification head reads (the text alone, or
+        with ``head_instruction`` the instruction and the text)."""
+        out = super().normalize(record)
+        out["head_text"] = f"{self.instruction}\n{out['input']}" if self.head_instruction else self.text(record)
+        return out
 
     def extract(self, prediction: str) -> str | None:
-        words = sorted(self.label_words.values(), key=len, reverse=True)
+        words = sorted(self._words().values(), key=len, reverse=True)
         match = re.search(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", prediction, flags=re.IGNORECASE)
         return match.group(1).lower() if match else None
 
@@ -421,7 +510,15 @@ class ClassificationTask(Task):
         return float(self.extract(prediction) == self.reference(record).lower())
 
     def candidates(self, record: Record) -> list[str]:
-        return list(self.label_words.values())
+        return list(self._words().values())
+
+
+class SST2Task(ClassificationTask):
+    """SST-2: ``sentence`` -> negative / positive (labels 0 / 1), with the sentiment instruction."""
+
+    def __init__(self, label_words: Mapping[Any, str] | None = None, instruction: str | None = None, **options: Any) -> None:
+        super().__init__(label_words=label_words or SST2_LABEL_WORDS, instruction=instruction or SST2_INSTRUCTION,
+                         **options)
 
 
 class MathTask(Task):
@@ -476,7 +573,7 @@ TASK_TYPES: dict[str, type[Task]] = {
     "commonsense": CommonsenseTask,
     "mmlu": MMLUTask,
     "classification": ClassificationTask,
-    "sst2": ClassificationTask,
+    "sst2": SST2Task,
     "math": MathTask,
 }
 
@@ -492,7 +589,7 @@ def infer_task_type(record: Record) -> str:
         if "Answer format:" in str(record["instruction"]) or str(record["answer"]).strip().lower() in ("true", "false"):
             return "commonsense"
         return "math"
-    if {"sentence", "label"} <= keys:
+    if "label" in keys and keys & set(ClassificationTask.DEFAULT_TEXT_FIELDS):
         return "classification"
     if "instruction" in keys and ({"output", "response"} & keys):
         return "instruction"

@@ -3,7 +3,8 @@
 Each record's text (``encoding.classification_text``) goes through the model in padded batches; the
 prediction is the arg-max over the experiment's class list, and a record is right when that is the
 index of its target. Reported per group (task, or the ``group_by`` field) and overall, in the same
-shape as ``generation_eval`` so the engine treats both alike.
+shape as ``generation_eval`` so the engine treats both alike; its samples show the text the head read
+(shortened) with the predicted and expected label.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
-from fedpeft.data.encoding import collate, encode_classification
+from fedpeft.data.encoding import classification_text, collate, encode_classification
 from fedpeft.evaluation.generation import first_per_group, group_key, scored_result
+
+SAMPLE_CHARS = 160  # input text kept in an evaluation sample
 
 
 @torch.no_grad()
@@ -39,5 +42,21 @@ def classification_eval(model, tokenizer, records: Sequence[dict], classes: Sequ
     group_of = group_key(group_by)
     chosen = first_per_group(records, group_of, max_examples)
     predicted, gold = predict_classes(model, tokenizer, chosen, classes, max_len, batch_size)
-    return scored_result(chosen, [classes[p] for p in predicted], [float(p == g) for p, g in zip(predicted, gold)],
-                         group_of, lambda task: "accuracy", start, default_metric="accuracy")
+    result = scored_result(chosen, [classes[p] for p in predicted], [float(p == g) for p, g in zip(predicted, gold)],
+                           group_of, lambda task: "accuracy", start, default_metric="accuracy")
+    result["samples"] = classification_samples(chosen, [classes[p] for p in predicted])
+    return result
+
+
+def shorten(text: str, limit: int = SAMPLE_CHARS) -> str:
+    """``text`` on one line, cut to ``limit`` characters (with an ellipsis when cut)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def classification_samples(records: Sequence[dict], predicted: Sequence[str], count: int = 8) -> list[dict]:
+    """About ``count`` evenly spaced records as the head saw them: the input text (shortened), the
+    predicted and the expected label, and whether they agree."""
+    step = max(1, len(records) // count)
+    return [{"task": r["task"], "input": shorten(classification_text(r)), "predicted": p, "expected": r["output"],
+             "correct": p == r["output"]} for r, p in list(zip(records, predicted))[::step]]

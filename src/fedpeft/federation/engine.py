@@ -276,7 +276,7 @@ class Engine:
             trainable_params=sum(p.numel() for p in adapter_parameters(self.model).values()),
             base_params=count_parameters(self.model)[0], compression=fed.uplink_compression,
             adapter_bytes=adapter_bytes, num_clients=fed.num_clients, method=cfg.method.name, malloc=malloc_mode(),
-            config=cfg.model_dump(mode="json"),
+            config=cfg.model_dump(mode="json"), data=self.data.info,
         )
         if start_round == 1:
             self.metrics.log("partition", clients=[
@@ -393,7 +393,7 @@ class Engine:
                 phases["checkpoint"] = time.perf_counter() - t_ckpt
                 # After the offset saved above: a resume from this round drops this line, nothing else.
                 self.metrics.log("checkpoint", round=round_idx, seconds=phases["checkpoint"])
-                progress.end_round()
+                progress.end_round(round_up, round_down)
         if not final_metrics and start_round > fed.rounds:  # resumed a run that had already finished
             final_metrics = self.evaluate(global_state, fed.rounds, final=True)
         if self.strategy.personalized:

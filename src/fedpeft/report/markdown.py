@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.report.metrics_io import RunLog, load_run, metrics_path
+from fedpeft.report.noise import noise_warnings
 from fedpeft.report.plots import choose_metrics, format_bytes, lower_is_better, plot_run
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,21 @@ def _final_metrics(run: RunLog) -> list[str]:
         rows.append([name, fmt(base), fmt(value), ("+" if change and change > 0 else "") + fmt(change) if change is not None else "n/a",
                      f"{fmt(best[1])} (round {best[0]})" if best else "n/a"])
     word = "final" if run.complete else "last evaluated"
-    final_label = f"{word} (round {last_round})" if last_round is not None else word
-    return ["## Final metrics", "", *table(["metric", "base (round 0)", final_label, "change", "best"], rows), ""]
+    first, last = _global_eval(run, 0), _global_eval(run, last_round)
+    n0 = f", n={first['examples']}" if first and first.get("examples") else ""  # records each column scored
+    n1 = f", n={last['examples']}" if last and last.get("examples") else ""
+    final_label = f"{word} (round {last_round}{n1})" if last_round is not None else word
+    base_label = f"base (round 0{n0})"
+    warnings = noise_warnings(first, last)
+    return ["## Final metrics", "", *table(["metric", base_label, final_label, "change", "best"], rows), "",
+            *(line for warning in warnings for line in (warning, ""))]
+
+
+def _global_eval(run: RunLog, round_idx: int | None) -> dict[str, Any] | None:
+    """The global-model ``eval`` event of a round (None when that round has none)."""
+    if round_idx is None:
+        return None
+    return next((e for e in run.eval_events().get(round_idx, []) if str(e.get("split", "global")) == "global"), None)
 
 
 def _costs(run: RunLog) -> list[str]:
