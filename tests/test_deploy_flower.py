@@ -8,6 +8,7 @@ busy cores: Flower starts a fresh ClientApp process, which imports torch, for ev
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -34,7 +35,7 @@ from fedpeft.deploy.flower.serde import (
 from fedpeft.deploy.flower.settings import DeploySettings, NodeSettings
 from fedpeft.deploy.flower.transport import FlowerTransport
 from fedpeft.federation.engine import Engine, run_experiment
-from fedpeft.federation.transport import InProcessTransport
+from fedpeft.federation.transport import InProcessTransport, Transport
 from fedpeft.strategies.base import ClientPlan, ClientUpdate, TrainResult
 
 BASE = ["federation.rounds=2", "federation.num_clients=2", "output.report=false"]
@@ -136,9 +137,9 @@ def test_app_folder_is_a_valid_flower_app(tmp_path):
 def _fake_engine(cfg, run_dir, tmp_path, tamper=None, **settings):
     run_config = run_config_values(cfg, **settings)
     nodes = rehearsal_node_configs(2, cfg.federation.num_clients, tmp_path / "stores", warm_worker=False)
-    transport = FlowerTransport(FakeGrid(run_config, nodes, tamper), DeploySettings.from_run_config(run_config))
+    transport = functools.partial(FlowerTransport, FakeGrid(run_config, nodes, tamper),
+                                  DeploySettings.from_run_config(run_config))
     engine = Engine(cfg, run_dir, transport=transport)
-    transport.engine = engine
     return engine
 
 
@@ -215,7 +216,7 @@ def test_fewer_replies_than_min_clients_stops_the_run(tmp_path):
 # --- real Flower processes -----------------------------------------------------------------------
 
 
-class DropClient:
+class DropClient(Transport):
     """In-process reference for a dropout: client ``client`` fails in round ``round``."""
 
     def __init__(self, inner, round_idx, client_id):

@@ -8,6 +8,7 @@ the in-process round without it; unsupported methods and set-ups are refused wit
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -24,7 +25,7 @@ from fedpeft.deploy.flower.secagg import SECAGG_CONFIGS, check_secure_method
 from fedpeft.deploy.flower.settings import DeploySettings
 from fedpeft.deploy.flower.transport import FlowerTransport
 from fedpeft.federation.engine import Engine, run_experiment
-from fedpeft.federation.transport import InProcessTransport
+from fedpeft.federation.transport import InProcessTransport, Transport
 
 ONE_ROUND = ["federation.rounds=1", "evaluation.before_training=false", "output.report=false"]
 
@@ -33,9 +34,8 @@ def _secure_engine(cfg, run_dir, tmp_path, nodes, tamper=None, **settings):
     run_config = run_config_values(cfg, secagg=True, round_timeout=5.0, **settings)
     nodes = rehearsal_node_configs(nodes, cfg.federation.num_clients, tmp_path / "stores", warm_worker=False)
     grid = FakeGrid(run_config, nodes, tamper)
-    transport = FlowerTransport(grid, DeploySettings.from_run_config(run_config))
-    engine = Engine(cfg, run_dir, transport=transport)
-    transport.engine = engine
+    engine = Engine(cfg, run_dir, transport=functools.partial(FlowerTransport, grid,
+                                                              DeploySettings.from_run_config(run_config)))
     return engine, grid
 
 
@@ -102,7 +102,7 @@ def test_client_lost_after_masking_is_recovered_from_shares(tmp_path):
         setup()
         inner = InProcessTransport(ref_engine.runner)
 
-        class Drop:
+        class Drop(Transport):
             def jobs(self, round_idx, plans, global_state, lr, progress):
                 for plan, job in inner.jobs(round_idx, plans, global_state, lr, progress):
                     yield plan, ((lambda: (_ for _ in ()).throw(RuntimeError("dropped"))) if plan.client_id == 1 else job)

@@ -101,7 +101,14 @@ class FederationConfig(_Section):
     batch_size: int = Field(8, ge=1)
     grad_accumulation: int = Field(1, ge=1)
     uplink_compression: Literal["none", "fp16", "bf16", "int8", "int8_channel"] = Field(
-        "none", description="Wire compression of client updates (the update minus the global state is encoded).")
+        "none", description="Wire compression of client updates, encoded on the client (the update minus the "
+        "tensors it received is encoded).")
+    max_update_norm: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Drop a client whose update differs from the global state by more than this L2 norm; null: no bound.")
+    max_client_examples: int | None = Field(
+        None, ge=1, description="Largest num_examples a client may report (its aggregation weight); null: the "
+        "examples it holds in the server's partition (set it when Flower nodes bring their own data).")
 
     @model_validator(mode="after")
     def _sampled_le_total(self) -> "FederationConfig":

@@ -2,7 +2,8 @@
 
 ``ClientData`` holds the encoded training records and which of them each client owns;
 ``ClientRunner.run`` takes one ClientPlan, loads its adapter state into the shared model, trains
-with the local trainer and returns the strategy's ClientUpdate.
+with the local trainer and returns the strategy's ClientUpdate, its private state staged in
+``update.private`` (committed by the caller after ``update_checks.check_client_update`` accepts it).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from fedpeft.data.encoding import EncodedExample, collate
 from fedpeft.data.partition import partition
 from fedpeft.federation.local_trainer import load_optimizer_tensors, make_optimizer, optimizer_tensors, train_local
 from fedpeft.federation.sampling import derive_seed, index_stream
+from fedpeft.federation.update_checks import StagedStore
 from fedpeft.models.peft_wrap import lora_modules
-from fedpeft.strategies.base import ClientPlan, ClientUpdate, Strategy, TrainResult
+from fedpeft.federation.wire import LocalResult, encode_upload
+from fedpeft.strategies.base import ClientPlan, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +89,6 @@ def scaled_lora(model: torch.nn.Module, scaling: float | None):
             layer.scaling.update(saved[name])
 
 
-@dataclass
-class LocalResult:
-    update: ClientUpdate
-    result: TrainResult
-    losses: list[float]
-
-
 class ClientRunner:
     def __init__(self, model: torch.nn.Module, strategy: Strategy, config, data: ClientData, store) -> None:
         self.model = model
@@ -103,8 +99,18 @@ class ClientRunner:
 
     def run(self, round_idx: int, plan: ClientPlan, start_state: AdapterState | None, lr: float,
             on_start=None, on_step=None) -> LocalResult:
+        """The in-process client: :meth:`train`, then the upload encoded for the wire (the engine
+        decodes it, checks it, and only then commits the staged private state)."""
+        reference = plan.downlink  # what the client received, before any client-side merge
+        local = self.train(round_idx, plan, start_state, lr, on_start=on_start, on_step=on_step)
+        encode_upload(local, reference, self.config.federation.uplink_compression)
+        return local
+
+    def train(self, round_idx: int, plan: ClientPlan, start_state: AdapterState | None, lr: float,
+              on_start=None, on_step=None) -> LocalResult:
         """Train one plan. ``start_state`` is loaded first (the engine passes the global adapter), then
-        ``plan.init_state`` (or ``plan.downlink``) over it."""
+        ``plan.init_state`` (or ``plan.downlink``) over it. The strategy's private state comes back
+        staged in ``update.private``, not yet in the store."""
         cfg = self.config
         data_key = self.strategy.local_data_key(plan, self.data.label_counts(plan.client_id))
         examples = self.data.examples(plan.client_id, data_key)
@@ -138,7 +144,10 @@ class ClientRunner:
                 max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
                 num_examples=len(examples), on_step=on_step, optimizer=optimizer,
             )
-        update = self.strategy.client_update(round_idx, plan, get_adapter_state(self.model), result, self.store)
+        # Private state is staged, not written: the caller commits it once the update is accepted.
+        staged = StagedStore(self.store, plan.client_id)
+        update = self.strategy.client_update(round_idx, plan, get_adapter_state(self.model), result, staged)
+        update.private = {**staged.staged, **update.private}
         if optimizer is not None:  # kept once the update is accepted, like the strategy's private state
             update.private[OPTIMIZER_NAME + plan.job] = optimizer_tensors(optimizer, params)
         update.metrics.setdefault("loss", result.mean_loss)

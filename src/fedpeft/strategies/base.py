@@ -85,7 +85,7 @@ class ClientUpdate:
     private: dict[str, AdapterState] = field(default_factory=dict)
     """Client-private state to keep in the client's own store once this update is accepted (store name ->
     tensors; e.g. SCAFFOLD's c_k+, FedSA-LoRA's B). Never sent, never metered: ``Strategy.commit_private``
-    writes it, after ``check_update`` passed, so a dropped update leaves the client's state as it was."""
+    writes it, after the per-client checks (``federation/update_checks.py``) passed, so a dropped update leaves the client's state as it was."""
 
 
 @dataclass
@@ -144,7 +144,10 @@ class Strategy:
     def client_update(
         self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any
     ) -> ClientUpdate:
-        """Runs on the client after local training: choose what to upload, persist private state."""
+        """Runs on the client after local training: choose what to upload and what to keep privately.
+        Private state goes in ``ClientUpdate.private`` (or through ``store.put``, which is staged into
+        it): it is committed to the client store only once the update is accepted, so a rejected
+        client (NaN, missing keys, bad num_examples) leaves no state behind."""
         keys = plan.upload if plan.upload is not None else (plan.trainable if plan.trainable is not None else list(trained))
         return ClientUpdate(
             client_id=plan.client_id,

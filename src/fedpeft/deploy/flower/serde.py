@@ -16,9 +16,10 @@ Message layout (record names in a ``RecordDict``)::
       start     ArrayRecord   global keys the plan does not set (what the engine's start_state adds)
       base      ArrayRecord   base weights the method changed (FLoRA, FedEx-LoRA), full values
     client -> server
-      update    ConfigRecord  client-id, job, num-examples, metrics (JSON: a strategy may add non-floats)
-      tensors   ArrayRecord   update.tensors
-      control   ArrayRecord   update.control
+      update    ConfigRecord  client-id, job, num-examples, metrics (JSON: a strategy may add non-floats),
+                              encoding (the wire codec of the tensors), manifests (key, dtype, shape)
+      tensors   ArrayRecord   update.tensors as sent (encoded on the client), packed into one uint8 array
+      control   ArrayRecord   update.control, packed the same way
       train     MetricRecord  TrainResult fields and the per-step losses
 """
 
@@ -33,6 +34,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpeft.adapters import AdapterState
+from fedpeft.federation.wire import LocalResult
 from fedpeft.strategies.base import ClientPlan, ClientUpdate, TrainResult
 
 _VIEWED = {torch.bfloat16: torch.int16}
@@ -164,14 +166,54 @@ def decode_plan(content: RecordDict) -> PlanMessage:
 # --- client -> server -------------------------------------------------------------------------
 
 
-def encode_result(update: ClientUpdate, result: TrainResult, losses: list[float]) -> RecordDict:
+def pack_state(state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
+    """All tensors of ``state`` as one flat uint8 tensor (their raw bytes, in order) and a manifest of
+    (key, dtype, shape). One array per record keeps the per-array framing out of small payloads (an
+    int8 payload is then about a quarter of the fp32 one), and any dtype travels bit-exactly."""
+    chunks, manifest = [], []
+    for key, tensor in state.items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        chunks.append(flat.view(torch.uint8) if flat.numel() else torch.zeros(0, dtype=torch.uint8))
+        manifest.append([key, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
+    return (torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8)), manifest
+
+
+def unpack_state(packed: torch.Tensor, manifest: list) -> AdapterState:
+    state, offset = {}, 0
+    for key, dtype_name, shape in manifest:
+        dtype = getattr(torch, dtype_name)
+        numel = 1
+        for n in shape:
+            numel *= n
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        state[key] = packed[offset:offset + size].clone().view(dtype).reshape(shape)
+        offset += size
+    if offset != packed.numel():
+        raise ValueError(f"packed payload has {packed.numel()} bytes, its manifest describes {offset}")
+    return state
+
+
+UPLOAD_RECORDS = ("tensors", "control")
+
+
+def upload_bytes(content: RecordDict) -> int:
+    """Bytes of the upload as it arrived: the arrays of the update's ``tensors`` and ``control`` records."""
+    return sum(len(array.data) for name in UPLOAD_RECORDS if name in content for array in content[name].values())
+
+
+def encode_result(update: ClientUpdate, result: TrainResult, losses: list[float], encoding: str = "none") -> RecordDict:
+    """The reply content. ``encoding``: the wire codec ``update.tensors`` is already encoded with (the
+    payload travels as is; the server decodes it). Private state (``update.private``) never travels."""
     content = RecordDict()
-    viewed: dict[str, dict[str, str]] = {}
-    _put_state(content, "tensors", update.tensors, viewed)
-    _put_state(content, "control", update.control, viewed)
+    manifests = {}
+    for name, state in (("tensors", update.tensors), ("control", update.control)):
+        if state:
+            packed, manifests[name] = pack_state(state)
+            content[name] = ArrayRecord({"packed": packed})
     content["update"] = ConfigRecord({
         "client-id": int(update.client_id), "job": update.job, "num-examples": int(update.num_examples),
-        "metrics": json.dumps(update.metrics, default=float), "viewed": json.dumps(viewed),
+        "metrics": json.dumps(update.metrics, default=float), "manifests": json.dumps(manifests),
+        "encoding": encoding,
     })
     train = {k: (float(v) if isinstance(v, float) else int(v)) for k, v in asdict(result).items()}
     train["losses"] = [float(x) for x in losses]
@@ -183,14 +225,23 @@ def encode_result(update: ClientUpdate, result: TrainResult, losses: list[float]
 
 def decode_result(content: RecordDict) -> tuple[ClientUpdate, TrainResult, list[float]]:
     fields = content["update"]
-    viewed = json.loads(str(fields["viewed"]))
+    manifests = json.loads(str(fields["manifests"]))
+    states = {name: unpack_state(torch.from_numpy(content[name]["packed"].numpy().copy()), manifests[name]) if name in manifests else {}
+              for name in UPLOAD_RECORDS}
     update = ClientUpdate(
-        client_id=int(fields["client-id"]), tensors=_get_state(content, "tensors", viewed) or {},
-        num_examples=int(fields["num-examples"]), job=str(fields["job"]),
-        control=_get_state(content, "control", viewed) or {}, metrics=json.loads(str(fields["metrics"])),
+        client_id=int(fields["client-id"]), tensors=states["tensors"], num_examples=int(fields["num-examples"]),
+        job=str(fields["job"]), control=states["control"], metrics=json.loads(str(fields["metrics"])),
     )
     train = dict(content["train"])
     losses = [float(x) for x in train.pop("losses", [])]
     names = TrainResult.__dataclass_fields__
     result = TrainResult(**{k: v for k, v in train.items() if k in names})
     return update, result, losses
+
+
+def decode_reply(content: RecordDict) -> LocalResult:
+    """The reply as the engine takes it: the update (still encoded, ``encoding`` says how) and the
+    bytes its upload took on the wire."""
+    update, result, losses = decode_result(content)
+    return LocalResult(update, result, losses, encoding=str(content["update"].get("encoding", "none")),
+                       wire_bytes=upload_bytes(content))

@@ -8,6 +8,7 @@ as failed (``flwr ls`` status ``finished:failed``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -37,14 +38,12 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.federation.uplink_compression != "none":
             raise ValueError("secagg: federation.uplink_compression must be 'none' (SecAgg+ quantises the update itself)")
     run_dir = Path(settings.run_dir) if settings.run_dir else default_run_dir(cfg)
-    transport = FlowerTransport(grid, settings)
-    engine = Engine(cfg, run_dir, resume=settings.resume, transport=transport)
-    transport.engine = engine
+    engine = Engine(cfg, run_dir, resume=settings.resume, transport=functools.partial(FlowerTransport, grid, settings))
     run_id = getattr(grid, "run", None)
     log.info("fedpeft deployed run -> %s", run_dir)
     summary = engine.run()
     info = {
-        "flower_run_id": getattr(run_id, "run_id", None), "routes": {str(k): v for k, v in transport.routes.items()},
+        "flower_run_id": getattr(run_id, "run_id", None), "routes": {str(k): v for k, v in engine.transport.routes.items()},
         "min_clients": settings.min_clients, "round_timeout": settings.round_timeout,
         "straggler_timeout": settings.straggler_timeout, "seconds": summary.seconds,
         "final_metrics": summary.final_metrics,

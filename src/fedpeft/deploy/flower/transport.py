@@ -24,10 +24,12 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedpeft.adapters import AdapterState
-from fedpeft.deploy.flower.serde import decode_result, encode_plan, record_bytes
+from fedpeft.deploy.flower.secagg import check_secure_method, mean_state, quantization_bound, run_secure_round
+from fedpeft.deploy.flower.serde import decode_reply, encode_plan, record_bytes
 from fedpeft.deploy.flower.settings import DeploySettings
-from fedpeft.federation.client import LocalResult
-from fedpeft.strategies.base import ClientPlan
+from fedpeft.federation.transport import RunStopped, ServerLink, Transport
+from fedpeft.federation.wire import LocalResult
+from fedpeft.strategies.base import ClientPlan, ClientUpdate, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def _hand_over(round_idx: int, plans: Sequence[ClientPlan], outcomes: Sequence[A
         progress.start_client(plan.client_id, 0)
         yield plan, ((lambda o=outcome: o) if isinstance(outcome, LocalResult) else (lambda e=outcome: _raise(e)))
     if answered < min_clients:
-        raise RuntimeError(f"round {round_idx}: {answered} of {len(plans)} clients {what}, fewer than "
+        raise RunStopped(f"round {round_idx}: {answered} of {len(plans)} clients {what}, fewer than "
                            f"min-clients={min_clients}; stopping (resume from the last checkpoint)")
 
 
@@ -68,13 +70,17 @@ def _latency_split(node: Any, pushed_at: float, pulled_at: float) -> dict[str, f
     return out
 
 
-class FlowerTransport:
-    def __init__(self, grid: Any, settings: DeploySettings, engine: Any = None) -> None:
+class FlowerTransport(Transport):
+    """Build it through the engine: ``Engine(cfg, run_dir, transport=functools.partial(FlowerTransport,
+    grid, settings))`` gives it the server's ``ServerLink`` (base weights a method changed, the event
+    log for ``deploy_round``, the clients' partition sizes)."""
+
+    personal_state_on_server = False  # each client's private state stays in its node's store
+
+    def __init__(self, grid: Any, settings: DeploySettings, server: ServerLink | None = None) -> None:
         self.grid = grid
         self.settings = settings
-        self.engine = engine
-        """The Engine this transport serves (set after construction): its model holds the base weights a
-        method changed, its metrics log takes the ``deploy_round`` events."""
+        self.server = server
         self.routes: dict[int, int] = {}  # client id -> node id
         self.secure_mean: tuple[AdapterState, float] | None = None  # SecAgg+: this round's (mean, weight)
         self.queried: set[int] = set()
@@ -135,17 +141,13 @@ class FlowerTransport:
     # --- a round ----------------------------------------------------------------------------------
     def jobs(self, round_idx: int, plans: Sequence[ClientPlan], global_state: AdapterState, lr: float,
              progress: Any) -> Iterator[tuple[ClientPlan, Any]]:
-        settings, engine = self.settings, self.engine
+        settings, server = self.settings, self.server
         needed = {p.client_id for p in plans}
         if not needed <= set(self.routes):
             self.discover(needed, settings.node_wait if self.first_round else min(settings.node_wait, 15.0))
         self.first_round = False
-        base = {}
-        if engine is not None and getattr(engine, "base_touched", None):
-            from fedpeft.models.peft_wrap import base_weights
-
-            base = base_weights(engine.model, sorted(engine.base_touched))
-        method = engine.config.method.name if engine is not None else ""
+        base = server.base_weights() if server is not None else {}
+        method = server.method if server is not None else ""
         if settings.secagg:
             yield from self._secure_jobs(round_idx, plans, global_state, lr, progress, base, method)
             return
@@ -194,12 +196,13 @@ class FlowerTransport:
                 answered += 1
                 up_bytes += record_bytes(reply.content)
                 try:
-                    update, result, losses = decode_result(reply.content)
+                    local = decode_reply(reply.content)
+                    update = local.update
                     if update.client_id != plan.client_id or update.job != plan.job:
                         raise ValueError(f"reply is for client {update.client_id} job {update.job}, "
                                          f"expected client {plan.client_id} job {plan.job}")
-                    outcomes[i] = LocalResult(update, result, losses)
-                    entry["client_seconds"] = result.seconds
+                    outcomes[i] = local
+                    entry["client_seconds"] = local.result.seconds
                     if "node" in reply.content:
                         entry.update(_latency_split(reply.content["node"], self.pushed_at, self.pushed_at + arrived[mid]))
                 except Exception as exc:  # a malformed reply is that client's failure, never the round's
@@ -207,8 +210,8 @@ class FlowerTransport:
                 entry["reply_seconds"] = arrived[mid]
             entry["ok"] = isinstance(outcomes[i], LocalResult)
             per_client[f"{plan.client_id}/{plan.job}"] = entry
-        if engine is not None and getattr(engine, "metrics", None) is not None:
-            engine.metrics.log("deploy_round", round=round_idx, messages=len(sent), answered=answered,
+        if server is not None:
+            server.log_event("deploy_round", round=round_idx, messages=len(sent), answered=answered,
                                message_down_bytes=down_bytes, message_up_bytes=up_bytes,
                                push_seconds=t_wait - t_push, wait_seconds=t_done - t_wait, clients=per_client)
         yield from _hand_over(round_idx, plans, outcomes, answered, min_clients, progress, "answered")
@@ -219,10 +222,7 @@ class FlowerTransport:
         """One SecAgg+ round (``secagg.py``): every client's plan goes out with the protocol's masking
         stage; the replies carry each client's training result and a masked vector; the server unmasks
         only the sum. Clients that miss a stage are dropouts (their masks are recovered from shares)."""
-        from fedpeft.deploy.flower.secagg import check_secure_method, mean_state, quantization_bound, run_secure_round
-        from fedpeft.strategies.base import ClientUpdate, TrainResult
-
-        settings, engine = self.settings, self.engine
+        settings, server = self.settings, self.server
         check_secure_method(method)
         self.secure_mean = None
         outcomes: dict[int, Any] = {}
@@ -239,9 +239,8 @@ class FlowerTransport:
             else:
                 contents[node] = encode_plan(round_idx, plan, global_state, lr, base, method=method)
                 node_plan[node] = i
-        sizes = getattr(engine, "client_indices", None)
         max_weight = settings.secagg_max_weight or float(max(
-            [len(sizes[plans[i].client_id]) for i in node_plan.values()] if sizes else [1000]))
+            [server.client_examples(plans[i].client_id) for i in node_plan.values()] if server else [1000]))
         t0 = time.perf_counter()
         result = run_secure_round(self.grid, self._exchange, contents, round_idx, shares=settings.secagg_shares,
                                   threshold=settings.secagg_threshold, clip=settings.secagg_clip,
@@ -261,7 +260,7 @@ class FlowerTransport:
                             round_idx, plan.client_id, meta["max-abs"], settings.secagg_clip)
             update = ClientUpdate(plan.client_id, {}, int(meta["num-examples"]), job=plan.job,
                                   metrics=dict(meta["metrics"]))
-            outcomes[i] = LocalResult(update, TrainResult(**meta["train"]), list(meta["losses"]))
+            outcomes[i] = LocalResult(update, TrainResult(**meta["train"]), list(meta["losses"]), tensors_arrived=False)
         answered = len(result.meta)
         if result.mean_delta is not None and answered:
             self.secure_mean = (mean_state(result, global_state), result.weight)
@@ -271,9 +270,9 @@ class FlowerTransport:
             for outcome in outcomes.values():
                 if isinstance(outcome, LocalResult):
                     outcome.update.wire_bytes = per_client
-        if engine is not None and getattr(engine, "metrics", None) is not None:
+        if server is not None:
             weights = [m["num-examples"] for m in result.meta.values()]
-            engine.metrics.log("deploy_round", round=round_idx, secagg=True, messages=len(contents),
+            server.log_event("deploy_round", round=round_idx, secagg=True, messages=len(contents),
                                answered=answered, stages=result.stages, seconds=seconds, max_weight=max_weight,
                                clip=settings.secagg_clip,
                                max_abs_update=max((m["max-abs"] for m in result.meta.values()), default=0.0),
@@ -291,8 +290,6 @@ class FlowerTransport:
             return updates
         if self.secure_mean is None:
             return []
-        from fedpeft.strategies.base import ClientUpdate
-
         mean, weight = self.secure_mean
         ids = sorted(u.client_id for u in updates)
         return [ClientUpdate(client_id=ids[0] if ids else -1, tensors=mean, num_examples=int(weight), job="secagg",

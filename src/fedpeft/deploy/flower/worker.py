@@ -4,7 +4,7 @@ Flower 1.41/1.42 start a fresh ``flwr-clientapp`` process for every message; imp
 transformers and peft and building the model there costs seconds to tens of seconds per round. With the
 warm worker (node config ``warm-worker=true``, the default) the ClientApp process stays thin: it forwards
 the message content over a Unix socket to a long-lived worker process on the same machine, which runs the
-same ``train`` code as the cold path (``client_app.handle_train``) and sends the reply content back.
+same ``train`` code as the cold path (``node.handle_train``) and sends the reply content back.
 
 The worker is started by the first ClientApp of a (node, run) that finds no socket, in the SuperNode's
 process group (so killing the node's group kills it), and exits when the SuperNode's SuperExec (the
@@ -154,7 +154,9 @@ def call(kind: str, content: RecordDict, run_config: dict, node_config: dict, ru
 
 
 def serve(path: Path, watch_pid: int | None, idle: float, prebuild: Path | None = None) -> None:
-    from fedpeft.deploy.flower import client_app
+    # The worker process needs the model stack; this module is also imported by the thin ClientApp
+    # (``call``), which must not pay for torch: a start-up cost, not an import cycle.
+    from fedpeft.deploy.flower import node
 
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -167,7 +169,7 @@ def serve(path: Path, watch_pid: int | None, idle: float, prebuild: Path | None 
     if prebuild is not None and prebuild.is_file():
         request = json.loads(prebuild.read_text())
         try:
-            client_app.get_worker(request["run_config"], request["node_config"], int(request["run_id"]),
+            node.get_worker(request["run_config"], request["node_config"], int(request["run_id"]),
                                   int(request["node_id"]))
         except Exception:  # reported again (to the server) by the first train request
             traceback.print_exc()
@@ -198,7 +200,7 @@ def serve(path: Path, watch_pid: int | None, idle: float, prebuild: Path | None 
                 try:
                     if header["kind"] != "train":
                         raise ValueError(f"unknown request {header['kind']!r}")
-                    content = client_app.handle_train(from_bytes(payload), header["run_config"],
+                    content = node.handle_train(from_bytes(payload), header["run_config"],
                                                       header["node_config"], int(header["run_id"]),
                                                       int(header["node_id"]))
                     _send(conn, {"error": None}, to_bytes(content))
