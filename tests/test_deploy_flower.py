@@ -134,13 +134,16 @@ def test_app_folder_is_a_valid_flower_app(tmp_path):
 # --- the transport under the engine, with the real ClientApp in process --------------------------
 
 
-def _fake_engine(cfg, run_dir, tmp_path, tamper=None, **settings):
+def _fake_engine_and_grid(cfg, run_dir, tmp_path, tamper=None, **settings):
     run_config = run_config_values(cfg, **settings)
     nodes = rehearsal_node_configs(2, cfg.federation.num_clients, tmp_path / "stores", warm_worker=False)
-    transport = functools.partial(FlowerTransport, FakeGrid(run_config, nodes, tamper),
-                                  DeploySettings.from_run_config(run_config))
-    engine = Engine(cfg, run_dir, transport=transport)
-    return engine
+    grid = FakeGrid(run_config, nodes, tamper)
+    transport = functools.partial(FlowerTransport, grid, DeploySettings.from_run_config(run_config))
+    return Engine(cfg, run_dir, transport=transport), grid
+
+
+def _fake_engine(cfg, run_dir, tmp_path, tamper=None, **settings):
+    return _fake_engine_and_grid(cfg, run_dir, tmp_path, tamper, **settings)[0]
 
 
 def test_flower_transport_matches_in_process_engine(tmp_path):
@@ -211,6 +214,85 @@ def test_fewer_replies_than_min_clients_stops_the_run(tmp_path):
     failed = _events(tmp_path / "run", "client_failed")
     assert [(e["round"], e["client"]) for e in failed] == [(1, 1)] and "no reply" in failed[0]["error"]
     assert not _events(tmp_path / "run", "round_end")  # the round did not complete
+
+
+# --- bytes on the wire, private state and personal evaluation on the nodes ------------------------------
+
+
+def _train_replies(grid):
+    """(round, client) -> the train reply content the server received."""
+    return {(int(m.content["plan"]["round"]), int(m.content["plan"]["client-id"])): r.content
+            for m, r in grid.seen if m.metadata.message_type == "train" and not r.has_error()}
+
+
+def test_uplink_bytes_under_flower_are_the_encoded_bytes_received(tmp_path):
+    """The update is encoded on the node: the reply carries the int8 payload, client_train.uplink_bytes is
+    the size of the arrays that arrived, int8 is about a quarter of fp32, and the run equals the
+    in-process int8 run bit for bit (both encode on the client against the same reference)."""
+    cfg = load_config("configs/tiny.yaml", BASE + ["federation.rounds=1", "evaluation.before_training=false"])
+    numel, ntensors = None, None
+    sent = {}
+    for scheme in ("none", "int8"):
+        run_cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"uplink_compression": scheme})})
+        engine, grid = _fake_engine_and_grid(run_cfg, tmp_path / scheme, tmp_path / f"g-{scheme}")
+        summary = engine.run()
+        replies = _train_replies(grid)
+        train = _events(summary.run_dir, "client_train")
+        assert len(train) == len(replies) == 2
+        for e in train:
+            content = replies[(e["round"], e["client"])]
+            arrays = [a for record in content.array_records.values() for a in record.values()]
+            assert e["uplink_bytes"] == sum(len(a.data) for a in arrays)  # every array byte that arrived
+            manifest = json.loads(str(content["update"]["manifests"]))["tensors"]
+            payload = sum(a.numpy().nbytes for a in arrays)
+            if scheme == "none":
+                numel = sum(math.prod(shape) for _, _, shape in manifest)
+                ntensors = len(manifest)
+                assert payload == 4 * numel and {dtype for _, dtype, _ in manifest} == {"float32"}
+            else:  # one int8 per entry + one float32 scale per tensor (metering/compression.py's table)
+                assert payload == numel + 4 * ntensors
+                assert {dtype for _, dtype, _ in manifest} == {"int8", "float32"}
+            sent[(scheme, e["client"])] = e["uplink_bytes"]
+        if scheme == "int8":
+            reference = run_experiment(run_cfg, run_dir=tmp_path / "in-process-int8")
+            _assert_same_adapter(_final(summary.run_dir), _final(reference.run_dir))
+            assert [e["uplink_bytes"] for e in _events(reference.run_dir, "client_train")] == [numel + 4 * ntensors] * 2
+    for client in (0, 1):
+        assert 0.2 < sent[("int8", client)] / sent[("none", client)] < 0.3
+
+
+def test_personalised_method_on_flower_keeps_b_on_the_nodes_and_skips_personal_eval(tmp_path, monkeypatch):
+    """FedSA-LoRA under Flower: each client's B is committed to its node's store (client 0's NaN B is
+    refused there and never kept); the server, which does not hold the Bs, logs no personal/* metric
+    and says why, in metrics.jsonl and in the report."""
+    from fedpeft.strategies import STRATEGIES
+    from fedpeft.strategies.fedsa_lora import PERSONAL_NAME, FedSALoRA
+
+    class NaNB(FedSALoRA):
+        name = "nan_b_fedsa"
+
+        def client_update(self, round_idx, plan, trained, result, store):
+            if plan.client_id == 0:
+                trained = {k: torch.full_like(v, math.nan) if "lora_B" in k else v for k, v in trained.items()}
+            return super().client_update(round_idx, plan, trained, result, store)
+
+    monkeypatch.setitem(STRATEGIES, "nan_b_fedsa", NaNB)
+    cfg = load_config("configs/tiny.yaml", ["federation.rounds=1", "federation.num_clients=4",
+                                            "federation.clients_per_round=4", "evaluation.before_training=false",
+                                            "method.name=nan_b_fedsa"])
+    summary = _fake_engine(cfg, tmp_path / "run", tmp_path).run()
+    failed = {e["client"]: e["error"] for e in _events(summary.run_dir, "client_failed")}
+    assert set(failed) == {0} and PERSONAL_NAME in failed[0] and "NaN" in failed[0]
+    stored = {p.parent.name for p in (tmp_path / "stores").glob(f"node-*/*/{PERSONAL_NAME}.r*.safetensors")}
+    assert stored == {"1", "2", "3"}
+    assert not any(k.startswith("0/") for k in
+                   json.loads((tmp_path / "stores" / "node-0" / "index.json").read_text()))
+    assert not any(k.startswith("personal/") for k in summary.final_metrics)
+    [personal] = [e for e in _events(summary.run_dir, "eval") if e.get("split") == "personal"]
+    assert personal["metrics"] == {} and "Flower nodes" in personal["skipped"]
+    from fedpeft.report import write_report
+
+    assert "not evaluated: personal" in write_report(summary.run_dir).read_text()
 
 
 # --- real Flower processes -----------------------------------------------------------------------

@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved config and exit."),
     ) -> None:
         from fedpeft.config import ConfigError, load_config
+        from fedpeft.federation.transport import RunStopped
         from fedpeft.models.registry import ModelNotFoundError
 
         overrides = list(ctx.args)
@@ -61,6 +62,9 @@ def register(app: typer.Typer) -> None:
         except (ConfigError, ModelNotFoundError, FileNotFoundError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)  # plain text: no wrapping inside names and paths
             raise typer.Exit(2) from None
+        except RunStopped as exc:  # the run began and cannot go on; its last checkpoint is the resume point
+            typer.echo(f"run stopped: {exc}", err=True)
+            raise typer.Exit(1) from None
         console.print(_summary_table(summary))
         console.print(
             f"{summary.rounds} rounds in {summary.seconds:.1f} s, peak RSS {summary.peak_rss_mb:.0f} MiB, "

@@ -17,7 +17,8 @@ The checks, in order (each failure is a ``ValueError`` that names the client, th
 3. the strategy's own ``check_update`` (unknown keys, shapes or rank slices, finite values, keys a
    method never lets a client send).
 4. control tensors (SCAFFOLD's c_k+ - c_k): keys the server sent a control for, same shapes, finite.
-5. the squared L2 norm of (update - global), summed in float32, is finite (values like 1e30 are
+5. the client's private state (kept, never uploaded) holds finite values only.
+6. the squared L2 norm of (update - global), summed in float32, is finite (values like 1e30 are
    finite but their squares overflow, and the weighted mean and Adam-style server moments then turn
    the next global state into NaN), and with ``federation.max_update_norm`` the norm is at most that.
 """
@@ -91,6 +92,10 @@ def check_client_update(strategy: Strategy, plan: ClientPlan, global_state: Adap
                              f"expected {tuple(plan.control[key].shape)}")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{who}: control tensor '{key}' holds NaN or inf")
+    for name, state in update.private.items():
+        for key, tensor in state.items():
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{who}: private state '{name}' tensor '{key}' holds NaN or inf; not kept")
     if update.tensors:
         norm = update_norm(update.tensors, global_state)
         if not math.isfinite(norm):

@@ -142,8 +142,10 @@ def _final_metrics(run: RunLog) -> list[str]:
     final_label = f"{word} (round {last_round}{n1})" if last_round is not None else word
     base_label = f"base (round 0{n0})"
     warnings = noise_warnings(first, last)
+    skipped = [f"- not evaluated: {e.get('split', 'global')} (round {e.get('round')}): {e['skipped']}"
+               for e in run.of("eval") if e.get("skipped")]
     return ["## Final metrics", "", *table(["metric", base_label, final_label, "change", "best"], rows), "",
-            *(line for warning in warnings for line in (warning, ""))]
+            *(line for warning in warnings for line in (warning, "")), *([*skipped, ""] if skipped else [])]
 
 
 def _global_eval(run: RunLog, round_idx: int | None) -> dict[str, Any] | None:
