@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft.data.sources import DataError, Record, load_hub, load_local, load_records, looks_local
+from fedpeft.data.experiment import ExperimentData
+from fedpeft.data.sources import DataError, Record, apply_columns, load_hub, load_local, load_records, looks_local
 from fedpeft.data.tasks import ClassificationTask, Task, get_task, infer_task_type
 
 logger = logging.getLogger(__name__)
@@ -261,8 +262,6 @@ def load_source(source: str, split: str = "train", path: str | Path | None = Non
     if builtin(source) is not None:
         records = load_builtin(source, split, path, limit=limit)
         if columns:
-            from fedpeft.data.sources import apply_columns
-
             records = apply_columns(records, columns, f"built-in '{source}'")
         return records
     records = load_records(path or source, columns, split=split, limit=limit,
@@ -387,7 +386,7 @@ def _check_evaluation_labels(tasks: Mapping[str, Task], evaluation: list[Record]
                             f"data.task_options.label_words")
 
 
-def load_for_experiment(config: Any):
+def load_for_experiment(config: Any) -> ExperimentData:
     """``config.data`` (a non-generated source) -> ``ExperimentData``: normalized train and evaluation
     records, validated by their tasks before any model is loaded.
 
@@ -397,8 +396,6 @@ def load_for_experiment(config: Any):
     ``data.task_options`` and ``data.max_train_examples_per_task``. A classification task without
     ``label_words`` learns its label set from the training records only.
     """
-    from fedpeft.data.dataset import ExperimentData
-
     data = config.data
     split = getattr(data, "split", None) or "train"
     task_type = getattr(data, "task", None)

@@ -2,68 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+from fedpeft.data.builtin import load_for_experiment
+from fedpeft.data.encoding import encode_records
+from fedpeft.data.experiment import ExperimentData
 from fedpeft.data.generated import generate_split
 
-
-@dataclass
-class ExperimentData:
-    train: list[dict]
-    evaluation: list[dict]
-    label_field: str = "task"
-    scorer: str = "exact_match"
-    info: dict = field(default_factory=dict)
-    tasks: dict = field(default_factory=dict)
-    """Task name -> ``fedpeft.data.tasks.Task`` that scores predictions; empty: exact match."""
-    _classes: list[str] | None = field(default=None, repr=False, compare=False)
-
-    def score(self, prediction: str, record: dict) -> float:
-        task = self.tasks.get(str(record.get("task")))
-        if task is None:
-            from fedpeft.evaluation.generation import normalize_answer
-
-            return float(normalize_answer(prediction) == normalize_answer(record["output"]))
-        return float(task.score(prediction, record))
-
-    def metric_name(self, task_name: str) -> str:
-        task = self.tasks.get(task_name)
-        if task is None:
-            return "exact_match"
-        return "rougeL" if getattr(task, "metric", None) == "rougeL" else "accuracy"
-
-    def classes(self) -> list[str]:
-        """The class list of a classification head: every distinct target, sorted (identical in every
-        process that loads the same data). Computed once: the records do not change after loading."""
-        if self._classes is None:
-            self._classes = sorted({str(r["output"]) for r in (*self.train, *self.evaluation)})
-        return self._classes
-
-    def label_set_lines(self) -> list[str]:
-        """One line per classification task: its label set (value -> word) and where it came from."""
-        inferred = set(self.info.get("labels_inferred", ()))
-        lines = []
-        for task, words in self.info.get("label_sets", {}).items():
-            how = "inferred from the training records" if task in inferred else "given"
-            pairs = ", ".join(value if value == word else f"{value} -> {word}" for value, word in words.items())
-            lines.append(f"labels of task '{task}' ({len(words)}, {how}): {pairs}")
-        return lines
-
-    def labels(self) -> list[str]:
-        missing = [i for i, r in enumerate(self.train) if self.label_field not in r]
-        if missing:
-            raise ValueError(
-                f"data.partition.by: field '{self.label_field}' is missing from record {missing[0]} "
-                f"(fields: {sorted(self.train[missing[0]])})"
-            )
-        return [str(r[self.label_field]) for r in self.train]
+__all__ = ["ExperimentData", "encode_for_experiment", "evaluation_group", "load_experiment_data", "sample_evaluation"]
 
 
 def encode_for_experiment(config, data: ExperimentData, records, tokenizer):
     """``encode_records`` as the model's head needs: prompt + target tokens (causal LM), or text + class
     index (classification). Returns (encoded or None per record, number dropped)."""
-    from fedpeft.data.encoding import encode_records
-
     classes = data.classes() if config.model.head == "classification" else None
     return encode_records(records, tokenizer, config.data.template, config.training.max_seq_len, classes=classes)
 
@@ -118,8 +67,6 @@ def _load(config) -> ExperimentData:
                                            data.eval_examples_per_task, config.seed)
         return ExperimentData(train=train, evaluation=evaluation, label_field=data.partition.by,
                               info={"source": "generated", "eval_split": "generated"})
-    from fedpeft.data.builtin import load_for_experiment
-
     loaded = load_for_experiment(config)
     if data.add_generated:
         extra_train, extra_eval = generate_split(list(data.add_generated), data.train_examples_per_task,

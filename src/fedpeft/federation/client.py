@@ -20,10 +20,10 @@ from fedpeft.data.dataset import encode_for_experiment
 from fedpeft.data.encoding import EncodedExample, collate
 from fedpeft.data.partition import partition
 from fedpeft.federation.local_trainer import load_optimizer_tensors, make_optimizer, optimizer_tensors, train_local
-from fedpeft.federation.sampling import derive_seed, index_stream
 from fedpeft.federation.update_checks import StagedStore
-from fedpeft.models.peft_wrap import lora_modules
 from fedpeft.federation.wire import LocalResult, encode_upload
+from fedpeft.models.peft_wrap import lora_modules
+from fedpeft.seeding import derive_seed, index_stream
 from fedpeft.strategies.base import ClientPlan, Strategy
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,6 @@ from fedpeft.federation.evaluator import Evaluator
 from fedpeft.federation.local_trainer import round_lr
 from fedpeft.federation.metrics_log import MetricsLog
 from fedpeft.federation.progress import RunProgress
-from fedpeft.federation.sampling import sample_clients
 from fedpeft.federation.transport import InProcessTransport, RunStopped, ServerLink, Transport
 from fedpeft.federation.update_checks import check_client_update
 from fedpeft.federation.wire import decode_upload, payload_bytes
@@ -44,6 +43,7 @@ from fedpeft.metering.loggers import make_loggers
 from fedpeft.metering.memory import peak_cuda_mb, peak_rss_mb
 from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, load_experiment_model
 from fedpeft.report import write_report
+from fedpeft.seeding import sample_clients
 from fedpeft.strategies import build_experiment_strategy
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate
 

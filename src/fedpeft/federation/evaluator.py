@@ -18,7 +18,7 @@ from fedpeft.adapters import AdapterState, set_adapter_state
 from fedpeft.evaluation.classification import classification_eval
 from fedpeft.evaluation.generation import generation_eval
 from fedpeft.evaluation.suites import EvalOptions, flat_metrics, run_suite
-from fedpeft.federation.sampling import derive_seed
+from fedpeft.seeding import derive_seed
 
 PERSONAL_OFF_SERVER = ("the clients' private state (personal adapters) lives on the Flower nodes, not on the "
                        "server; personalised evaluation on the nodes is not implemented yet")

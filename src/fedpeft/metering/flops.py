@@ -17,7 +17,10 @@ parameter count overestimates by at most that table's share.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a type only: the FLOPs rules stay importable without torch (reports use them)
+    import torch
 
 
 def full_training_flops(tokens: float, params: int) -> float:

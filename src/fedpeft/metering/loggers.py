@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedpeft.report.metrics_io import flatten_metrics
+from fedpeft.metering.metric_values import flatten_metrics
 
 log = logging.getLogger(__name__)
 

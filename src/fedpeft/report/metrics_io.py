@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft.metering.flops import lora_training_flops
+from fedpeft.metering.metric_values import as_number as _num
+from fedpeft.metering.metric_values import flatten_metrics  # re-exported: report users read it here
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -57,14 +61,6 @@ def read_events(path: str | Path) -> list[dict[str, Any]]:
     return events
 
 
-def _num(value: Any) -> float | None:
-    """A finite float, or None for anything else (missing, null, strings, NaN, bools)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def _round(event: dict[str, Any]) -> int | None:
     value = event.get("round")
     if isinstance(value, bool):
@@ -74,22 +70,6 @@ def _round(event: dict[str, Any]) -> int | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return None
-
-
-def flatten_metrics(metrics: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a (possibly nested) metrics dict as ``{'a/b': value}``; non-numbers dropped."""
-    out: dict[str, float] = {}
-    if not isinstance(metrics, dict):
-        return out
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten_metrics(value, prefix=f"{name}/"))
-        else:
-            number = _num(value)
-            if number is not None:
-                out[name] = number
-    return out
 
 
 @dataclass
@@ -390,8 +370,6 @@ class RunLog:
         Sums ``client_train.train_flops`` when the engine logs it; otherwise applies the LoRA rule to
         the logged tokens with ``run_start.base_params`` and ``run_start.trainable_params``.
         """
-        from fedpeft.metering.flops import lora_training_flops
-
         logged = self._sum_client_field("train_flops")
         if logged:
             return sum(logged.values())

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from fedpeft.adapters import AdapterState, adapter_parameters, module_name, set_adapter_state, state_bytes
-from fedpeft.federation.sampling import derive_seed
+from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult
 from fedpeft.strategies.common import MethodStrategy
 from fedpeft.strategies.fedprox import proximal_term

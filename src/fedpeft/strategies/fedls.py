@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from fedpeft.adapters import AdapterState, module_name, state_bytes
-from fedpeft.federation.sampling import derive_seed
+from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate
 from fedpeft.strategies.common import MethodStrategy
 

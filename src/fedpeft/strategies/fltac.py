@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from fedpeft.adapters import AdapterState, flatten
-from fedpeft.federation.sampling import derive_seed
+from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, weighted_average
 from fedpeft.strategies.common import MethodStrategy
 

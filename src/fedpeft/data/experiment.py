@@ -1,0 +1,59 @@
+"""``ExperimentData``: the records of one experiment (training records with their partition label,
+evaluation records) and how they are scored. A leaf of the data layer: the loaders (``dataset``,
+``builtin``) both build it without importing each other for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ExperimentData:
+    train: list[dict]
+    evaluation: list[dict]
+    label_field: str = "task"
+    scorer: str = "exact_match"
+    info: dict = field(default_factory=dict)
+    tasks: dict = field(default_factory=dict)
+    """Task name -> ``fedpeft.data.tasks.Task`` that scores predictions; empty: exact match."""
+    _classes: list[str] | None = field(default=None, repr=False, compare=False)
+
+    def score(self, prediction: str, record: dict) -> float:
+        task = self.tasks.get(str(record.get("task")))
+        if task is None:
+            from fedpeft.evaluation.generation import normalize_answer
+
+            return float(normalize_answer(prediction) == normalize_answer(record["output"]))
+        return float(task.score(prediction, record))
+
+    def metric_name(self, task_name: str) -> str:
+        task = self.tasks.get(task_name)
+        if task is None:
+            return "exact_match"
+        return "rougeL" if getattr(task, "metric", None) == "rougeL" else "accuracy"
+
+    def classes(self) -> list[str]:
+        """The class list of a classification head: every distinct target, sorted (identical in every
+        process that loads the same data). Computed once: the records do not change after loading."""
+        if self._classes is None:
+            self._classes = sorted({str(r["output"]) for r in (*self.train, *self.evaluation)})
+        return self._classes
+
+    def label_set_lines(self) -> list[str]:
+        """One line per classification task: its label set (value -> word) and where it came from."""
+        inferred = set(self.info.get("labels_inferred", ()))
+        lines = []
+        for task, words in self.info.get("label_sets", {}).items():
+            how = "inferred from the training records" if task in inferred else "given"
+            pairs = ", ".join(value if value == word else f"{value} -> {word}" for value, word in words.items())
+            lines.append(f"labels of task '{task}' ({len(words)}, {how}): {pairs}")
+        return lines
+
+    def labels(self) -> list[str]:
+        missing = [i for i, r in enumerate(self.train) if self.label_field not in r]
+        if missing:
+            raise ValueError(
+                f"data.partition.by: field '{self.label_field}' is missing from record {missing[0]} "
+                f"(fields: {sorted(self.train[missing[0]])})"
+            )
+        return [str(r[self.label_field]) for r in self.train]
