@@ -261,10 +261,10 @@ def test_uplink_bytes_under_flower_are_the_encoded_bytes_received(tmp_path):
         assert 0.2 < sent[("int8", client)] / sent[("none", client)] < 0.3
 
 
-def test_personalised_method_on_flower_keeps_b_on_the_nodes_and_skips_personal_eval(tmp_path, monkeypatch):
+def test_personalised_method_on_flower_keeps_b_on_the_nodes_and_evaluates_there(tmp_path, monkeypatch):
     """FedSA-LoRA under Flower: each client's B is committed to its node's store (client 0's NaN B is
-    refused there and never kept); the server, which does not hold the Bs, logs no personal/* metric
-    and says why, in metrics.jsonl and in the report."""
+    refused there and never kept); personalised evaluation runs on the nodes ("evaluate" messages) and
+    gives exactly the in-process run's per-client scores."""
     from fedpeft.strategies import STRATEGIES
     from fedpeft.strategies.fedsa_lora import PERSONAL_NAME, FedSALoRA
 
@@ -279,17 +279,53 @@ def test_personalised_method_on_flower_keeps_b_on_the_nodes_and_skips_personal_e
     monkeypatch.setitem(STRATEGIES, "nan_b_fedsa", NaNB)
     cfg = load_config("configs/tiny.yaml", ["federation.rounds=1", "federation.num_clients=4",
                                             "federation.clients_per_round=4", "evaluation.before_training=false",
-                                            "method.name=nan_b_fedsa"])
-    summary = _fake_engine(cfg, tmp_path / "run", tmp_path).run()
+                                            "method.name=nan_b_fedsa", "output.report=false"])
+    engine, grid = _fake_engine_and_grid(cfg, tmp_path / "run", tmp_path)
+    summary = engine.run()
     failed = {e["client"]: e["error"] for e in _events(summary.run_dir, "client_failed")}
     assert set(failed) == {0} and PERSONAL_NAME in failed[0] and "NaN" in failed[0]
     stored = {p.parent.name for p in (tmp_path / "stores").glob(f"node-*/*/{PERSONAL_NAME}.r*.safetensors")}
     assert stored == {"1", "2", "3"}
     assert not any(k.startswith("0/") for k in
                    json.loads((tmp_path / "stores" / "node-0" / "index.json").read_text()))
+    # personal evaluation ran on the two nodes, not on the server (whose client store is empty)
+    assert sorted(m.metadata.dst_node_id for m, _ in grid.seen if m.metadata.message_type == "evaluate") == [100, 101]
+    assert not list((tmp_path / "run" / "client_store").glob("*/*.safetensors"))
+    [deployed] = [e for e in _events(summary.run_dir, "eval") if e.get("split") == "personal"]
+    reference = run_experiment(cfg, run_dir=tmp_path / "ref")
+    [simulated] = [e for e in _events(reference.run_dir, "eval") if e.get("split") == "personal"]
+    assert deployed["scored_on"] == "nodes" and simulated["scored_on"] == "server"
+    assert deployed["per_client"] == simulated["per_client"] and len(deployed["per_client"]) == 4
+    assert deployed["metrics"] == simulated["metrics"]
+    assert {k for k in summary.final_metrics if k.startswith("personal/")} == {
+        "personal/mean", "personal/std", "personal/min", "personal/max"}
+
+
+class StateElsewhere(InProcessTransport):
+    """A transport whose clients keep their private state away from the server and that cannot
+    evaluate there (the base Transport's ``evaluate_personal``)."""
+
+    personal_state_on_server = False
+
+
+def test_a_transport_that_cannot_evaluate_personal_state_logs_why_and_the_report_says_it(tmp_path):
+    cfg = load_config("configs/tiny.yaml", ["federation.rounds=1", "federation.num_clients=2",
+                                            "evaluation.before_training=false", "method.name=fedsa_lora",
+                                            "output.report=false"])
+    engine = Engine(cfg, tmp_path / "run")
+    setup = engine._setup
+
+    def setup_elsewhere():
+        setup()
+        engine.transport = StateElsewhere(engine.runner)
+        engine.evaluator.personal_on_server = False
+        engine.evaluator.remote_personal = engine.transport.evaluate_personal
+
+    engine._setup = setup_elsewhere
+    summary = engine.run()
     assert not any(k.startswith("personal/") for k in summary.final_metrics)
     [personal] = [e for e in _events(summary.run_dir, "eval") if e.get("split") == "personal"]
-    assert personal["metrics"] == {} and "Flower nodes" in personal["skipped"]
+    assert personal["metrics"] == {} and "cannot evaluate there" in personal["skipped"]
     from fedpeft.report import write_report
 
     assert "not evaluated: personal" in write_report(summary.run_dir).read_text()

@@ -134,7 +134,8 @@ class Engine:
                 uplink_compression=cfg.federation.uplink_compression))
         self.evaluator = Evaluator(self.model, self.tokenizer, cfg, self.data, self.strategy, self.store, self.metrics,
                                    self.client_indices, self.labels,
-                                   personal_on_server=getattr(self.transport, "personal_state_on_server", True))
+                                   personal_on_server=self.transport.personal_state_on_server,
+                                   remote_personal=self.transport.evaluate_personal)
 
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> RunSummary:

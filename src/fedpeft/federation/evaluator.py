@@ -4,9 +4,11 @@
 The round loop calls :meth:`Evaluator.evaluate` every ``evaluation.every_rounds`` rounds and
 :meth:`Evaluator.finish` once at the end. Per-client evaluation needs each client's private state,
 which lives in the client store of the process that trained it: in process that is the engine's own
-store; under Flower it is on the nodes, so the server does not score personal adapters it does not
-have (``personal_on_server=False``) and logs why instead (``eval`` event with ``split="personal"``
-and ``skipped``).
+store; under Flower it is on the nodes, so the nodes score their clients' personal adapters (an
+"evaluate" message, Flower's configure/aggregate-evaluate vocabulary; ``personal_scores`` is the code
+they run) and the server aggregates the returned scores. A transport that cannot do that makes the
+server log why instead (``eval`` event with ``split="personal"`` and ``skipped``), never a score of
+state it does not have.
 """
 
 from __future__ import annotations
@@ -20,17 +22,22 @@ from fedpeft.evaluation.generation import generation_eval
 from fedpeft.evaluation.suites import EvalOptions, flat_metrics, run_suite
 from fedpeft.seeding import derive_seed
 
-PERSONAL_OFF_SERVER = ("the clients' private state (personal adapters) lives on the Flower nodes, not on the "
-                       "server; personalised evaluation on the nodes is not implemented yet")
+PERSONAL_OFF_SERVER = ("the clients' private state (personal adapters) lives where they train, not on the "
+                       "server, and this transport cannot evaluate there")
 
 
 class Evaluator:
     def __init__(self, model, tokenizer, config, data, strategy, store, metrics, client_indices: list[list[int]],
-                 labels: list[str], personal_on_server: bool = True) -> None:
+                 labels: list[str], personal_on_server: bool = True,
+                 remote_personal: Callable[[int, AdapterState, list[int]], dict[int, float] | None] | None = None
+                 ) -> None:
         self.model, self.tokenizer, self.config, self.data = model, tokenizer, config, data
         self.strategy, self.store, self.metrics = strategy, store, metrics
         self.client_indices, self.labels = client_indices, labels
         self.personal_on_server = personal_on_server
+        self.remote_personal = remote_personal
+        """Where the clients' state is elsewhere: ``(round, global, clients) -> client -> score`` (None:
+        that transport cannot evaluate there)."""
         self.headline_metric: str | None = None
         # The partition label (data.partition.by, else the task) of every evaluation record.
         self.eval_labels = [str(r.get(data.label_field, r.get("task"))) for r in data.evaluation]
@@ -96,21 +103,22 @@ class Evaluator:
                          seconds=time.perf_counter() - start)
         return metrics
 
-    def personal(self, global_state: AdapterState, round_idx: int) -> dict[str, float]:
-        """Personalised methods (FedSA-LoRA, local-only): each client's own adapter on the evaluation
-        records of the labels it holds; reports the mean and spread over clients. With
-        ``evaluation.personal_max_clients`` a seeded sample of that many clients (one generation pass
-        per client is the cost: about 34 s for 1,000 tiny clients)."""
-        if not self.personal_on_server:
-            self.metrics.log("eval", round=round_idx, split="personal", metrics={}, skipped=PERSONAL_OFF_SERVER)
-            return {}
-        start = time.perf_counter()
+    def personal_clients(self) -> list[int]:
+        """The clients scored with their own adapter: all, or with ``evaluation.personal_max_clients`` a
+        seeded sample of that many (one generation pass per client is the cost: about 34 s for 1,000
+        tiny clients)."""
         clients = list(range(len(self.client_indices)))
         cap = self.config.evaluation.personal_max_clients
         if cap is not None and cap < len(clients):
             rng = np.random.default_rng(derive_seed(self.config.seed, "personal_eval"))
             clients = sorted(int(c) for c in rng.choice(len(clients), size=cap, replace=False))
-        per_client = {}
+        return clients
+
+    def personal_scores(self, global_state: AdapterState, clients: list[int]) -> dict[int, float]:
+        """Each client's own adapter (``strategy.personal_state`` from this process's client store) on
+        the evaluation records of the labels it holds: client -> headline score. Runs wherever the
+        clients' private state lives (the engine's process, or a Flower node for the clients it serves)."""
+        scores = {}
         for client_id in clients:
             state = self.strategy.personal_state(client_id, global_state, self.store)
             held = {self.labels[i] for i in self.client_indices[client_id]}
@@ -119,15 +127,31 @@ class Evaluator:
                 continue
             set_adapter_state(self.model, state)
             result = self._score(records, final=False)
-            per_client[client_id] = result["metrics"][result["headline"]]
+            scores[client_id] = result["metrics"][result["headline"]]
+        return scores
+
+    def personal(self, global_state: AdapterState, round_idx: int) -> dict[str, float]:
+        """Personalised methods (FedSA-LoRA, local-only): the mean and spread over clients of each
+        client's score with its own adapter, scored here or (``remote``) where the client state lives."""
+        start = time.perf_counter()
+        clients = self.personal_clients()
+        where = "server"
+        if self.personal_on_server:
+            per_client = self.personal_scores(global_state, clients)
+        else:
+            per_client = self.remote_personal(round_idx, global_state, clients) if self.remote_personal else None
+            where = "nodes"
+            if per_client is None:
+                self.metrics.log("eval", round=round_idx, split="personal", metrics={}, skipped=PERSONAL_OFF_SERVER)
+                return {}
         if not per_client:
             return {}
         values = np.array(list(per_client.values()))
         metrics = {"personal/mean": float(values.mean()), "personal/std": float(values.std()),
                    "personal/min": float(values.min()), "personal/max": float(values.max())}
         self.metrics.log("eval", round=round_idx, split="personal", metrics=metrics,
-                         per_client={str(k): v for k, v in per_client.items()}, examples=len(per_client),
-                         clients_sampled=len(clients), clients_total=len(self.client_indices),
+                         per_client={str(k): v for k, v in sorted(per_client.items())}, examples=len(per_client),
+                         clients_sampled=len(clients), clients_total=len(self.client_indices), scored_on=where,
                          seconds=time.perf_counter() - start)
         return metrics
 

@@ -69,6 +69,13 @@ class Transport:
         """The updates the strategy aggregates, from the accepted ones (SecAgg+: their unmasked mean)."""
         return updates
 
+    def evaluate_personal(self, round_idx: int, global_state: AdapterState, clients: list[int]
+                          ) -> dict[int, float] | None:
+        """Where clients' private state lives off the server: each client's score with its own adapter,
+        computed there (client -> headline score). None: this transport cannot (the server then logs
+        why and reports no personal metric)."""
+        return None
+
 
 class InProcessTransport(Transport):
     """Serial, in the engine's process, on its shared model (``ClientRunner.run`` per plan)."""

@@ -3,7 +3,8 @@
 ``train``: ``node.handle_train`` (decode the plan, train it with the same ``ClientRunner`` on this
 node's data, check the update, commit the client's private state, encode the upload), in this process
 or in the node's warm worker. ``query``: answer which client ids this node serves (from its
-node config), so the server can route each client's plan to its node.
+node config), so the server can route each client's plan to its node. ``evaluate``:
+``node.handle_evaluate`` (personalised evaluation of the node's clients with their own adapters).
 
 Everything training needs (config, data split, base model + PEFT wrap, strategy, client store) is built
 once per process by ``node.py`` and kept keyed by (run, node). Flower 1.41/1.42 start a fresh
@@ -34,20 +35,30 @@ app = ClientApp(mods=[secagg_mod])  # SecAgg+ for messages of that protocol only
 KILL_ENV = "FEDPEFT_DEPLOY_KILL_AT"  # the testing aid of ``node.py`` (kept here for its users)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    handler_start = time.time()
+def _handle(kind: str, msg: Message, context: Context) -> RecordDict:
     run_config, node_config = dict(context.run_config), dict(context.node_config)
     node = NodeSettings.from_node_config(node_config)
     if node.warm_worker:
-        content = worker.call("train", msg.content, run_config, node_config, msg.metadata.run_id, context.node_id,
-                              idle=node.worker_idle)
-    else:
-        # Cold path: torch and the model stack are imported here, not at module import, so the warm
-        # path's ClientApp process stays thin (flwr only); a start-up cost, not an import cycle.
-        from fedpeft.deploy.flower.node import handle_train
+        return worker.call(kind, msg.content, run_config, node_config, msg.metadata.run_id, context.node_id,
+                           idle=node.worker_idle)
+    # Cold path: torch and the model stack are imported here, not at module import, so the warm path's
+    # ClientApp process stays thin (flwr only); a start-up cost, not an import cycle.
+    from fedpeft.deploy.flower.node import HANDLERS
 
-        content = handle_train(msg.content, run_config, node_config, msg.metadata.run_id, context.node_id)
+    return HANDLERS[kind](msg.content, run_config, node_config, msg.metadata.run_id, context.node_id)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Personalised evaluation where the clients' private state lives: scores come back as metrics."""
+    return Message(content=_handle("evaluate", msg, context), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    handler_start = time.time()
+    node = NodeSettings.from_node_config(dict(context.node_config))
+    content = _handle("train", msg, context)
     # Wall-clock stamps for the server's latency split (deploy_round events; same clock in a rehearsal).
     timing = dict(content["node"]) if "node" in content else {}
     timing.update({"process-start": _process_start(), "handler-start": handler_start, "handler-end": time.time(),

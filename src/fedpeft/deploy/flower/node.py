@@ -1,12 +1,14 @@
-"""The training side of a SuperNode: config, data, model, strategy and ClientRunner built once per
-(run, node), and the handler of a "train" message.
+"""The training side of a SuperNode: config, data, model, strategy, ClientRunner and Evaluator built
+once per (run, node), and the handlers of its "train" and "evaluate" messages.
 
 Runs in the ClientApp process (cold path, ``warm-worker=false``) or in the node's warm worker
 (``worker.py``). A reply is checked on the node with the engine's own checks
 (``federation/update_checks.py``) before the client's private state (FedSA-LoRA's B, SCAFFOLD's c_k)
 is committed to the node's store: a client whose update is rejected leaves nothing behind, and the
 server, which checks again, logs it as ``client_failed``. Then the upload is encoded with the wire
-codec (``federation.uplink_compression``) and ``serde`` carries the encoded payload.
+codec (``federation.uplink_compression``) and ``serde`` carries the encoded payload. An "evaluate"
+message scores the node's clients with their own adapters (personalised evaluation where the private
+state lives) and returns the scores.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from flwr.app import ConfigRecord, RecordDict
 from fedpeft.config import build_config
 from fedpeft.data.dataset import load_experiment_data
 from fedpeft.deploy.flower.secagg import is_secagg_message, secagg_reply
-from fedpeft.deploy.flower.serde import decode_plan, encode_result
+from fedpeft.deploy.flower.serde import decode_evaluate, decode_plan, encode_result, encode_scores
 from fedpeft.deploy.flower.settings import DeploySettings, NodeSettings
 from fedpeft.deploy.flower.store import NodeClientStore
 from fedpeft.federation.client import ClientRunner, prepare_client_data
+from fedpeft.federation.evaluator import Evaluator
 from fedpeft.federation.update_checks import check_client_update
 from fedpeft.federation.wire import encode_upload
 from fedpeft.metering.allocator import tune_malloc
@@ -58,6 +61,8 @@ class ClientWorker:
     runner: Any
     store: Any
     build_seconds: float
+    evaluator: Evaluator
+    """Scores this node's clients with their own adapters (personalised evaluation on the node)."""
 
 
 _WORKER: tuple[str, ClientWorker] | None = None
@@ -96,7 +101,9 @@ def build_worker(run_config: dict, node_config: dict, run_id: int = 0, node_id: 
         Path(tempfile.gettempdir()) / "fedpeft-client-store" / f"node-{node_id}" / f"run-{run_id}")
     store = NodeClientStore(store_dir)
     runner = ClientRunner(model, strategy, cfg, client_data, store)
-    return ClientWorker(cfg, node, model, strategy, runner, store, time.perf_counter() - start)
+    evaluator = Evaluator(model, loaded.tokenizer, cfg, data, strategy, store, metrics=None,
+                          client_indices=client_data.indices, labels=client_data.labels)
+    return ClientWorker(cfg, node, model, strategy, runner, store, time.perf_counter() - start, evaluator)
 
 
 def get_worker(run_config: dict, node_config: dict, run_id: int, node_id: int) -> ClientWorker:
@@ -135,3 +142,19 @@ def handle_train(content: RecordDict, run_config: dict, node_config: dict, run_i
         reply = encode_result(local.update, local.result, local.losses, encoding=local.encoding)
     reply["node"] = ConfigRecord({"pid": os.getpid(), "build-seconds": float(worker.build_seconds)})
     return reply
+
+
+def handle_evaluate(content: RecordDict, run_config: dict, node_config: dict, run_id: int, node_id: int
+                    ) -> RecordDict:
+    """Score the requested clients this node serves, each with its own adapter (its private state is
+    here, in the node's store); returns client -> headline score. The server aggregates them."""
+    worker = get_worker(run_config, node_config, run_id, node_id)
+    request = decode_evaluate(content)
+    if request.base_weights:
+        set_base_weights(worker.model, request.base_weights)
+    mine = [c for c in request.client_ids if c in worker.node.client_ids]
+    return encode_scores(worker.evaluator.personal_scores(request.global_state, mine))
+
+
+HANDLERS = {"train": handle_train, "evaluate": handle_evaluate}
+"""Message type -> handler (the ClientApp's cold path and the warm worker dispatch through it)."""

@@ -15,7 +15,13 @@ Message layout (record names in a ``RecordDict``)::
       control   ArrayRecord   plan.control
       start     ArrayRecord   global keys the plan does not set (what the engine's start_state adds)
       base      ArrayRecord   base weights the method changed (FLoRA, FedEx-LoRA), full values
-    client -> server
+    server -> client (message type "evaluate": personalised evaluation where the private state lives)
+      evaluate  ConfigRecord  round, client-ids
+      global    ArrayRecord   the global adapter
+      base      ArrayRecord   base weights the method changed
+    client -> server (reply to "evaluate")
+      personal  ConfigRecord  scores (JSON: client id -> headline score with its own adapter)
+    client -> server (reply to "train")
       update    ConfigRecord  client-id, job, num-examples, metrics (JSON: a strategy may add non-floats),
                               encoding (the wire codec of the tensors), manifests (key, dtype, shape)
       tensors   ArrayRecord   update.tensors as sent (encoded on the client), packed into one uint8 array
@@ -226,8 +232,8 @@ def encode_result(update: ClientUpdate, result: TrainResult, losses: list[float]
 def decode_result(content: RecordDict) -> tuple[ClientUpdate, TrainResult, list[float]]:
     fields = content["update"]
     manifests = json.loads(str(fields["manifests"]))
-    states = {name: unpack_state(torch.from_numpy(content[name]["packed"].numpy().copy()), manifests[name]) if name in manifests else {}
-              for name in UPLOAD_RECORDS}
+    states = {name: unpack_state(torch.from_numpy(content[name]["packed"].numpy().copy()), manifests[name])
+              if name in manifests else {} for name in UPLOAD_RECORDS}
     update = ClientUpdate(
         client_id=int(fields["client-id"]), tensors=states["tensors"], num_examples=int(fields["num-examples"]),
         job=str(fields["job"]), control=states["control"], metrics=json.loads(str(fields["metrics"])),
@@ -245,3 +251,42 @@ def decode_reply(content: RecordDict) -> LocalResult:
     update, result, losses = decode_result(content)
     return LocalResult(update, result, losses, encoding=str(content["update"].get("encoding", "none")),
                        wire_bytes=upload_bytes(content))
+
+
+# --- personalised evaluation on the nodes (message type "evaluate") --------------------------------------
+
+
+@dataclass
+class EvaluateMessage:
+    round_idx: int
+    client_ids: list[int]
+    global_state: AdapterState
+    base_weights: dict[str, torch.Tensor]
+
+
+def encode_evaluate(round_idx: int, client_ids: list[int], global_state: Mapping[str, torch.Tensor],
+                    base_weights: Mapping[str, torch.Tensor] | None = None) -> RecordDict:
+    """Ask a node to score these clients, each with its own adapter (``strategy.personal_state`` over
+    ``global_state`` and the client's private state in the node's store)."""
+    content = RecordDict()
+    viewed: dict[str, dict[str, str]] = {}
+    _put_state(content, "global", global_state, viewed)
+    _put_state(content, "base", dict(base_weights or {}), viewed)
+    content["evaluate"] = ConfigRecord({"round": int(round_idx), "client-ids": json.dumps(list(client_ids)),
+                                        "viewed": json.dumps(viewed)})
+    return content
+
+
+def decode_evaluate(content: RecordDict) -> EvaluateMessage:
+    fields = content["evaluate"]
+    viewed = json.loads(str(fields["viewed"]))
+    return EvaluateMessage(int(fields["round"]), [int(c) for c in json.loads(str(fields["client-ids"]))],
+                           _get_state(content, "global", viewed) or {}, _get_state(content, "base", viewed) or {})
+
+
+def encode_scores(scores: Mapping[int, float]) -> RecordDict:
+    return RecordDict({"personal": ConfigRecord({"scores": json.dumps({str(k): float(v) for k, v in scores.items()})})})
+
+
+def decode_scores(content: RecordDict) -> dict[int, float]:
+    return {int(k): float(v) for k, v in json.loads(str(content["personal"]["scores"])).items()}

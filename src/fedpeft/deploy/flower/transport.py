@@ -25,7 +25,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedpeft.adapters import AdapterState
 from fedpeft.deploy.flower.secagg import check_secure_method, mean_state, quantization_bound, run_secure_round
-from fedpeft.deploy.flower.serde import decode_reply, encode_plan, record_bytes
+from fedpeft.deploy.flower.serde import decode_reply, decode_scores, encode_evaluate, encode_plan, record_bytes
 from fedpeft.deploy.flower.settings import DeploySettings
 from fedpeft.federation.transport import RunStopped, ServerLink, Transport
 from fedpeft.federation.wire import LocalResult
@@ -281,6 +281,37 @@ class FlowerTransport(Transport):
                                message_up_bytes=sum(s["up_bytes"] for s in result.stages))
         yield from _hand_over(round_idx, plans, [outcomes[i] for i in range(len(plans))], answered,
                               settings.min_clients, progress, "completed secure aggregation")
+
+    # --- personalised evaluation on the nodes ----------------------------------------------------------
+    def evaluate_personal(self, round_idx: int, global_state: AdapterState, clients: list[int]
+                          ) -> dict[int, float] | None:
+        """Configure-evaluate / aggregate-evaluate: one "evaluate" message per node serving some of
+        ``clients`` (the global adapter and the client ids), each node scores its clients with their own
+        adapters, the scores come back as metrics. Clients whose node fails or does not answer in
+        ``round-timeout`` are missing from the result (logged)."""
+        self.discover(set(clients), min(self.settings.node_wait, 15.0))
+        by_node: dict[int, list[int]] = {}
+        for client in clients:
+            if client in self.routes:
+                by_node.setdefault(self.routes[client], []).append(client)
+        base = self.server.base_weights() if self.server is not None else {}
+        messages = [Message(encode_evaluate(round_idx, ids, global_state, base), dst_node_id=node,
+                            message_type="evaluate", group_id=f"evaluate-{round_idx}", ttl=self.settings.round_timeout)
+                    for node, ids in sorted(by_node.items())]
+        ids, replies, _ = self._exchange(messages, self.settings.round_timeout)
+        scores: dict[int, float] = {}
+        for msg, mid in zip(messages, ids):
+            node = msg.metadata.dst_node_id
+            reply = replies.get(mid) if mid else None
+            if reply is None or reply.has_error():
+                why = "no reply" if reply is None else f"{reply.error.code}: {reply.error.reason}"
+                log.warning("personal evaluation of clients %s on node %d failed (%s)", by_node[node], node, why)
+                continue
+            scores.update(decode_scores(reply.content))
+        unserved = sorted(set(clients) - set(self.routes))
+        if unserved:
+            log.warning("personal evaluation: no SuperNode serves client(s) %s", unserved)
+        return scores
 
     def combine(self, round_idx: int, global_state: AdapterState, updates: list) -> list:
         """The updates the strategy aggregates. Plain rounds: each client's. SecAgg+ rounds: one update,

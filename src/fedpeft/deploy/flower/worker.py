@@ -137,7 +137,7 @@ def ensure_started(run_config: dict, node_config: dict, run_id: int, node_id: in
 
 def call(kind: str, content: RecordDict, run_config: dict, node_config: dict, run_id: int, node_id: int,
          idle: float = IDLE_SECONDS) -> RecordDict:
-    """Run ``kind`` ("train") on this node's warm worker, starting it first if needed; returns the reply
+    """Run ``kind`` ("train" or "evaluate") on this node's warm worker, starting it first if needed; returns the reply
     content. The worker's exception is raised here, so Flower reports it as the ClientApp's error."""
     sock = ensure_started(run_config, node_config, run_id, node_id, idle)
     with sock:
@@ -198,11 +198,11 @@ def serve(path: Path, watch_pid: int | None, idle: float, prebuild: Path | None 
                 except (ConnectionError, ValueError, struct.error):
                     continue  # a caller that only checked the worker is up, or went away
                 try:
-                    if header["kind"] != "train":
+                    handler = node.HANDLERS.get(header["kind"])
+                    if handler is None:
                         raise ValueError(f"unknown request {header['kind']!r}")
-                    content = node.handle_train(from_bytes(payload), header["run_config"],
-                                                      header["node_config"], int(header["run_id"]),
-                                                      int(header["node_id"]))
+                    content = handler(from_bytes(payload), header["run_config"], header["node_config"],
+                                      int(header["run_id"]), int(header["node_id"]))
                     _send(conn, {"error": None}, to_bytes(content))
                 except Exception as exc:  # the ClientApp raises it: Flower's error reply
                     traceback.print_exc()
