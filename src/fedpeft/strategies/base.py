@@ -11,7 +11,8 @@ A round, as the engine runs it::
 
 A method that needs several adapters per client (FL-TAC) returns several plans for one client, each
 restricted to a slice of the client's data (``data_key``). Per-client persistent state lives in the
-ClientStore (on disk). Changes to the frozen base weights (FLoRA, FedEx-LoRA) are returned as
+ClientStore (on disk); what ``client_update`` keeps for a client goes in ``ClientUpdate.private`` (a
+``store.put`` there is staged into it) and is committed only once the update passes the engine's checks. Changes to the frozen base weights (FLoRA, FedEx-LoRA) are returned as
 ``AggregateResult.base_delta`` and applied by the engine in place.
 """
 
