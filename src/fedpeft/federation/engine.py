@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from safetensors.torch import save_file
 
 from fedpeft.adapters import AdapterState, adapter_parameters, get_adapter_state, set_adapter_state, state_bytes
 from fedpeft.config import ExperimentConfig, apply_overrides, build_config, load_config
-from fedpeft.data.dataset import ExperimentData, load_experiment_data
+from fedpeft.data.dataset import load_experiment_data
 from fedpeft.federation import run_state
 from fedpeft.federation.client import ClientRunner, prepare_client_data
 from fedpeft.federation.client_store import ClientStore
@@ -45,7 +44,7 @@ from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, load_expe
 from fedpeft.report import write_report
 from fedpeft.seeding import sample_clients
 from fedpeft.strategies import build_experiment_strategy
-from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate
+from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, ServerContext
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +70,6 @@ class RunSummary:
     downlink_bytes: int = 0
     final_adapter_dir: Path | None = None
     report_path: Path | None = None
-
-
-@dataclass
-class ServerContext:
-    """What ``Strategy.begin_round`` may use on the server: the shared model and server-held data."""
-
-    model: torch.nn.Module
-    tokenizer: Any
-    config: ExperimentConfig
-    data: ExperimentData
-    make_batch: Any
-    client_indices: list[list[int]] | None = None
-    """Per client, its training record indices (after records too long to encode were dropped)."""
-    labels: list[str] | None = None
-    """Partition label of every training record."""
-    run_dir: Path | None = None
-    """Where a strategy may write its own artifacts (FL-TAC's cluster assignments)."""
 
 
 class Engine:

@@ -20,11 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedpeft.adapters import AdapterState, validate_update
+
+if TYPE_CHECKING:  # types only: the seam does not import the config or data layers
+    from fedpeft.config import ExperimentConfig
+    from fedpeft.data.experiment import ExperimentData
 
 
 @dataclass
@@ -90,6 +95,24 @@ class ClientUpdate:
 
 
 @dataclass
+class ServerContext:
+    """What ``Strategy.begin_round`` may use on the server: the shared model and server-held data."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    config: ExperimentConfig
+    data: ExperimentData
+    make_batch: Callable[[list[int], int], Any]
+    """``make_batch(indices, seed)``: endless seeded batches over those training records."""
+    client_indices: list[list[int]] | None = None
+    """Per client, its training record indices (after records too long to encode were dropped)."""
+    labels: list[str] | None = None
+    """Partition label of every training record."""
+    run_dir: Path | None = None
+    """Where a strategy may write its own artifacts (FL-TAC's cluster assignments)."""
+
+
+@dataclass
 class AggregateResult:
     global_state: AdapterState
     base_delta: dict[str, torch.Tensor] | None = None
@@ -117,7 +140,7 @@ class Strategy:
         return {k: v.clone() for k, v in initial.items()}
 
     # --- per round ------------------------------------------------------------------------------
-    def begin_round(self, round_idx: int, server: Any) -> None:
+    def begin_round(self, round_idx: int, server: ServerContext) -> None:
         """Server-side work before clients are configured. ``server`` gives the model and server data."""
 
     def configure_round(
