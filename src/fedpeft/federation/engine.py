@@ -112,8 +112,7 @@ class Engine:
             self.transport = self.transport(ServerLink(
                 method=cfg.method.name, log_event=self.metrics.log,
                 base_weights=lambda: base_weights(self.model, sorted(self.state.base_touched)),
-                client_examples=lambda cid: len(self.client_indices[cid]),
-                uplink_compression=cfg.federation.uplink_compression))
+                client_examples=lambda cid: len(self.client_indices[cid])))
         self.evaluator = Evaluator(self.model, self.tokenizer, cfg, self.data, self.strategy, self.store, self.metrics,
                                    self.client_indices, self.labels,
                                    personal_on_server=self.transport.personal_state_on_server,

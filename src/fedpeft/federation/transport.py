@@ -51,7 +51,6 @@ class ServerLink:
     """Current values of the base weights the method has changed (FLoRA, FedEx-LoRA); empty if none."""
     client_examples: Callable[[int], int]
     """Training examples client ``k`` holds in the server's partition."""
-    uplink_compression: str = "none"
 
 
 class Transport:
