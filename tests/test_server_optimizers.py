@@ -1,4 +1,5 @@
-"""Server optimizers against a few steps computed by hand from Reddi et al.'s formulas (v uses Delta^2)."""
+"""Server optimizers against a few steps computed by hand from Reddi et al.'s formulas (v uses Delta^2),
+their per-rule defaults, and their checkpoint state (name-checked, in the format earlier runs saved)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ import math
 import pytest
 import torch
 
-from fedpeft.config import ServerOptimizerConfig
-from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, FedAdam, build_server_optimizer
+from fedpeft.config import ConfigError, ServerOptimizerConfig, load_config
+from fedpeft.strategies.server_optimizers import (
+    SERVER_OPTIMIZERS,
+    build_server_optimizer,
+    make_server_optimizer,
+    rule_defaults,
+)
 
 LR, B1, B2, TAU = 0.5, 0.9, 0.99, 1e-3
 THETA0 = [0.0, 1.0, -2.0]
@@ -42,8 +48,16 @@ def reference(rule: str) -> list[list[float]]:
     return out
 
 
+HYPER = {"lr": LR, "beta1": B1, "beta2": B2, "tau": TAU}
+
+
+def optimizer(name: str):
+    """Rule ``name`` with the hyperparameters above that it has (FedAvgM has no beta2 / tau)."""
+    return make_server_optimizer(name, **{k: v for k, v in HYPER.items() if k in rule_defaults(name)})
+
+
 def run(name: str) -> list[list[float]]:
-    opt = build_server_optimizer(ServerOptimizerConfig(name=name, lr=LR, beta1=B1, beta2=B2, tau=TAU))
+    opt = optimizer(name)
     theta = {"w": torch.tensor(THETA0, dtype=torch.float64).float()}
     out = []
     for avg in AVERAGES:
@@ -70,7 +84,7 @@ def test_first_steps_by_hand():
 
 
 def test_second_moment_uses_delta_squared_not_m_squared():
-    opt = FedAdam(lr=LR, beta1=B1, beta2=B2, tau=TAU)
+    opt = optimizer("fedadam")
     opt.step({"w": torch.zeros(1)}, {"w": torch.ones(1)})
     assert opt.v["w"].item() == pytest.approx(B2 * TAU**2 + (1 - B2) * 1.0)  # Delta^2 = 1; m^2 would be 0.01
     assert opt.m["w"].item() == pytest.approx(0.1)
@@ -87,13 +101,17 @@ def test_each_name_runs_its_own_rule():
 
 
 def test_untouched_keys_keep_their_state_and_values():
-    opt = FedAdam(lr=LR)
+    opt = make_server_optimizer("fedadam", lr=LR)
     out = opt.step({"a": torch.zeros(2), "b": torch.ones(2)}, {"a": torch.ones(2)})
     assert set(out) == {"a"} and set(opt.m) == {"a"}
+    m_a = opt.m["a"].clone()
+    opt.step({"a": out["a"], "b": torch.ones(2)}, {"b": torch.zeros(2)})  # a later round steps only b
+    assert set(opt.m) == {"a", "b"} and torch.equal(opt.m["a"], m_a)
 
 
 def test_state_dict_round_trips_and_refuses_other_optimizer():
     a = build_server_optimizer(ServerOptimizerConfig(name="fedyogi", lr=LR))
+    assert a.state_dict()["hyper"] == {"lr": LR, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
     theta = {"w": torch.tensor(THETA0)}
     theta = a.step(theta, {"w": torch.tensor(AVERAGES[0])})
     buffer = io.BytesIO()
@@ -113,3 +131,40 @@ def test_unknown_name_lists_valid_ones():
 
     with pytest.raises(ValueError, match="fedadagard.*fedadagrad.*fedadam.*fedavgm.*fedyogi"):
         build_server_optimizer(Fake())
+
+
+def test_a_checkpoint_in_the_earlier_format_resumes_the_same_trajectory():
+    """Round 2 after loading {name, steps, hyper, m, v} written by hand (the format checkpoints have always
+    had) equals the formula's round 2 from those moments."""
+    m1, v1 = 0.1, 0.99 * TAU**2 + 0.01  # FedAdam after round 1 on coordinate 0 of the reference (Delta = 1)
+    theta1 = LR * m1 / (math.sqrt(v1) + TAU)
+    saved = {"name": "fedadam", "steps": 1, "hyper": {"lr": LR, "beta1": B1, "beta2": B2, "tau": TAU},
+             "m": {"w": torch.tensor([m1])}, "v": {"w": torch.tensor([v1])}}
+    opt = optimizer("fedadam")
+    opt.load_state_dict(saved)
+    got = opt.step({"w": torch.tensor([theta1])}, {"w": torch.tensor([AVERAGES[1][0]])})["w"].item()
+    assert got == pytest.approx(reference("fedadam")[1][0], rel=1e-5)
+    assert opt.steps == 2
+
+
+def test_per_rule_defaults_keep_the_first_fedadam_step_on_the_scale_of_the_update():
+    """Issue 13 item 7: a 1e-3 update with one lr = 1 for every rule became a 0.05 step; with FedAdam's own
+    default lr = 1e-2 it is lr (1 - beta1) Delta / (sqrt(beta2 tau^2 + (1 - beta2) Delta^2) + tau)."""
+    delta = 1e-3
+    opt = build_server_optimizer(ServerOptimizerConfig(name="fedadam"))
+    step = opt.step({"w": torch.zeros(1)}, {"w": torch.full((1,), delta)})["w"].item()
+    want = 1e-2 * 0.1 * delta / (math.sqrt(0.99 * 1e-6 + 0.01 * delta**2) + 1e-3)
+    assert step == pytest.approx(want, rel=1e-5) and step == pytest.approx(5e-4, rel=1e-3)
+    assert rule_defaults("fedavgm") == {"lr": 1.0, "beta1": 0.9}
+    assert rule_defaults("fedadagrad")["lr"] == 0.1 and rule_defaults("fedyogi")["lr"] == 0.01
+    # a value set in the config wins over the rule's default
+    assert build_server_optimizer(ServerOptimizerConfig(name="fedadam", lr=0.5)).lr == 0.5
+
+
+def test_a_hyperparameter_the_rule_lacks_is_refused_naming_the_rule():
+    with pytest.raises(ConfigError, match=r"method.server_optimizer.tau: the rule 'fedavgm' has no tau \(its hyperparameters: lr, beta1\)"):
+        load_config(None, ["method.server_optimizer.name=fedavgm", "method.server_optimizer.tau=0.1"])
+    with pytest.raises(ConfigError, match=r"method.server_optimizer.name: unknown server optimizer; did you mean 'fedadam'"):
+        load_config(None, ["method.server_optimizer.name=fedadm"])
+    with pytest.raises(ValueError, match="fedavgm has no beta2"):
+        make_server_optimizer("fedavgm", beta2=0.9)

@@ -14,6 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedpeft.metering.compression import SCHEMES
+from fedpeft.strategies import capabilities, method_class
+from fedpeft.strategies.registry import MethodOptionsError, parse_options
+from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, rule_defaults
+
 log = logging.getLogger(__name__)
 
 
@@ -100,7 +105,7 @@ class FederationConfig(_Section):
     local_steps: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
     grad_accumulation: int = Field(1, ge=1)
-    uplink_compression: Literal["none", "fp16", "bf16", "int8", "int8_channel"] = Field(
+    uplink_compression: Literal[SCHEMES] = Field(
         "none", description="Wire compression of client updates, encoded on the client (the update minus the "
         "tensors it received is encoded).")
     max_update_norm: float | None = Field(
@@ -121,17 +126,49 @@ class FederationConfig(_Section):
 
 
 class ServerOptimizerConfig(_Section):
-    name: Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = "none"
-    lr: float = Field(1.0, gt=0, description="Server learning rate eta_s.")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-3, gt=0, description="Adaptivity epsilon added to sqrt(v).")
+    """A rule of ``strategies/server_optimizers.py``; hyperparameters left null take the rule's default
+    (``fedpeft methods`` lists them)."""
+
+    name: str = Field("none", description="Server optimizer rule: " + ", ".join(SERVER_OPTIMIZERS) + ".")
+    lr: float | None = Field(None, gt=0, description="Server learning rate eta_s (null: the rule's default).")
+    beta1: float | None = Field(None, ge=0, lt=1, description="First-moment decay (null: the rule's default).")
+    beta2: float | None = Field(None, ge=0, lt=1, description="Second-moment decay (null: the rule's default).")
+    tau: float | None = Field(None, gt=0, description="Adaptivity epsilon added to sqrt(v) (null: the rule's default).")
+
+    @field_validator("name")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        if value not in SERVER_OPTIMIZERS:
+            guess = difflib.get_close_matches(value, list(SERVER_OPTIMIZERS), n=1, cutoff=0.6)
+            hint = f"; did you mean '{guess[0]}'?" if guess else ""
+            raise ValueError(f"unknown server optimizer{hint} (expected one of {', '.join(SERVER_OPTIMIZERS)})")
+        return value
+
+    @model_validator(mode="after")
+    def _hyper_of_the_rule(self) -> "ServerOptimizerConfig":
+        have = rule_defaults(self.name)
+        for key in ("lr", "beta1", "beta2", "tau"):
+            if getattr(self, key) is not None and key not in have:
+                raise MethodOptionsError([f"method.server_optimizer.{key}: the rule '{self.name}' has no {key} "
+                                          f"(its hyperparameters: {', '.join(have) or 'none'})"])
+        return self
 
 
 class MethodConfig(_Section):
     name: str = Field("fedit", description="Federated method; see `fedpeft methods`.")
     server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
-    options: dict[str, Any] = Field(default_factory=dict, description="Method-specific options.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Method-specific options, validated by the "
+                                    "method's own options model (see `fedpeft methods`).")
+
+    @model_validator(mode="after")
+    def _known_method_and_options(self) -> "MethodConfig":
+        """The method registry decides: the name must be registered and the options valid for it."""
+        try:
+            cls = method_class(self.name)
+        except ValueError as exc:
+            raise MethodOptionsError([f"method.name: {exc}"]) from None
+        parse_options(cls, self.options)
+        return self
 
 
 class TrainingConfig(_Section):
@@ -187,6 +224,14 @@ class ExperimentConfig(_Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    @model_validator(mode="after")
+    def _method_supports_peft(self) -> "ExperimentConfig":
+        supported = capabilities(method_class(self.method.name)).peft_types
+        if self.peft.type not in supported:
+            raise MethodOptionsError([f"peft.type: method '{self.method.name}' supports {', '.join(supported)}, "
+                                      f"not '{self.peft.type}'"])
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -209,14 +254,17 @@ def _format_validation_error(err: ValidationError) -> str:
     for item in err.errors():
         loc = tuple(str(p) for p in item["loc"])
         key = ".".join(loc) or "<root>"
-        if item["type"] == "extra_forbidden":
+        error = item.get("ctx", {}).get("error")
+        if isinstance(error, MethodOptionsError):  # already names the key, the value and the expectation
+            lines.extend(error.lines)
+        elif item["type"] == "extra_forbidden":
             valid = _valid_keys(ExperimentConfig, loc[:-1])
             guess = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             hint = f"; did you mean '{'.'.join(loc[:-1] + (guess[0],))}'?" if guess else ""
             lines.append(f"unknown key '{key}'{hint} (valid keys here: {', '.join(valid)})")
         else:
             value = item.get("input")
-            lines.append(f"{key}: {item['msg']} (got {value!r})")
+            lines.append(f"{key}: {item['msg'].removeprefix('Value error, ')} (got {value!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

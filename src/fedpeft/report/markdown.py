@@ -18,6 +18,7 @@ from typing import Any
 from fedpeft.report.metrics_io import RunLog, load_run, metrics_path
 from fedpeft.report.noise import noise_warnings
 from fedpeft.report.plots import choose_metrics, format_bytes, lower_is_better, plot_run
+from fedpeft.strategies import STRATEGIES, normalize_method_name
 
 log = logging.getLogger(__name__)
 
@@ -267,18 +268,13 @@ def _section(name: str, build: Callable[[], list[str]]) -> list[str]:
         return [f"## {name}", "", f"(could not be built: {type(exc).__name__}: {exc})", ""]
 
 
-def _clusters(run: RunLog, out_dir: Path) -> list[str]:
-    """FL-TAC runs: the received adapters in 2-D per round, coloured by cluster (from cluster_assignments.jsonl)."""
-    assignments = run.run_dir / "cluster_assignments.jsonl"
-    if not assignments.is_file():
+def _method_section(run: RunLog, out_dir: Path) -> list[str]:
+    """The run's method's own section, when it registered one (``report_section``; FL-TAC's clusters)."""
+    name = run.method
+    if not name or normalize_method_name(str(name)) not in STRATEGIES:
         return []
-    from fedpeft.strategies.fltac import plot_cluster_rounds
-
-    path = plot_cluster_rounds(assignments, out_dir / "adapter_clusters.png")
-    return ["## Adapter clusters", "",
-            "Every adapter received in a round, projected on its first two principal components; colour is the "
-            "K-means cluster, marker the true task (never seen by the server).", "",
-            f"![Adapter clusters]({Path(path).name})", ""]
+    hook = STRATEGIES[normalize_method_name(str(name))].report_section
+    return hook(run.run_dir, out_dir) if hook is not None else []
 
 
 def render_report(run: RunLog, out_dir: Path) -> str:
@@ -299,7 +295,7 @@ def render_report(run: RunLog, out_dir: Path) -> str:
         return out
 
     lines += _section("Plots", plots)
-    lines += _section("Adapter clusters", lambda: _clusters(run, out_dir))
+    lines += _section(f"Method: {run.method}", lambda: _method_section(run, out_dir))
     lines += _section("Per round", lambda: _per_round(run))
     lines += _section("Data partition", lambda: _partition(run))
     lines += _section("Failed local jobs", lambda: _failures(run))

@@ -1,55 +1,47 @@
-"""Federated methods behind one seam (see ``base.py``), selected by name in the config."""
+"""Federated methods behind one seam (see ``base.py``), selected by name in the config.
+
+Every module of this package is imported here, and each method registers itself where it is defined
+(``registry.register_method``): there is no list of methods to edit. ``STRATEGIES`` is the registry.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
-from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, Strategy, TrainResult
-from fedpeft.strategies.baselines import Centralized, LocalOnly, ZeroShot
-from fedpeft.strategies.fedex_lora import FedExLoRA
-from fedpeft.strategies.fedgpl import FedGPL
-from fedpeft.strategies.fedit import FedIT
-from fedpeft.strategies.fedls import FedLS
-from fedpeft.strategies.fedprox import FedProx
-from fedpeft.strategies.fedsa_lora import FedSALoRA
-from fedpeft.strategies.ffa_lora import FFALoRA
-from fedpeft.strategies.flexlora import FlexLoRA
-from fedpeft.strategies.flora import FLoRA
-from fedpeft.strategies.fltac import FLTAC
-from fedpeft.strategies.hetlora import HetLoRA, ZeroPadding
-from fedpeft.strategies.scaffold import Scaffold
+from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, ServerContext, Strategy, TrainResult
+from fedpeft.strategies.registry import (
+    COMMON_OPTIONS,
+    STRATEGIES,
+    capabilities,
+    method_class,
+    normalize_method_name,
+    option_rows,
+)
 from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, build_server_optimizer
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls
-    for cls in (
-        FedIT, FedProx, Scaffold,
-        FFALoRA, FLoRA, FedExLoRA, FedSALoRA, ZeroPadding, HetLoRA, FlexLoRA,
-        Centralized, LocalOnly, ZeroShot,
-        FLTAC, FedLS, FedGPL,
-    )
-}
-"""Method name -> class. Every name is its own class with its own rule (no aliases, no fallback)."""
-
-
-def normalize_method_name(name: str) -> str:
-    """Case and '-' vs '_' do not matter: 'FFA-LoRA' selects 'ffa_lora'."""
-    return name.strip().lower().replace("-", "_")
+for _module in pkgutil.iter_modules(__path__):  # each method module registers its class on import
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def method_catalog() -> list[dict[str, Any]]:
-    """One entry per method, for ``fedpeft methods``: name, one-line summary, options, and whether a
-    server optimizer composes with it (with the reason when not)."""
-    from fedpeft.strategies.common import COMMON_OPTIONS
-
+    """One entry per registered method, for ``fedpeft methods``: name, summary, its own options (with
+    defaults, bounds and descriptions) and its capability flags."""
     out = []
     for name, cls in sorted(STRATEGIES.items()):
+        caps = capabilities(cls)
         out.append({
             "name": name,
-            "summary": getattr(cls, "summary", ""),
-            "options": sorted(getattr(cls, "option_names", frozenset()) - COMMON_OPTIONS),
-            "server_optimizer": getattr(cls, "server_optimizer_refusal", None) or "composes",
-            "personalized": bool(getattr(cls, "personalized", False)),
+            "summary": cls.summary,
+            "options": [row["name"] for row in option_rows(cls.Options)],
+            "option_rows": option_rows(cls.Options),
+            "server_optimizer": caps.server_optimizer_refusal or "composes",
+            "personalized": caps.personalized,
+            "secure_mean": caps.secure_mean,
+            "edits_base_weights": caps.edits_base_weights,
+            "peft_types": list(caps.peft_types),
+            "report_section": getattr(cls, "report_section", None) is not None,
         })
     return out
 
@@ -71,13 +63,12 @@ def build_experiment_strategy(config: Any) -> Strategy:
 def build_strategy(method_config: Any) -> Strategy:
     """From a ``MethodConfig``. An unknown name is an error listing the valid names (no silent fallback);
     a server optimizer a method cannot use is an error giving the reason."""
-    name = normalize_method_name(method_config.name)
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown method '{method_config.name}'; valid methods: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name](options=method_config.options, server_optimizer=build_server_optimizer(method_config.server_optimizer))
+    cls = method_class(method_config.name)
+    return cls(options=method_config.options, server_optimizer=build_server_optimizer(method_config.server_optimizer))
 
 
 __all__ = [
-    "AggregateResult", "ClientPlan", "ClientUpdate", "SERVER_OPTIMIZERS", "STRATEGIES", "Strategy", "TrainResult",
-    "build_experiment_strategy", "build_strategy", "method_catalog", "normalize_method_name",
+    "COMMON_OPTIONS", "AggregateResult", "ClientPlan", "ClientUpdate", "SERVER_OPTIMIZERS", "STRATEGIES",
+    "ServerContext", "Strategy", "TrainResult", "build_experiment_strategy", "build_strategy", "capabilities",
+    "method_catalog", "method_class", "normalize_method_name",
 ]

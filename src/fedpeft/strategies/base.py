@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fedpeft.adapters import AdapterState, validate_update
+from fedpeft.strategies.registry import MethodOptions, ReportSection, parse_options
 
 if TYPE_CHECKING:  # types only: the seam does not import the config or data layers
     from fedpeft.config import ExperimentConfig
@@ -123,12 +124,31 @@ class AggregateResult:
 
 
 class Strategy:
-    """Base class: FedIT-shaped defaults. Subclasses override what their method changes."""
+    """Base class: FedIT-shaped defaults. Subclasses override what their method changes.
+
+    A method registers itself with ``registry.register_method`` and declares, as class attributes, its
+    ``Options`` model and its capability flags (read by ``registry.capabilities``)."""
 
     name = "base"
+    summary = ""
+    """One line for ``fedpeft methods``."""
+    Options: type[MethodOptions] = MethodOptions
+    """The pydantic model of ``method.options`` (types, bounds, defaults, descriptions)."""
+    secure_mean = False
+    """The server step needs only the sample-weighted mean of the uploads (SecAgg+ can run it)."""
+    edits_base_weights = False
+    """``aggregate`` may return ``base_delta`` (changes to the frozen base weights)."""
+    server_optimizer_refusal: str | None = None
+    """Why a server optimizer cannot compose with this method; None: it composes."""
+    peft_types: tuple[str, ...] = ("lora",)
+    """Adapter types (``peft.type``) the method supports."""
+    report_section: ReportSection | None = None
+    """Optional (run_dir, out_dir) -> markdown lines for the run report."""
 
-    def __init__(self, options: Mapping[str, Any] | None = None, server_optimizer: Any | None = None) -> None:
-        self.options = dict(options or {})
+    def __init__(self, options: Mapping[str, Any] | MethodOptions | None = None, server_optimizer: Any | None = None) -> None:
+        self.opts = parse_options(type(self), options)
+        """The validated options (typed); ``options`` is the same as a dict, defaults included."""
+        self.options = self.opts.model_dump()
         self.server_optimizer = server_optimizer
 
     # --- set-up -------------------------------------------------------------------------------

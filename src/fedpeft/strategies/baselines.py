@@ -20,11 +20,13 @@ from typing import Any
 from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult
 from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
+from fedpeft.strategies.registry import register_method
 
 NO_AGGREGATE = "a baseline without federated aggregation has nothing for a server optimizer to step on"
 LOCAL_NAME = "local_adapter"
 
 
+@register_method
 class Centralized(MethodStrategy):
     name = "centralized"
     summary = "baseline: one client holding all the data"
@@ -46,6 +48,7 @@ class Centralized(MethodStrategy):
         return AggregateResult(global_state=self.apply_average(global_state, averaged))
 
 
+@register_method
 class LocalOnly(MethodStrategy):
     name = "local_only"
     summary = "baseline: each client trains alone, nothing shared (evaluate per client)"
@@ -84,6 +87,7 @@ class LocalOnly(MethodStrategy):
         return self._local(client_id, global_state, store)
 
 
+@register_method
 class ZeroShot(MethodStrategy):
     name = "zero_shot"
     summary = "baseline: the base model, no training"

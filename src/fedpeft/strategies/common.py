@@ -1,4 +1,4 @@
-"""What the methods share: option checking, server-optimizer composition, weighted averaging into the
+"""What the methods share: server-optimizer composition, weighted averaging into the
 global state, and the FedIT exactness gap."""
 
 from __future__ import annotations
@@ -13,30 +13,13 @@ from fedpeft.strategies.base import ClientUpdate, Strategy, example_weights, wei
 from fedpeft.strategies.lora_math import frobenius_of_product, is_lora, stack_factors
 from fedpeft.strategies.server_optimizers import is_identity
 
-COMMON_OPTIONS = frozenset({"lora_alpha", "r", "rslora", "seed", "num_clients", "local_optimizer"})
-"""Options every method accepts; the engine fills them from the config (peft section, seed, federation,
-training.optimizer)."""
-
 
 class MethodStrategy(Strategy):
-    """A Strategy that checks its options and its server optimizer when built.
-
-    Subclasses list their own ``option_names``; an unknown option is an error naming the valid ones.
-    ``server_optimizer_refusal`` (a reason) makes every server optimizer but ``none`` an error."""
-
-    option_names: frozenset[str] = frozenset()
-    summary = ""
-    """One line for ``fedpeft methods``."""
-    server_optimizer_refusal: str | None = None
+    """A Strategy whose server optimizer is checked when built: ``server_optimizer_refusal`` (a reason)
+    makes every server optimizer but ``none`` an error. Its options were validated by ``Options``."""
 
     def __init__(self, options: Mapping[str, Any] | None = None, server_optimizer: Any | None = None) -> None:
         super().__init__(options, server_optimizer)
-        valid = COMMON_OPTIONS | self.option_names
-        unknown = sorted(set(self.options) - valid)
-        if unknown:
-            raise ValueError(
-                f"method.options.{unknown[0]} is not an option of method '{self.name}'; valid options: {', '.join(sorted(valid))}"
-            )
         if self.server_optimizer_refusal and not is_identity(server_optimizer):
             raise ValueError(
                 f"method '{self.name}' cannot be combined with server optimizer '{server_optimizer.name}': "

@@ -21,17 +21,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from pydantic import Field
 
 from fedpeft.adapters import AdapterState, lora_pairs, state_bytes
 from fedpeft.strategies.base import AggregateResult, ClientUpdate, example_weights
 from fedpeft.strategies.common import MethodStrategy
 from fedpeft.strategies.lora_math import delta_message, factored_svd, lora_scaling, model_rank, require_option, stack_factors
+from fedpeft.strategies.registry import MethodOptions, register_method
 
 
+class FedExLoRAOptions(MethodOptions):
+    residual_rank: int | None = Field(
+        None, ge=1, description="Send a truncated SVD of the residual of this rank (cheaper, not exact); null: the exact residual.")
+
+
+@register_method
 class FedExLoRA(MethodStrategy):
     name = "fedex_lora"
     summary = "FedIT + the averaging residual merged into the base weights (exact)"
-    option_names = frozenset({"residual_rank"})
+    Options = FedExLoRAOptions
+    edits_base_weights = True
     server_optimizer_refusal = (
         "FedEx-LoRA adds the residual that makes the model equal the exact average of the client products, so "
         "a server optimizer's step on A and B would be cancelled by that residual"
@@ -39,9 +48,7 @@ class FedExLoRA(MethodStrategy):
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
-        self.residual_rank = self.options.get("residual_rank")
-        if self.residual_rank is not None and int(self.residual_rank) < 1:
-            raise ValueError(f"method.options.residual_rank must be >= 1, got {self.residual_rank}")
+        self.residual_rank = self.opts.residual_rank
 
     def scaling(self, global_state: AdapterState) -> float:
         alpha = require_option(self.options, "lora_alpha", self.name)

@@ -40,17 +40,19 @@ import math
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from fedpeft.adapters import AdapterState, adapter_parameters, module_name, set_adapter_state, state_bytes
 from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult
 from fedpeft.strategies.common import MethodStrategy
 from fedpeft.strategies.fedprox import proximal_term
-from fedpeft.strategies.server_optimizers import FedAdam, is_identity
+from fedpeft.strategies.registry import MethodOptions, register_method
+from fedpeft.strategies.server_optimizers import is_identity, make_server_optimizer
 
 GRAD_EVALS = ("l1", "l2", "lora_l1", "lora_l2", "lora_per_l1", "lora_per_l2")
 TRAIN_MODES = ("local", "fed", "fedGradFocus")
@@ -152,47 +154,62 @@ def select_layers(scores: Mapping[int, float], min_layers: int, max_layers: int,
     return sorted(order[: min(k, len(order))])
 
 
+class FedGPLOptions(MethodOptions):
+    train_mode: Literal["local", "fed", "fedGradFocus"] = Field(
+        "fedGradFocus", description="fedGradFocus: gradient-selected layers (the paper); fed: every layer; local: no "
+        "federation, each client alone.")
+    fed_alg: Literal["fedavg", "fedadam", "fedprox"] = Field(
+        "fedadam", description="Server rule: fedadam (seed 002's default; FedAdam with server_lr unless a server "
+        "optimizer is configured), fedavg, or fedprox (proximal term mu).")
+    grad_eval: Literal[GRAD_EVALS] = Field("lora_per_l1", description="Layer score: l1/l2 of the base-weight gradient, "
+                                           "lora_l1/lora_l2 of the LoRA gradient, lora_per_*: per LoRA parameter.")
+    min_layer_num: int = Field(2, ge=1, description="Fewest layers selected per round.")
+    max_layer_num: int = Field(6, ge=1, description="Most layers selected per round.")
+    coverage: float = Field(0.5, gt=0, le=1, description="Select the smallest top-score prefix covering this share "
+                            "of the total score.")
+    server_batch: Literal["heldout", "train"] | PositiveInt = Field(
+        "train", description="Records the server scores layers on: train (training records), heldout (evaluation "
+        "records), or N (N training records).")
+    server_examples: int = Field(16, ge=1, description="Records in the server batch.")
+    server_batches: int | None = Field(None, ge=1, description="Batches per scoring (null: cover the records once).")
+    mu: float = Field(0.01, ge=0, description="Proximal coefficient for fed_alg=fedprox.")
+    server_lr: float = Field(5e-4, gt=0, description="FedAdam's server learning rate for fed_alg=fedadam (seed 002's).")
+
+    @field_validator("fed_alg", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _layer_bounds(self) -> "FedGPLOptions":
+        if self.min_layer_num > self.max_layer_num:
+            raise ValueError(f"need min_layer_num <= max_layer_num, got {self.min_layer_num} > {self.max_layer_num}")
+        return self
+
+
+@register_method
 class FedGPL(MethodStrategy):
     name = "fedgpl"
     summary = "server-side gradient priority picks the layers whose LoRA trains and is sent each round"
-    option_names = frozenset({"train_mode", "fed_alg", "grad_eval", "min_layer_num", "max_layer_num", "coverage",
-                              "server_batch", "server_examples", "server_batches", "mu", "server_lr"})
+    Options = FedGPLOptions
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
-        self.train_mode = str(self.option("train_mode", "fedGradFocus"))
-        self.fed_alg = str(self.option("fed_alg", "fedadam")).lower()
-        self.grad_eval = str(self.option("grad_eval", "lora_per_l1"))
-        self.min_layers = int(self.option("min_layer_num", 2))
-        self.max_layers = int(self.option("max_layer_num", 6))
-        self.coverage = float(self.option("coverage", 0.5))
-        server_batch = self.option("server_batch", "train")
-        if isinstance(server_batch, int) and not isinstance(server_batch, bool):
-            self.server_batch, self.server_examples = "train", int(server_batch)
+        opts = self.opts
+        self.train_mode, self.fed_alg, self.grad_eval = opts.train_mode, opts.fed_alg, opts.grad_eval
+        self.min_layers, self.max_layers, self.coverage = opts.min_layer_num, opts.max_layer_num, opts.coverage
+        if isinstance(opts.server_batch, int):
+            self.server_batch, self.server_examples = "train", opts.server_batch
         else:
-            self.server_batch, self.server_examples = str(server_batch), int(self.option("server_examples", 16))
-        self.server_batches = self.options.get("server_batches")
-        self.mu = float(self.option("mu", 0.01))
-        self.seed = int(self.option("seed", 0))
-        if self.train_mode not in TRAIN_MODES:
-            raise ValueError(f"method.options.train_mode must be one of {', '.join(TRAIN_MODES)}, got {self.train_mode!r}")
-        if self.fed_alg not in FED_ALGS:
-            raise ValueError(f"method.options.fed_alg must be one of {', '.join(FED_ALGS)}, got {self.fed_alg!r}")
-        if self.grad_eval not in GRAD_EVALS:
-            raise ValueError(f"method.options.grad_eval must be one of {', '.join(GRAD_EVALS)}, got {self.grad_eval!r}")
-        if not 1 <= self.min_layers <= self.max_layers:
-            raise ValueError(f"fedgpl: need 1 <= min_layer_num <= max_layer_num, got {self.min_layers}, {self.max_layers}")
-        if not 0 < self.coverage <= 1:
-            raise ValueError(f"method.options.coverage must be in (0, 1], got {self.coverage}")
-        if self.server_batch not in ("heldout", "train"):
-            raise ValueError(f"method.options.server_batch must be 'heldout', 'train' or a record count, got {server_batch!r}")
-        if self.server_examples < 1:
-            raise ValueError(f"method.options.server_examples must be >= 1, got {self.server_examples}")
+            self.server_batch, self.server_examples = opts.server_batch, opts.server_examples
+        self.server_batches = opts.server_batches
+        self.mu = opts.mu
+        self.seed = opts.seed or 0
         if self.train_mode == "local" and not is_identity(server_optimizer):
             raise ValueError("fedgpl train_mode=local has no aggregate for a server optimizer to step on")
         if self.fed_alg == "fedadam":
             if is_identity(server_optimizer):
-                self.server_optimizer = FedAdam(lr=float(self.option("server_lr", 5e-4)))
+                self.server_optimizer = make_server_optimizer("fedadam", lr=opts.server_lr)
             elif server_optimizer.name != "fedadam":
                 raise ValueError(f"fedgpl fed_alg=fedadam (the default) conflicts with server optimizer "
                                  f"'{server_optimizer.name}': set method.options.fed_alg=fedavg to compose with it")

@@ -12,11 +12,14 @@ from collections.abc import Sequence
 from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import AggregateResult, ClientUpdate, example_weights
 from fedpeft.strategies.common import MethodStrategy, aggregation_gap
+from fedpeft.strategies.registry import register_method
 
 
+@register_method
 class FedIT(MethodStrategy):
     name = "fedit"
     summary = "FedAvg on the LoRA factors: A and B averaged separately (not exact)"
+    secure_mean = True
 
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
         weights = example_weights(updates)

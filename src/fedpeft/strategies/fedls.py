@@ -39,15 +39,17 @@ buffer then acts on top.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from fedpeft.adapters import AdapterState, module_name, state_bytes
 from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate
 from fedpeft.strategies.common import MethodStrategy
+from fedpeft.strategies.registry import MethodOptions, register_method
 
 VARIANTS = {"all_momentum": (0.05, 0.5), "left_out_momentum": (0.1, 0.8), "no_momentum": (0.0, 0.0)}
 """variant -> (beta, mu) of the seed code."""
@@ -97,10 +99,35 @@ def sample_mask(probs: np.ndarray, seed: int, round_idx: int) -> np.ndarray:
     return mask
 
 
+class FedLSOptions(MethodOptions):
+    variant: Literal["all_momentum", "left_out_momentum", "no_momentum"] = Field(
+        "all_momentum", description="Server momentum of the seed code: all_momentum (beta 0.05, mu 0.5), "
+        "left_out_momentum (beta 0.1, mu 0.8) or no_momentum.")
+    rho: float | None = Field(None, ge=0, description="Score multiplier in p = clip(rho s, min_prob, max_prob); "
+                              "null: the variant's (1; no_momentum 0.5).")
+    min_prob: float | None = Field(None, ge=0, le=1, description="Lowest sampling probability; null: 0.4.")
+    max_prob: float | None = Field(None, ge=0, le=1, description="Highest sampling probability; null: the "
+                                   "variant's (0.99; no_momentum 0.9).")
+    beta: float | None = Field(None, ge=0, description="Momentum step; null: the variant's.")
+    mu: float | None = Field(None, ge=0, le=1, description="Buffer decay; null: the variant's.")
+    momentum_delta: Literal["round", "last"] = Field(
+        "round", description="Delta of a left-out unit in the buffer update: round (this round's, zero: the seed's, "
+        "the buffer decays) or last (its last trained Delta: the buffer never decays).")
+    mask_unit: Literal["module", "key"] = Field(
+        "module", description="Sampling unit: module (A and B together) or key (the seed's: each state-dict key alone).")
+
+    @model_validator(mode="after")
+    def _probability_order(self) -> "FedLSOptions":
+        if self.min_prob is not None and self.max_prob is not None and self.min_prob > self.max_prob:
+            raise ValueError(f"need min_prob <= max_prob, got {self.min_prob} > {self.max_prob}")
+        return self
+
+
+@register_method
 class FedLS(MethodStrategy):
     name = "fedls"
     summary = "layer sampling by update norm x entropy, one mask per round, server momentum for left-out modules"
-    option_names = frozenset({"variant", "rho", "min_prob", "max_prob", "beta", "mu", "momentum_delta", "mask_unit"})
+    Options = FedLSOptions
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)

@@ -9,10 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from pydantic import Field
 
 from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import ClientPlan
 from fedpeft.strategies.fedit import FedIT
+from fedpeft.strategies.registry import MethodOptions, register_method
+
+
+class FedProxOptions(MethodOptions):
+    mu: float = Field(0.01, ge=0, description="Proximal coefficient: the local loss gains (mu/2)||theta - theta_global||^2.")
 
 
 def proximal_term(anchor: Mapping[str, torch.Tensor], mu: float):
@@ -34,16 +40,15 @@ def proximal_term(anchor: Mapping[str, torch.Tensor], mu: float):
     return extra_loss
 
 
+@register_method
 class FedProx(FedIT):
     name = "fedprox"
     summary = "FedIT + proximal term (mu/2)||theta - theta_global||^2 in the local loss"
-    option_names = frozenset({"mu"})
+    Options = FedProxOptions
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
-        self.mu = float(self.option("mu", 0.01))
-        if self.mu < 0:
-            raise ValueError(f"method.options.mu must be >= 0 for fedprox, got {self.mu}")
+        self.mu = self.opts.mu
 
     def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store) -> ClientPlan:
         return ClientPlan(client_id=client_id, downlink=global_state, info={"mu": self.mu})

@@ -22,11 +22,13 @@ from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
 from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
 from fedpeft.strategies.lora_math import is_b
+from fedpeft.strategies.registry import register_method
 
 PERSONAL_NAME = "fedsa_lora_B"
 NUM_EXAMPLES_KEY = "__num_examples__"
 
 
+@register_method
 class FedSALoRA(MethodStrategy):
     name = "fedsa_lora"
     summary = "only A shared and averaged; each client keeps its own B (personalised)"

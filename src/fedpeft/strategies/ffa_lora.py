@@ -18,11 +18,14 @@ from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, example_weights
 from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
 from fedpeft.strategies.lora_math import is_a, is_b
+from fedpeft.strategies.registry import register_method
 
 
+@register_method
 class FFALoRA(MethodStrategy):
     name = "ffa_lora"
     summary = "A frozen at a shared seed, only B trained and sent (exact, half the traffic)"
+    secure_mean = True
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         for name, p in model.named_parameters():

@@ -24,9 +24,11 @@ from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.strategies.base import AggregateResult, ClientUpdate, example_weights
 from fedpeft.strategies.common import average_non_lora
 from fedpeft.strategies.hetlora import HeterogeneousRankStrategy
+from fedpeft.strategies.registry import register_method
 from fedpeft.strategies.lora_math import factored_svd, sliced_rank, stack_factors
 
 
+@register_method
 class FlexLoRA(HeterogeneousRankStrategy):
     name = "flexlora"
     summary = "heterogeneous ranks; sum of client products redistributed by SVD"

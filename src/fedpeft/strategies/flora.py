@@ -30,6 +30,7 @@ from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
 from fedpeft.strategies.common import MethodStrategy, average_non_lora
 from fedpeft.strategies.lora_math import (
+    RankOptions,
     RankPlan,
     delta_message,
     is_a,
@@ -42,6 +43,7 @@ from fedpeft.strategies.lora_math import (
     stack_factors,
 )
 from fedpeft.adapters import state_bytes
+from fedpeft.strategies.registry import register_method
 
 
 def fresh_seed(seed: int, round_idx: int, client_id: int) -> int:
@@ -65,10 +67,12 @@ def fresh_lora(template: AdapterState, rank: int, seed: int) -> AdapterState:
     return out
 
 
+@register_method
 class FLoRA(MethodStrategy):
     name = "flora"
     summary = "stacked fresh LoRAs of any rank merged into the base weights (exact)"
-    option_names = frozenset({"client_ranks", "rank_scaling"})
+    Options = RankOptions
+    edits_base_weights = True
     server_optimizer_refusal = (
         "FLoRA trains a fresh adapter every round and merges the stacked update into the base weights; there is "
         "no persistent adapter for a server optimizer to step on (use fedit, ffa_lora or zero_padding with it)"
@@ -77,7 +81,7 @@ class FLoRA(MethodStrategy):
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
         self.ranks = RankPlan(self.options, self.name)
-        self.seed = int(self.option("seed", 0))
+        self.seed = self.opts.seed or 0
 
     def init_global(self, initial: AdapterState) -> AdapterState:
         self.ranks.bind(model_rank(initial))

@@ -43,15 +43,17 @@ import os
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from fedpeft.adapters import AdapterState, flatten
 from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, weighted_average
 from fedpeft.strategies.common import MethodStrategy
+from fedpeft.strategies.registry import MethodOptions, register_method
 
 STORE_PREFIX = "fltac_"
 ASSIGNMENTS_FILE = "cluster_assignments.jsonl"
@@ -153,26 +155,47 @@ def client_label_counts(server: Any) -> list[dict[str, int]]:
     return [dict(Counter(str(labels[i]) for i in idx)) for idx in indices]
 
 
+def cluster_report_section(run_dir: Path, out_dir: Path) -> list[str]:
+    """The run report's section: the received adapters in 2-D per round, coloured by cluster (from
+    ``cluster_assignments.jsonl``); nothing when the run wrote no assignments."""
+    assignments = Path(run_dir) / ASSIGNMENTS_FILE
+    if not assignments.is_file():
+        return []
+    path = plot_cluster_rounds(assignments, Path(out_dir) / "adapter_clusters.png")
+    return ["## Adapter clusters", "",
+            "Every adapter received in a round, projected on its first two principal components; colour is the "
+            "K-means cluster, marker the true task (never seen by the server).", "",
+            f"![Adapter clusters]({Path(path).name})", ""]
+
+
 # ------------------------------------------------------------------------------------------ strategy
+class FLTACOptions(MethodOptions):
+    num_tasks: int | None = Field(None, ge=1, description="K of K-means; null: the number of distinct partition labels.")
+    n_init: int = Field(10, ge=1, description="K-means restarts (scikit-learn n_init).")
+    cluster_on: Literal["adapter", "delta"] = Field(
+        "adapter", description="Cluster the adapters (the paper) or their change this round (delta).")
+    min_task_examples: int = Field(1, ge=1, description="A local task with fewer records gets no adapter.")
+    save_adapters: bool = Field(True, description="Write the cluster adapters of each round (adapters_round_<t>.pt).")
+    artifact_dir: str | None = Field(None, description="Where cluster assignments go (default: the run directory).")
+
+
+@register_method
 class FLTAC(MethodStrategy):
     name = "fltac"
     summary = "one adapter per (client, local task); server K-means over adapters, FedAvg within clusters"
-    option_names = frozenset({"num_tasks", "n_init", "cluster_on", "min_task_examples", "save_adapters", "artifact_dir"})
+    Options = FLTACOptions
+    report_section = staticmethod(cluster_report_section)
     server_optimizer_refusal = "FL-TAC averages within K clusters; there is no single average to step on"
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
-        self.num_tasks = self.options.get("num_tasks")
-        if self.num_tasks is not None and int(self.num_tasks) < 1:
-            raise ValueError(f"method.options.num_tasks must be >= 1, got {self.num_tasks}")
-        self.n_init = int(self.option("n_init", 10))
-        self.cluster_on = str(self.option("cluster_on", "adapter"))
-        if self.cluster_on not in ("adapter", "delta"):
-            raise ValueError(f"method.options.cluster_on must be 'adapter' or 'delta', got {self.cluster_on!r}")
-        self.min_task_examples = int(self.option("min_task_examples", 1))
-        self.save_adapters = bool(self.option("save_adapters", True))
-        self.seed = int(self.option("seed", 0))
-        self.artifact_dir: Path | None = Path(self.options["artifact_dir"]) if self.options.get("artifact_dir") else None
+        self.num_tasks = self.opts.num_tasks
+        self.n_init = self.opts.n_init
+        self.cluster_on = self.opts.cluster_on
+        self.min_task_examples = self.opts.min_task_examples
+        self.save_adapters = self.opts.save_adapters
+        self.seed = self.opts.seed or 0
+        self.artifact_dir: Path | None = Path(self.opts.artifact_dir) if self.opts.artifact_dir else None
         # server state
         self.initial: AdapterState = {}
         self.clusters: dict[int, AdapterState] = {}

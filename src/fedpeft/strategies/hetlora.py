@@ -32,11 +32,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights, weighted_average
 from fedpeft.strategies.common import MethodStrategy, average_non_lora
 from fedpeft.strategies.lora_math import (
+    RankOptions,
     RankPlan,
     frobenius_of_product,
     is_lora,
@@ -48,14 +50,22 @@ from fedpeft.strategies.lora_math import (
     sliced_rank,
     zero_beyond_rank,
 )
+from fedpeft.strategies.registry import register_method
 
 RANK_NAME = "hetlora_rank"
+
+
+class HetLoRAOptions(RankOptions):
+    prune: bool = Field(False, description="Rank self-pruning (HetLoRA's gamma/lambda rule).")
+    prune_gamma: float = Field(0.9, gt=0, lt=1, description="Pruning decay gamma.")
+    prune_lambda: float = Field(1e-3, ge=0, description="Pruning regulariser lambda.")
+    min_rank: int = Field(1, ge=1, description="A client's rank never shrinks below this.")
 
 
 class HeterogeneousRankStrategy(MethodStrategy):
     """Rank-r_k clients inside one rank-r_max model: truncated downlink, sliced uplink, padded upload."""
 
-    option_names = frozenset({"client_ranks", "rank_scaling"})
+    Options = RankOptions
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
@@ -137,6 +147,7 @@ class HeterogeneousRankStrategy(MethodStrategy):
         return AggregateResult(global_state=self.apply_average(global_state, averaged), metrics=metrics)
 
 
+@register_method
 class ZeroPadding(HeterogeneousRankStrategy):
     name = "zero_padding"
     summary = "heterogeneous ranks zero-padded to r_max and averaged by examples (not exact)"
@@ -154,21 +165,18 @@ def _tail_norm(state: Mapping[str, torch.Tensor], start: int, stop: int) -> torc
     return total if total is not None else torch.zeros(())
 
 
+@register_method
 class HetLoRA(HeterogeneousRankStrategy):
     name = "hetlora"
     summary = "zero-padding weighted by update norm, optional rank self-pruning (not exact)"
-    option_names = HeterogeneousRankStrategy.option_names | {"prune", "prune_gamma", "prune_lambda", "min_rank"}
+    Options = HetLoRAOptions
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
-        self.prune = bool(self.option("prune", False))
-        self.gamma = float(self.option("prune_gamma", 0.9))
-        self.lam = float(self.option("prune_lambda", 1e-3))
-        self.min_rank = int(self.option("min_rank", 1))
-        if not 0 < self.gamma < 1:
-            raise ValueError(f"method.options.prune_gamma must be in (0, 1), got {self.gamma}")
-        if self.lam < 0 or self.min_rank < 1:
-            raise ValueError("method.options.prune_lambda must be >= 0 and min_rank >= 1")
+        self.prune = self.opts.prune
+        self.gamma = self.opts.prune_gamma
+        self.lam = self.opts.prune_lambda
+        self.min_rank = self.opts.min_rank
 
     def client_rank(self, client_id: int, store: Any) -> int:
         base = self.ranks.rank(client_id)

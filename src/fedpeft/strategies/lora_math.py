@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, PositiveInt
 
 from fedpeft.adapters import AdapterState, lora_pairs
+from fedpeft.strategies.registry import MethodOptions
 
 BASE_DELTA_A = ".base_delta.A"
 BASE_DELTA_B = ".base_delta.B"
@@ -53,6 +55,14 @@ def model_rank(state: Mapping[str, torch.Tensor]) -> int:
     if len(ranks) != 1:
         raise ValueError(f"LoRA modules of different ranks {sorted(ranks)} are not supported by this method")
     return ranks.pop()
+
+
+class RankOptions(MethodOptions):
+    client_ranks: PositiveInt | list[PositiveInt] | None = Field(
+        None, description="Rank r_k of client k: one rank for all, or a list repeated over client ids "
+        "(client k gets client_ranks[k % len]); null: every client at peft.r.")
+    rank_scaling: Literal["constant", "alpha"] = Field(
+        "constant", description="LoRA scaling of a rank-r_k client: constant (the model's alpha/r) or alpha (alpha/r_k).")
 
 
 class RankPlan:

@@ -35,14 +35,16 @@ engine fills it from training.optimizer) other than ``sgd``, ``option2`` is refu
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
 from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
 from fedpeft.strategies.common import MethodStrategy, aggregation_gap
 from fedpeft.strategies.lora_math import require_option, validate_finite
+from fedpeft.strategies.registry import MethodOptions, register_method
 
 CONTROL_NAME = "scaffold_control"
 
@@ -73,9 +75,16 @@ def corrected_gradient(correction: Mapping[str, torch.Tensor], record: bool = Fa
     return transform
 
 
+class ScaffoldOptions(MethodOptions):
+    control_update: Literal["option2", "mean_gradient"] = Field(
+        "option2", description="option2: c_k+ = c_k - c + (theta_global - theta_k)/(K lr) (needs training.optimizer=sgd); "
+        "mean_gradient: c_k+ = the mean raw gradient over the K local steps (any optimizer).")
+
+
+@register_method
 class Scaffold(MethodStrategy):
     name = "scaffold"
-    option_names = frozenset({"control_update"})
+    Options = ScaffoldOptions
     summary = "control variates correct client drift (option II, or mean gradient for Adam); uplink doubles"
 
     def __init__(self, options=None, server_optimizer=None) -> None:
@@ -83,10 +92,7 @@ class Scaffold(MethodStrategy):
         self.num_clients = int(require_option(self.options, "num_clients", self.name))
         if self.num_clients < 1:
             raise ValueError(f"scaffold: options['num_clients'] must be >= 1, got {self.num_clients}")
-        self.control_update = str(self.option("control_update", "option2"))
-        if self.control_update not in CONTROL_UPDATES:
-            raise ValueError(f"method.options.control_update must be one of {', '.join(CONTROL_UPDATES)}, "
-                             f"got {self.control_update!r}")
+        self.control_update = self.opts.control_update
         local_optimizer = self.options.get("local_optimizer")
         if self.control_update == "option2" and local_optimizer not in (None, "sgd"):
             raise ValueError(

@@ -1,114 +1,148 @@
-"""Server optimizers: transforms of the aggregated delta, composable with any averaging rule.
+"""Server optimizers: transforms of the aggregated pseudo-gradient, composable with any averaging rule.
 
-Each takes the current global state theta and the averaged client state, forms the pseudo-gradient
-Delta = avg - theta, and returns the new global state. ``IdentityServerOptimizer`` returns ``avg``
-unchanged (plain FedAvg). State (momentum, second moments) is kept per tensor key and saved for resume.
+The server forms Delta = avg - theta (per key, over the keys a round averaged), runs it through the
+rule's transform chain (``transforms.py``) and adds the result: theta <- theta + chain(Delta). Each rule
+is a short composition (Reddi et al. 2021, "Adaptive federated optimization", Algorithm 2; Hsu et al.
+2019 for FedAvgM), per coordinate:
 
-The rules (Reddi et al. 2021, "Adaptive federated optimization", Algorithm 2; Hsu et al. 2019 for
-FedAvgM), with Delta = avg - theta, per coordinate:
+- ``none`` (FedAvg):  theta <- avg (the average itself, bit for bit)
+- ``fedavgm``:     m <- beta1 m + Delta (heavy ball, no 1 - beta1);  theta <- theta + lr m
+                   = chain(trace(beta1), scale(lr))
+- ``fedadagrad``:  m <- beta1 m + (1 - beta1) Delta;  v <- v + Delta^2
+                   = chain(scale_by_adagrad(beta1, tau), scale(lr))
+- ``fedadam``:     m as above;  v <- beta2 v + (1 - beta2) Delta^2
+                   = chain(scale_by_adam(beta1, beta2, tau), scale(lr))
+- ``fedyogi``:     m as above;  v <- v - (1 - beta2) Delta^2 sign(v - Delta^2)
+                   = chain(scale_by_yogi(beta1, beta2, tau), scale(lr))
+- adaptive rules:  theta <- theta + lr m / (sqrt(v) + tau); v is driven by Delta^2, never m^2; m starts at
+                   0 and v at tau^2; no bias correction (the paper has none).
 
-- FedAvgM:    m <- beta1 * m + Delta (the heavy-ball form, no (1 - beta1));  theta <- theta + lr * m
-- FedAdagrad: m <- beta1 * m + (1 - beta1) * Delta;  v <- v + Delta^2
-- FedAdam:    m <- beta1 * m + (1 - beta1) * Delta;  v <- beta2 * v + (1 - beta2) * Delta^2
-- FedYogi:    m <- beta1 * m + (1 - beta1) * Delta;  v <- v - (1 - beta2) * Delta^2 * sign(v - Delta^2)
-- adaptive:   theta <- theta + lr * m / (sqrt(v) + tau)
+Defaults per rule (the keyword defaults of the functions below, shown by ``fedpeft methods``): the
+server learning rates sit in the ranges where Reddi et al.'s tuned best values fall for each rule
+(their grid: lr in 10^-3..10^1, tau in 10^-5..10^-1, beta1 = 0.9, beta2 = 0.99): lr 1 for FedAvgM,
+10^-1 for FedAdagrad, 10^-2 for FedAdam and FedYogi, tau 10^-3. One lr of 1 for every rule made FedAdam
+step about 1 per coordinate whatever the update's size: a 1e-3 update became a 0.05 step in round 1.
 
-v is driven by Delta^2, never m^2. m starts at 0 and v at tau^2 (the paper's v_{-1} >= tau^2); there is
-no bias correction (the paper has none). Only the keys present in ``averaged`` are stepped; the others
-keep their state untouched (e.g. FFA-LoRA steps B only, FedSA-LoRA A only).
+Only the keys present in ``averaged`` are stepped; the others keep their state (FFA-LoRA steps B only,
+FedSA-LoRA A only). ``state_dict`` is ``{"name", "steps", "hyper", "m", "v"}`` (the format of earlier
+checkpoints), and loading a checkpoint of another rule is refused by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from fedpeft.adapters import AdapterState
+from fedpeft.strategies.transforms import (
+    Transform,
+    apply_updates,
+    chain,
+    load_state_fields,
+    scale,
+    scale_by_adagrad,
+    scale_by_adam,
+    scale_by_yogi,
+    state_fields,
+    trace,
+)
 
 
+# --- the rules: name -> a transform built from its hyperparameters (their defaults are the rule's) ----
+def fedavg() -> Transform:
+    """FedAvg: theta <- avg (the average itself, bit for bit)."""
+    return chain()
+
+
+def fedavgm(lr: float = 1.0, beta1: float = 0.9) -> Transform:
+    """m <- beta1 m + Delta; theta <- theta + lr m (lr = 1, beta1 = 0 is FedAvg)."""
+    return chain(trace(beta1), scale(lr))
+
+
+def fedadagrad(lr: float = 1e-1, beta1: float = 0.9, tau: float = 1e-3) -> Transform:
+    """m <- beta1 m + (1 - beta1) Delta; v <- v + Delta^2; theta <- theta + lr m / (sqrt(v) + tau)."""
+    return chain(scale_by_adagrad(beta1, tau), scale(lr))
+
+
+def fedadam(lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> Transform:
+    """m <- beta1 m + (1 - beta1) Delta; v <- beta2 v + (1 - beta2) Delta^2; theta <- theta + lr m / (sqrt(v) + tau)."""
+    return chain(scale_by_adam(beta1, beta2, tau), scale(lr))
+
+
+def fedyogi(lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> Transform:
+    """m as FedAdam; v <- v - (1 - beta2) Delta^2 sign(v - Delta^2); theta <- theta + lr m / (sqrt(v) + tau)."""
+    return chain(scale_by_yogi(beta1, beta2, tau), scale(lr))
+
+
+SERVER_OPTIMIZERS: dict[str, Callable[..., Transform]] = {
+    "none": fedavg,
+    "fedavgm": fedavgm,
+    "fedadagrad": fedadagrad,
+    "fedadam": fedadam,
+    "fedyogi": fedyogi,
+}
+"""method.server_optimizer.name -> the rule (the one list of names; config.py validates against it)."""
+
+
+def rule_defaults(name: str) -> dict[str, float]:
+    """The hyperparameters of rule ``name`` and their defaults."""
+    rule = _rule(name)
+    return {p.name: p.default for p in inspect.signature(rule).parameters.values()}
+
+
+def _rule(name: str) -> Callable[..., Transform]:
+    if name not in SERVER_OPTIMIZERS:
+        raise ValueError(f"unknown server optimizer '{name}'; valid: {', '.join(sorted(SERVER_OPTIMIZERS))}")
+    return SERVER_OPTIMIZERS[name]
+
+
+# --- the server's stateful wrapper --------------------------------------------------------------------
 class ServerOptimizer:
-    name = "none"
+    """A rule's transform with its state, stepping the global adapter: ``step(theta, avg)``."""
+
+    def __init__(self, name: str, hyper: Mapping[str, float], transform: Transform) -> None:
+        self.name, self.hyper, self.transform = name, dict(hyper), transform
+        self.state = transform.init({})
+        self.steps = 0
+
+    def __getattr__(self, item: str) -> Any:  # opt.lr, opt.beta1, ... read the hyperparameters
+        hyper = self.__dict__.get("hyper", {})
+        if item in hyper:
+            return hyper[item]
+        raise AttributeError(item)
+
+    @property
+    def m(self) -> dict[str, torch.Tensor]:
+        return state_fields(self.state).get("m", {})
+
+    @property
+    def v(self) -> dict[str, torch.Tensor]:
+        return state_fields(self.state).get("v", {})
 
     def step(self, global_state: Mapping[str, torch.Tensor], averaged: Mapping[str, torch.Tensor]) -> AdapterState:
         """New values for the keys of ``averaged`` (keys absent from it are left to the caller)."""
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
-
-
-class IdentityServerOptimizer(ServerOptimizer):
-    """Plain FedAvg: the new global is the average."""
-
-    name = "none"
-
-    def step(self, global_state, averaged):
-        return {k: v.clone() for k, v in averaged.items()}
-
-
-class _MomentServerOptimizer(ServerOptimizer):
-    """Common state handling: per-key first moment m (and second moment v for adaptive rules)."""
-
-    uses_v = False
-
-    def __init__(self, lr: float = 1.0, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
-        if lr <= 0:
-            raise ValueError(f"server optimizer {self.name}: lr must be > 0, got {lr}")
-        if not 0 <= beta1 < 1 or not 0 <= beta2 < 1:
-            raise ValueError(f"server optimizer {self.name}: beta1, beta2 must be in [0, 1), got {beta1}, {beta2}")
-        if tau <= 0:
-            raise ValueError(f"server optimizer {self.name}: tau must be > 0, got {tau}")
-        self.lr, self.beta1, self.beta2, self.tau = float(lr), float(beta1), float(beta2), float(tau)
-        self.m: dict[str, torch.Tensor] = {}
-        self.v: dict[str, torch.Tensor] = {}
-        self.steps = 0
-
-    def _update(self, key: str, delta: torch.Tensor) -> torch.Tensor:
-        """Return the step to add to theta for this key (and update the moments)."""
-        raise NotImplementedError
-
-    def step(self, global_state, averaged):
-        out: AdapterState = {}
-        for key, avg in averaged.items():
-            if key not in global_state:
-                raise KeyError(f"server optimizer {self.name}: averaged tensor '{key}' is not in the global state")
-            theta = global_state[key].float()
-            delta = avg.float() - theta
-            if key in self.m and self.m[key].shape != delta.shape:
-                raise ValueError(
-                    f"server optimizer {self.name}: tensor '{key}' changed shape "
-                    f"{tuple(self.m[key].shape)} -> {tuple(delta.shape)}"
-                )
-            out[key] = theta + self._update(key, delta)
+        missing = [k for k in averaged if k not in global_state]
+        if missing:
+            raise KeyError(f"server optimizer {self.name}: averaged tensor '{missing[0]}' is not in the global state")
+        if self.name == "none":
+            return {k: v.clone() for k, v in averaged.items()}
+        theta = {k: global_state[k].float() for k in averaged}
+        delta = {k: averaged[k].float() - theta[k] for k in averaged}
+        try:
+            updates, self.state = self.transform.update(delta, self.state, theta)
+        except ValueError as exc:
+            raise ValueError(f"server optimizer {self.name}: {exc}") from exc
         self.steps += 1
-        return out
-
-    def _moment1(self, key: str, delta: torch.Tensor, dampen: bool) -> torch.Tensor:
-        m = self.m.get(key)
-        if m is None:
-            m = torch.zeros_like(delta)
-        m = self.beta1 * m + ((1.0 - self.beta1) * delta if dampen else delta)
-        self.m[key] = m
-        return m
-
-    def _v0(self, delta: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(delta, self.tau**2)
+        return apply_updates(theta, updates)
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "name": self.name,
-            "steps": self.steps,
-            "hyper": {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau},
-            "m": {k: v.clone() for k, v in self.m.items()},
-        }
-        if self.uses_v:
-            state["v"] = {k: v.clone() for k, v in self.v.items()}
-        return state
+        if self.name == "none":
+            return {}
+        return {"name": self.name, "steps": self.steps, "hyper": dict(self.hyper),
+                **{k: _copy(v) for k, v in state_fields(self.state).items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not state:
@@ -118,75 +152,38 @@ class _MomentServerOptimizer(ServerOptimizer):
                 f"checkpoint holds server optimizer '{state.get('name')}' state, the config asks for '{self.name}'"
             )
         self.steps = int(state.get("steps", 0))
-        self.m = {k: torch.as_tensor(v).float().clone() for k, v in state.get("m", {}).items()}
-        self.v = {k: torch.as_tensor(v).float().clone() for k, v in state.get("v", {}).items()}
+        self.state = load_state_fields(self.transform.init({}), state)
 
 
-class FedAvgM(_MomentServerOptimizer):
-    """m <- beta1 m + Delta; theta <- theta + lr m (Hsu et al. 2019; lr=1, beta1=0 is FedAvg)."""
-
-    name = "fedavgm"
-
-    def _update(self, key, delta):
-        return self.lr * self._moment1(key, delta, dampen=False)
+def _copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: t.clone() for k, t in value.items()}
+    return value
 
 
-class _AdaptiveServerOptimizer(_MomentServerOptimizer):
-    uses_v = True
-
-    def _second(self, v: torch.Tensor, delta_sq: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _update(self, key, delta):
-        m = self._moment1(key, delta, dampen=True)
-        v = self.v.get(key)
-        if v is None:
-            v = self._v0(delta)
-        v = self._second(v, delta * delta)
-        self.v[key] = v
-        return self.lr * m / (v.sqrt() + self.tau)
-
-
-class FedAdagrad(_AdaptiveServerOptimizer):
-    name = "fedadagrad"
-
-    def _second(self, v, delta_sq):
-        return v + delta_sq
-
-
-class FedAdam(_AdaptiveServerOptimizer):
-    name = "fedadam"
-
-    def _second(self, v, delta_sq):
-        return self.beta2 * v + (1.0 - self.beta2) * delta_sq
-
-
-class FedYogi(_AdaptiveServerOptimizer):
-    name = "fedyogi"
-
-    def _second(self, v, delta_sq):
-        return v - (1.0 - self.beta2) * delta_sq * torch.sign(v - delta_sq)
-
-
-SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
-    "none": IdentityServerOptimizer,
-    "fedavgm": FedAvgM,
-    "fedadagrad": FedAdagrad,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-}
-
-
-def is_identity(optimizer: ServerOptimizer | None) -> bool:
-    return optimizer is None or isinstance(optimizer, IdentityServerOptimizer)
+def make_server_optimizer(name: str, **hyper: float) -> ServerOptimizer:
+    """Rule ``name`` with ``hyper`` over its defaults; a hyperparameter the rule lacks is an error."""
+    defaults = rule_defaults(name)
+    unknown = sorted(set(hyper) - set(defaults))
+    if unknown:
+        have = ", ".join(defaults) or "none"
+        raise ValueError(f"server optimizer {name} has no {unknown[0]} (its hyperparameters: {have})")
+    values = {**defaults, **{k: float(v) for k, v in hyper.items()}}
+    if values.get("lr", 1.0) <= 0:
+        raise ValueError(f"server optimizer {name}: lr must be > 0, got {values['lr']}")
+    try:
+        transform = SERVER_OPTIMIZERS[name](**values)
+    except ValueError as exc:
+        raise ValueError(f"server optimizer {name}: {exc}") from exc
+    return ServerOptimizer(name, values, transform)
 
 
 def build_server_optimizer(config: Any) -> ServerOptimizer:
-    """From a ``ServerOptimizerConfig``; unknown names list the valid ones."""
-    name = config.name
-    if name not in SERVER_OPTIMIZERS:
-        raise ValueError(f"unknown server optimizer '{name}'; valid: {', '.join(sorted(SERVER_OPTIMIZERS))}")
-    cls = SERVER_OPTIMIZERS[name]
-    if cls is IdentityServerOptimizer:
-        return cls()
-    return cls(lr=config.lr, beta1=config.beta1, beta2=config.beta2, tau=config.tau)
+    """From a ``ServerOptimizerConfig``: the hyperparameters it sets (not None) over the rule's defaults."""
+    _rule(config.name)
+    hyper = {k: getattr(config, k) for k in ("lr", "beta1", "beta2", "tau") if getattr(config, k, None) is not None}
+    return make_server_optimizer(config.name, **hyper)
+
+
+def is_identity(optimizer: ServerOptimizer | None) -> bool:
+    return optimizer is None or optimizer.name == "none"

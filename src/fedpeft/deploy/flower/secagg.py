@@ -15,7 +15,8 @@ written for Flower's legacy strategy API; we use it unchanged and adapt at both 
   ``fitres.metrics``, and no tensor of the update leaves the node unmasked.
 
 The engine then aggregates one combined update (the mean, weight = the sum of the clients' weights),
-which for a method whose aggregation is a sample-weighted mean (``SECURE_METHODS``) gives that mean.
+which for a method whose aggregation is a sample-weighted mean (registered with ``secure_mean = True``)
+gives that mean.
 Per-client checks that need the tensors (finite values, shapes) run on the client before masking and
 on the aggregate after unmasking; a client can still bias the mean within the clipping range.
 Quantisation (stochastic rounding to a step of ``2 clip / 2**22``, about 4e-6 at the default clip of 8)
@@ -34,9 +35,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-SECURE_METHODS = ("fedit", "fedprox", "ffa_lora")
-"""Methods whose server step is a sample-weighted mean of the uploaded tensors, so the mean is all the
-server needs. Others (clustering, stacking, SVD, per-client state on the server) need each update."""
+from fedpeft.strategies import capabilities, method_class
+from fedpeft.strategies.registry import secure_methods
 
 SECAGG_CONFIGS = "secaggplus_configs"  # flwr.common.secure_aggregation.secaggplus_constants.RECORD_KEY_CONFIGS
 QUANTIZATION_RANGE = 4194304  # Flower's default (2**22)
@@ -45,9 +45,11 @@ META_KEY = "fedpeft"
 
 
 def check_secure_method(method: str) -> None:
-    if method not in SECURE_METHODS:
+    """Refuse a method whose server step needs more than the weighted mean of the uploads (its registry
+    flag ``secure_mean``): clustering, stacking, SVD, per-client state on the server need each update."""
+    if not capabilities(method_class(method)).secure_mean:
         raise ValueError(f"secagg: method '{method}' needs each client's update on the server; secure aggregation "
-                         f"(the server sees only the weighted mean) supports {', '.join(SECURE_METHODS)}")
+                         f"(the server sees only the weighted mean) supports {', '.join(secure_methods())}")
 
 
 def is_secagg_message(content: RecordDict) -> bool:
@@ -67,7 +69,7 @@ def secagg_mod(msg: Message, ctxt: Context, call_next):
 
 def secagg_reply(update: Any, result: Any, losses: Sequence[float], reference: Mapping[str, Any]) -> RecordDict:
     """The reply to a SecAgg+ train message: the update minus ``reference`` (the adapter the client
-    started from: for ``SECURE_METHODS`` the global one) as the legacy
+    started from: for a secure-mean method the global one) as the legacy
     ``fitres.parameters`` the mod masks (keys sorted; listed in the metadata), ``num_examples`` as the
     weight, and our metadata as a string metric. Raises on non-finite values: a client never sends
     garbage into a sum nobody can inspect."""
