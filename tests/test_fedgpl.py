@@ -90,8 +90,22 @@ def test_scores_and_selection_follow_the_controlled_gradients(grad_eval):
     assert select_layers(scores, 2, 2) == sorted(ranked[:2])
 
 
-def test_the_six_scores_disagree_on_this_model():
-    assert len(set(WINNER.values())) == 4
+def test_the_grad_eval_option_decides_which_layer_trains():
+    """A FedGPL strategy configured with each grad_eval, scoring the controlled model, trains the layer
+    that score ranks first (computed here from the gradients, not from the code), and on this model the six
+    scores pick four different layers: a strategy that ignored grad_eval, or mixed two of them up, fails."""
+    model = ControlledGradModel()
+    glob = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    picked = {}
+    for grad_eval in GRAD_EVALS:
+        strategy = make("fedgpl", grad_eval=grad_eval, min_layer_num=1, max_layer_num=1, fed_alg="fedavg")
+        strategy._server_batches = lambda server, round_idx: [BATCH]  # the server batch: the controlled loss
+        strategy.begin_round(1, type("Server", (), {"model": model})())
+        [plan] = strategy.configure_round(1, [0], glob, MemoryStore())
+        picked[grad_eval] = {layer_of(k) for k in plan.trainable}
+        want = expected_scores(grad_eval)
+        assert picked[grad_eval] == {max(want, key=lambda layer: (want[layer], -layer))}, grad_eval
+    assert len({frozenset(v) for v in picked.values()}) == 4
 
 
 def test_count_rule_smallest_prefix_covering_half_clamped():
