@@ -184,7 +184,7 @@ def tiny_engine(tmp_path_factory):
 
 
 def _server(engine):
-    from fedpeft.federation.engine import ServerContext
+    from fedpeft.strategies.base import ServerContext
 
     return ServerContext(engine.model, engine.tokenizer, engine.config, engine.data, engine.client_data.batches)
 
