@@ -122,3 +122,17 @@ def test_registration_refuses_a_taken_name_and_a_missing_options_model():
     with pytest.raises(TypeError, match="Options must subclass"):
         register_method(NoOptions)
     assert "no_options" not in STRATEGIES
+
+
+def test_fltac_report_section_comes_from_its_registration(tmp_path):
+    """The report has no FL-TAC special case: FL-TAC registers its cluster plot as its report section."""
+    from fedpeft.strategies.fltac import FLTAC, cluster_report_section
+
+    assert FLTAC.report_section is cluster_report_section
+    summary = run_experiment("configs/tiny.yaml", [
+        "method.name=fltac", "federation.rounds=1", "evaluation.every_rounds=0", "evaluation.before_training=false",
+        "output.report=true"], run_dir=tmp_path / "run")
+    report = summary.report_path.read_text()
+    assert "## Adapter clusters" in report and (summary.report_path.parent / "adapter_clusters.png").is_file()
+    # a method without a section adds none
+    assert STRATEGIES["fedit"].report_section is None

@@ -168,3 +168,16 @@ def test_a_hyperparameter_the_rule_lacks_is_refused_naming_the_rule():
         load_config(None, ["method.server_optimizer.name=fedadm"])
     with pytest.raises(ValueError, match="fedavgm has no beta2"):
         make_server_optimizer("fedavgm", beta2=0.9)
+
+
+def test_fedpeft_methods_states_each_rules_defaults():
+    from typer.testing import CliRunner
+
+    from fedpeft.cli import app
+
+    out = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "300"}).output
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 3}
+    assert "lr=0.01, beta1=0.9, beta2=0.99, tau=0.001" in rows["fedadam"]
+    assert "lr=0.01, beta1=0.9, beta2=0.99, tau=0.001" in rows["fedyogi"]
+    assert "lr=0.1, beta1=0.9, tau=0.001" in rows["fedadagrad"]
+    assert "lr=1, beta1=0.9" in rows["fedavgm"]
