@@ -157,3 +157,65 @@ def test_method_catalog_describes_every_method():
     assert all(m["summary"] for m in catalog.values())
     assert catalog["flora"]["server_optimizer"] != "composes" and catalog["fedit"]["server_optimizer"] == "composes"
     assert "mu" in catalog["fedprox"]["options"] and catalog["fedsa_lora"]["personalized"]
+
+
+# --- the capability flags agree with what each method does ---------------------------------------------
+@pytest.mark.parametrize("name", FEDERATED + BASELINES)
+def test_secure_mean_flag_holds_exactly_when_one_mean_update_aggregates_like_the_clients(name):
+    """SecAgg+ hands the strategy one update: the weighted mean of the uploads, weight = sum of n_k, and
+    carries no control tensors. A method flagged ``secure_mean`` must aggregate that exactly as it
+    aggregates the clients' updates, and upload no controls. (The flag is conservative: FedSA-LoRA's A
+    passes this check but is not flagged, its personal B and per-client weights are not proven under it.)"""
+    from fedpeft.strategies import capabilities
+    from fedpeft.strategies.base import ClientUpdate, weighted_average
+
+    clients = [0] if name == "centralized" else [0, 1, 2]
+    strategy = make(name, **options_for(name))
+    glob = strategy.init_global(adapter(R, seed=1))
+    store = MemoryStore()
+    _, updates, agg = run_round(strategy, 1, clients, glob, store, SIZES)
+    if agg is None or not updates or not updates[0].tensors:
+        assert not capabilities(type(strategy)).secure_mean
+        return
+    total = sum(u.num_examples for u in updates)
+    fresh = make(name, **options_for(name))
+    fresh.init_global(adapter(R, seed=1))
+    try:  # clients of heterogeneous ranks upload tensors of different shapes: no mean to form
+        mean = ClientUpdate(client_id=-1, num_examples=total, job=updates[0].job, tensors=weighted_average(
+            [u.tensors for u in updates], [u.num_examples / total for u in updates]))
+        combined = fresh.aggregate(1, glob, [mean])
+        same = all(torch.allclose(combined.global_state[k], agg.global_state[k], atol=1e-5) for k in agg.global_state) \
+            and not (combined.base_delta or agg.base_delta)
+    except (ValueError, KeyError, RuntimeError):  # a lone mean is not something this method can aggregate
+        same = False
+    if capabilities(type(strategy)).secure_mean:
+        assert same and not any(u.control for u in updates), name
+    if not same or any(u.control for u in updates):
+        assert not capabilities(type(strategy)).secure_mean, name
+    if name in ("fedit", "fedprox", "ffa_lora"):
+        assert same  # the mean is all these need
+
+
+@pytest.mark.parametrize("name", FEDERATED + BASELINES)
+def test_edits_base_weights_flag_holds_exactly_when_the_aggregate_changes_base_weights(name):
+    from fedpeft.strategies import capabilities
+
+    strategy = make(name, **options_for(name))
+    glob = strategy.init_global(adapter(R, seed=1))
+    _, _, agg = run_round(strategy, 1, [0] if name == "centralized" else [0, 1, 2], glob, MemoryStore(), SIZES)
+    edits = bool(agg is not None and agg.base_delta)
+    assert capabilities(type(strategy)).edits_base_weights == edits, name
+
+
+@pytest.mark.parametrize("name", FEDERATED + BASELINES)
+def test_personalised_flag_holds_exactly_when_clients_are_evaluated_with_their_own_state(name):
+    from fedpeft.strategies import capabilities
+
+    strategy = make(name, **options_for(name))
+    glob = strategy.init_global(adapter(R, seed=1))
+    store = MemoryStore()
+    clients = [0] if name == "centralized" else [0, 1, 2]
+    run_round(strategy, 1, clients, glob, store, SIZES)
+    own = strategy.personal_state(clients[0], glob, store)
+    differs = own is not None and any(not torch.equal(own[k], glob[k]) for k in glob)
+    assert capabilities(type(strategy)).personalized == differs, name
