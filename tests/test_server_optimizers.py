@@ -164,7 +164,7 @@ def test_per_rule_defaults_keep_the_first_fedadam_step_on_the_scale_of_the_updat
 def test_a_hyperparameter_the_rule_lacks_is_refused_naming_the_rule():
     with pytest.raises(ConfigError, match=r"method.server_optimizer.tau: the rule 'fedavgm' has no tau \(its hyperparameters: lr, beta1\)"):
         load_config(None, ["method.server_optimizer.name=fedavgm", "method.server_optimizer.tau=0.1"])
-    with pytest.raises(ConfigError, match=r"method.server_optimizer.name: unknown server optimizer; did you mean 'fedadam'"):
+    with pytest.raises(ConfigError, match=r"method.server_optimizer.name: unknown server optimizer 'fedadm'; did you mean 'fedadam'"):
         load_config(None, ["method.server_optimizer.name=fedadm"])
     with pytest.raises(ValueError, match="fedavgm has no beta2"):
         make_server_optimizer("fedavgm", beta2=0.9)

@@ -12,12 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from fedpeft.metering.compression import SCHEMES
-from fedpeft.strategies import capabilities, method_class
-from fedpeft.strategies.registry import MethodOptionsError, parse_options
-from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, rule_defaults
+from fedpeft.metering.schemes import SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -127,48 +124,21 @@ class FederationConfig(_Section):
 
 class ServerOptimizerConfig(_Section):
     """A rule of ``strategies/server_optimizers.py``; hyperparameters left null take the rule's default
-    (``fedpeft methods`` lists them)."""
+    (``fedpeft methods`` lists the rules and their defaults). Checked with the method section."""
 
-    name: str = Field("none", description="Server optimizer rule: " + ", ".join(SERVER_OPTIMIZERS) + ".")
+    name: str = Field("none", description="Server optimizer rule (none, fedavgm, fedadagrad, fedadam, fedyogi; "
+                      "see `fedpeft methods`).")
     lr: float | None = Field(None, gt=0, description="Server learning rate eta_s (null: the rule's default).")
     beta1: float | None = Field(None, ge=0, lt=1, description="First-moment decay (null: the rule's default).")
     beta2: float | None = Field(None, ge=0, lt=1, description="Second-moment decay (null: the rule's default).")
     tau: float | None = Field(None, gt=0, description="Adaptivity epsilon added to sqrt(v) (null: the rule's default).")
-
-    @field_validator("name")
-    @classmethod
-    def _known_rule(cls, value: str) -> str:
-        if value not in SERVER_OPTIMIZERS:
-            guess = difflib.get_close_matches(value, list(SERVER_OPTIMIZERS), n=1, cutoff=0.6)
-            hint = f"; did you mean '{guess[0]}'?" if guess else ""
-            raise ValueError(f"unknown server optimizer{hint} (expected one of {', '.join(SERVER_OPTIMIZERS)})")
-        return value
-
-    @model_validator(mode="after")
-    def _hyper_of_the_rule(self) -> "ServerOptimizerConfig":
-        have = rule_defaults(self.name)
-        for key in ("lr", "beta1", "beta2", "tau"):
-            if getattr(self, key) is not None and key not in have:
-                raise MethodOptionsError([f"method.server_optimizer.{key}: the rule '{self.name}' has no {key} "
-                                          f"(its hyperparameters: {', '.join(have) or 'none'})"])
-        return self
 
 
 class MethodConfig(_Section):
     name: str = Field("fedit", description="Federated method; see `fedpeft methods`.")
     server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
     options: dict[str, Any] = Field(default_factory=dict, description="Method-specific options, validated by the "
-                                    "method's own options model (see `fedpeft methods`).")
-
-    @model_validator(mode="after")
-    def _known_method_and_options(self) -> "MethodConfig":
-        """The method registry decides: the name must be registered and the options valid for it."""
-        try:
-            cls = method_class(self.name)
-        except ValueError as exc:
-            raise MethodOptionsError([f"method.name: {exc}"]) from None
-        parse_options(cls, self.options)
-        return self
+                                    "method's own options model (see `fedpeft methods NAME`).")
 
 
 class TrainingConfig(_Section):
@@ -225,11 +195,17 @@ class ExperimentConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
-    def _method_supports_peft(self) -> "ExperimentConfig":
-        supported = capabilities(method_class(self.method.name)).peft_types
-        if self.peft.type not in supported:
-            raise MethodOptionsError([f"peft.type: method '{self.method.name}' supports {', '.join(supported)}, "
-                                      f"not '{self.peft.type}'"])
+    def _method_section(self, info: ValidationInfo) -> "ExperimentConfig":
+        """The method registry checks the method section: a registered name, options its model accepts, a
+        server optimizer rule with only its own hyperparameters, a supported peft.type. Skipped with
+        ``check_method=False`` (commands that never run a method: partition, data)."""
+        if info.context is not None and not info.context.get("check_method", True):
+            return self
+        # Imported here, not at the top: the strategies import torch, and commands that only read the
+        # config's data section load it without torch (tests/test_data_partition_cli.py).
+        from fedpeft.strategies import check_method_config
+
+        check_method_config(self.method, peft_type=self.peft.type)
         return self
 
     def to_yaml(self) -> str:
@@ -254,9 +230,9 @@ def _format_validation_error(err: ValidationError) -> str:
     for item in err.errors():
         loc = tuple(str(p) for p in item["loc"])
         key = ".".join(loc) or "<root>"
-        error = item.get("ctx", {}).get("error")
-        if isinstance(error, MethodOptionsError):  # already names the key, the value and the expectation
-            lines.extend(error.lines)
+        error_lines = getattr(item.get("ctx", {}).get("error"), "lines", None)
+        if error_lines:  # the method registry's errors already name the key, the value and the expectation
+            lines.extend(error_lines)
         elif item["type"] == "extra_forbidden":
             valid = _valid_keys(ExperimentConfig, loc[:-1])
             guess = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
@@ -305,15 +281,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def build_config(data: dict[str, Any]) -> ExperimentConfig:
+def build_config(data: dict[str, Any], check_method: bool = True) -> ExperimentConfig:
     try:
-        return ExperimentConfig.model_validate(data)
+        return ExperimentConfig.model_validate(data, context={"check_method": check_method})
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                check_method: bool = True) -> ExperimentConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides.
+    ``check_method=False`` leaves the method section to be checked when a strategy is built (for
+    commands that never run one; it keeps torch out of them)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -328,4 +307,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level, got {type(loaded).__name__}")
         data = loaded
-    return build_config(apply_overrides(data, list(overrides or [])))
+    return build_config(apply_overrides(data, list(overrides or [])), check_method=check_method)

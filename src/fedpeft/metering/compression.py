@@ -35,7 +35,8 @@ from collections.abc import Mapping
 
 import torch
 
-SCHEMES = ("none", "fp16", "bf16", "int8", "int8_channel")
+from fedpeft.metering.schemes import SCHEMES
+
 SCALE_SUFFIX = "::scale"
 FP16_MAX = 65504.0
 

@@ -6,6 +6,7 @@ Every module of this package is imported here, and each method registers itself 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import pkgutil
 from typing import Any
@@ -14,12 +15,14 @@ from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, S
 from fedpeft.strategies.registry import (
     COMMON_OPTIONS,
     STRATEGIES,
+    MethodOptionsError,
     capabilities,
     method_class,
     normalize_method_name,
     option_rows,
+    parse_options,
 )
-from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, build_server_optimizer
+from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, build_server_optimizer, rule_defaults
 
 for _module in pkgutil.iter_modules(__path__):  # each method module registers its class on import
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -46,6 +49,41 @@ def method_catalog() -> list[dict[str, Any]]:
     return out
 
 
+def check_method_config(method: Any, peft_type: str | None = None) -> None:
+    """A ``MethodConfig`` against the registry: a registered name, options the method's model accepts, a
+    server optimizer rule with only its own hyperparameters, and (given) a supported ``peft.type``.
+    Raises :class:`MethodOptionsError` with one line per problem (field, value, expectation)."""
+    try:
+        cls = method_class(method.name)
+    except ValueError as exc:
+        raise MethodOptionsError([f"method.name: {exc}"]) from None
+    lines = []
+    try:
+        parse_options(cls, method.options)
+    except MethodOptionsError as exc:
+        lines += exc.lines
+    rule = method.server_optimizer
+    if rule.name not in SERVER_OPTIMIZERS:
+        guess = difflib.get_close_matches(rule.name, list(SERVER_OPTIMIZERS), n=1, cutoff=0.6)
+        hint = f"; did you mean '{guess[0]}'?" if guess else ""
+        lines.append(f"method.server_optimizer.name: unknown server optimizer '{rule.name}'{hint} "
+                     f"(expected one of {', '.join(SERVER_OPTIMIZERS)})")
+    else:
+        have = rule_defaults(rule.name)
+        for key in ("lr", "beta1", "beta2", "tau"):
+            if getattr(rule, key, None) is not None and key not in have:
+                lines.append(f"method.server_optimizer.{key}: the rule '{rule.name}' has no {key} "
+                             f"(its hyperparameters: {', '.join(have) or 'none'})")
+        if rule.name != "none" and capabilities(cls).server_optimizer_refusal:
+            lines.append(f"method.server_optimizer.name: method '{cls.name}' cannot be combined with server optimizer "
+                         f"'{rule.name}': {capabilities(cls).server_optimizer_refusal}")
+    supported = capabilities(cls).peft_types
+    if peft_type is not None and peft_type not in supported:
+        lines.append(f"peft.type: method '{cls.name}' supports {', '.join(supported)}, not '{peft_type}'")
+    if lines:
+        raise MethodOptionsError(lines)
+
+
 def build_experiment_strategy(config: Any) -> Strategy:
     """The strategy of an ``ExperimentConfig``: ``method.options`` completed with what every method may
     need from the rest of the config (LoRA rank/alpha/rsLoRA, number of clients, seed). The engine and
@@ -70,5 +108,6 @@ def build_strategy(method_config: Any) -> Strategy:
 __all__ = [
     "COMMON_OPTIONS", "AggregateResult", "ClientPlan", "ClientUpdate", "SERVER_OPTIMIZERS", "STRATEGIES",
     "ServerContext", "Strategy", "TrainResult", "build_experiment_strategy", "build_strategy", "capabilities",
+    "check_method_config",
     "method_catalog", "method_class", "normalize_method_name",
 ]
