@@ -86,7 +86,7 @@ class MemoryStore:
 def make(name: str, server_optimizer: str = "none", **options):
     options.setdefault("lora_alpha", ALPHA)
     return build_strategy(MethodConfig(name=name, options=options,
-                                       server_optimizer=ServerOptimizerConfig(name=server_optimizer, lr=None if server_optimizer == "none" else 0.5)))
+                                       server_optimizer=ServerOptimizerConfig(name=server_optimizer, lr=0.5)))
 
 
 def update(client_id: int, tensors, n: int) -> ClientUpdate:

@@ -161,9 +161,16 @@ def test_per_rule_defaults_keep_the_first_fedadam_step_on_the_scale_of_the_updat
     assert build_server_optimizer(ServerOptimizerConfig(name="fedadam", lr=0.5)).lr == 0.5
 
 
-def test_a_hyperparameter_the_rule_lacks_is_refused_naming_the_rule():
-    with pytest.raises(ConfigError, match=r"method.server_optimizer.tau: the rule 'fedavgm' has no tau \(its hyperparameters: lr, beta1\)"):
-        load_config(None, ["method.server_optimizer.name=fedavgm", "method.server_optimizer.tau=0.1"])
+def test_a_hyperparameter_the_rule_lacks_is_ignored_with_a_warning(caplog):
+    """Configs saved before the per-rule defaults hold lr, beta1, beta2 and tau for every rule (also for
+    ``none``): they still load (a resumed run), the rule's missing ones are named and dropped."""
+    cfg = load_config(None, ["method.server_optimizer.name=fedavgm", "method.server_optimizer.tau=0.1",
+                             "method.server_optimizer.beta1=0.5"])
+    assert "method.server_optimizer.tau=0.1: the rule 'fedavgm' has no tau; ignored" in caplog.text
+    assert cfg.method.server_optimizer.tau is None and cfg.method.server_optimizer.beta1 == 0.5
+    assert build_server_optimizer(cfg.method.server_optimizer).hyper == {"lr": 1.0, "beta1": 0.5}
+    old = load_config(None, ["method.server_optimizer.lr=1.0", "method.server_optimizer.beta2=0.99"])  # name none
+    assert old.method.server_optimizer.lr is None and build_server_optimizer(old.method.server_optimizer).name == "none"
     with pytest.raises(ConfigError, match=r"method.server_optimizer.name: unknown server optimizer 'fedadm'; did you mean 'fedadam'"):
         load_config(None, ["method.server_optimizer.name=fedadm"])
     with pytest.raises(ValueError, match="fedavgm has no beta2"):

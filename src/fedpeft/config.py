@@ -203,9 +203,14 @@ class ExperimentConfig(_Section):
             return self
         # Imported here, not at the top: the strategies import torch, and commands that only read the
         # config's data section load it without torch (tests/test_data_partition_cli.py).
-        from fedpeft.strategies import check_method_config
+        from fedpeft.strategies import check_method_config, unused_hyperparameters
 
         check_method_config(self.method, peft_type=self.peft.type)
+        rule = self.method.server_optimizer
+        for key in unused_hyperparameters(rule):
+            log.warning("method.server_optimizer.%s=%s: the rule '%s' has no %s; ignored", key, getattr(rule, key),
+                        rule.name, key)
+            setattr(rule, key, None)
         return self
 
     def to_yaml(self) -> str:

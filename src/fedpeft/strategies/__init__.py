@@ -68,13 +68,7 @@ def check_method_config(method: Any, peft_type: str | None = None) -> None:
         hint = f"; did you mean '{guess[0]}'?" if guess else ""
         lines.append(f"method.server_optimizer.name: unknown server optimizer '{rule.name}'{hint} "
                      f"(expected one of {', '.join(SERVER_OPTIMIZERS)})")
-    else:
-        have = rule_defaults(rule.name)
-        for key in ("lr", "beta1", "beta2", "tau"):
-            if getattr(rule, key, None) is not None and key not in have:
-                lines.append(f"method.server_optimizer.{key}: the rule '{rule.name}' has no {key} "
-                             f"(its hyperparameters: {', '.join(have) or 'none'})")
-        if rule.name != "none" and capabilities(cls).server_optimizer_refusal:
+    elif rule.name != "none" and capabilities(cls).server_optimizer_refusal:
             lines.append(f"method.server_optimizer.name: method '{cls.name}' cannot be combined with server optimizer "
                          f"'{rule.name}': {capabilities(cls).server_optimizer_refusal}")
     supported = capabilities(cls).peft_types
@@ -82,6 +76,16 @@ def check_method_config(method: Any, peft_type: str | None = None) -> None:
         lines.append(f"peft.type: method '{cls.name}' supports {', '.join(supported)}, not '{peft_type}'")
     if lines:
         raise MethodOptionsError(lines)
+
+
+def unused_hyperparameters(rule: Any) -> list[str]:
+    """The hyperparameters a ``ServerOptimizerConfig`` sets that its rule does not have (FedAvgM's tau,
+    anything for ``none``). Configs saved before the per-rule defaults hold all four, so these are
+    ignored with a warning rather than refused."""
+    if rule.name not in SERVER_OPTIMIZERS:
+        return []
+    have = rule_defaults(rule.name)
+    return [k for k in ("lr", "beta1", "beta2", "tau") if getattr(rule, k, None) is not None and k not in have]
 
 
 def build_experiment_strategy(config: Any) -> Strategy:
@@ -108,6 +112,6 @@ def build_strategy(method_config: Any) -> Strategy:
 __all__ = [
     "COMMON_OPTIONS", "AggregateResult", "ClientPlan", "ClientUpdate", "SERVER_OPTIMIZERS", "STRATEGIES",
     "ServerContext", "Strategy", "TrainResult", "build_experiment_strategy", "build_strategy", "capabilities",
-    "check_method_config",
+    "check_method_config", "unused_hyperparameters",
     "method_catalog", "method_class", "normalize_method_name",
 ]

@@ -179,9 +179,10 @@ def make_server_optimizer(name: str, **hyper: float) -> ServerOptimizer:
 
 
 def build_server_optimizer(config: Any) -> ServerOptimizer:
-    """From a ``ServerOptimizerConfig``: the hyperparameters it sets (not None) over the rule's defaults."""
-    _rule(config.name)
-    hyper = {k: getattr(config, k) for k in ("lr", "beta1", "beta2", "tau") if getattr(config, k, None) is not None}
+    """From a ``ServerOptimizerConfig``: the hyperparameters it sets (not None) over the rule's defaults;
+    ones the rule does not have are ignored (the config check warns about them)."""
+    have = rule_defaults(config.name)
+    hyper = {k: getattr(config, k) for k in have if getattr(config, k, None) is not None}
     return make_server_optimizer(config.name, **hyper)
 
 
