@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
@@ -182,6 +183,12 @@ class OutputConfig(_Section):
         default_factory=list, description="Also stream metrics to TensorBoard / Weights & Biases when installed.")
 
 
+METHOD_CHECKS: list[Callable[[Any], None]] = []
+"""Checks of the method section run on every validated config. The method registry adds its own when
+``fedpeft.strategies`` is imported (every command that runs a method imports it; the config does not
+import the strategies, which import torch, so ``fedpeft partition`` / ``fedpeft data`` stay light)."""
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = 0
@@ -201,16 +208,8 @@ class ExperimentConfig(_Section):
         ``check_method=False`` (commands that never run a method: partition, data)."""
         if info.context is not None and not info.context.get("check_method", True):
             return self
-        # Imported here, not at the top: the strategies import torch, and commands that only read the
-        # config's data section load it without torch (tests/test_data_partition_cli.py).
-        from fedpeft.strategies import check_method_config, unused_hyperparameters
-
-        check_method_config(self.method, peft_type=self.peft.type)
-        rule = self.method.server_optimizer
-        for key in unused_hyperparameters(rule):
-            log.warning("method.server_optimizer.%s=%s: the rule '%s' has no %s; ignored", key, getattr(rule, key),
-                        rule.name, key)
-            setattr(rule, key, None)
+        for check in METHOD_CHECKS:
+            check(self)
         return self
 
     def to_yaml(self) -> str:

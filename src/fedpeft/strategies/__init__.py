@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import pkgutil
 from typing import Any
+
+from fedpeft.config import METHOD_CHECKS
 
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, ServerContext, Strategy, TrainResult
 from fedpeft.strategies.registry import (
@@ -23,6 +26,8 @@ from fedpeft.strategies.registry import (
     parse_options,
 )
 from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, build_server_optimizer, rule_defaults
+
+log = logging.getLogger(__name__)
 
 for _module in pkgutil.iter_modules(__path__):  # each method module registers its class on import
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -88,6 +93,18 @@ def unused_hyperparameters(rule: Any) -> list[str]:
     return [k for k in ("lr", "beta1", "beta2", "tau") if getattr(rule, k, None) is not None and k not in have]
 
 
+def check_experiment_method(config: Any) -> None:
+    """The method section of an ``ExperimentConfig`` (see :func:`check_method_config`); hyperparameters
+    its server-optimizer rule lacks are dropped with a warning (configs saved before the per-rule
+    defaults set all four). Added to ``config.METHOD_CHECKS`` when this package is imported."""
+    check_method_config(config.method, peft_type=config.peft.type)
+    rule = config.method.server_optimizer
+    for key in unused_hyperparameters(rule):
+        log.warning("method.server_optimizer.%s=%s: the rule '%s' has no %s; ignored", key, getattr(rule, key),
+                    rule.name, key)
+        setattr(rule, key, None)
+
+
 def build_experiment_strategy(config: Any) -> Strategy:
     """The strategy of an ``ExperimentConfig``: ``method.options`` completed with what every method may
     need from the rest of the config (LoRA rank/alpha/rsLoRA, number of clients, seed). The engine and
@@ -115,3 +132,6 @@ __all__ = [
     "check_method_config", "unused_hyperparameters",
     "method_catalog", "method_class", "normalize_method_name",
 ]
+
+if check_experiment_method not in METHOD_CHECKS:  # the config checks method sections against this registry
+    METHOD_CHECKS.append(check_experiment_method)

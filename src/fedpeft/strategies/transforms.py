@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fedpeft.federation.sampling import derive_seed
+from fedpeft.seeding import derive_seed
 from fedpeft.metering.compression import SCHEMES, encode, decode
 
 Updates = dict[str, torch.Tensor]
