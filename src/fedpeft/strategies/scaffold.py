@@ -7,8 +7,9 @@
   control: c_k+ = c_k - c + mean(clip(g + c - c_k)), which is no gradient estimate).
 - After K local steps the client's control becomes (option ``control_update``):
   ``option2`` (default, the paper's option II): c_k+ = c_k - c + (theta_global - theta_k) / (K * eta_l);
-  ``mean_gradient``: c_k+ = the mean raw gradient g over the K local steps (option I's gradient,
-  evaluated along the local trajectory instead of an extra pass at theta_global).
+  ``mean_gradient``: c_k+ = the mean uncorrected gradient g (clipped, when clipping is on) over the K
+  local steps (option I's gradient, evaluated along the local trajectory instead of an extra pass at
+  theta_global).
   The client keeps c_k+ in its client store (``scaffold_control``) only once its update is accepted
   (``ClientUpdate.private``, written by ``commit_private``: a dropped client keeps its old c_k, so
   c = mean_k c_k still holds), and uploads theta_k together with the control delta c_k+ - c_k
