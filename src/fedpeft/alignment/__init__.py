@@ -1,0 +1,1 @@
+"""Alignment objectives: preference data, pairwise reward-model losses, DPO/IPO with the frozen base as reference."""
