@@ -90,9 +90,12 @@ def train_local(
     num_examples: int = 0,
     on_step=None,
     optimizer: torch.optim.Optimizer | None = None,
+    loss_fn=None,
 ) -> tuple[TrainResult, list[float]]:
     """Train ``params`` (already set trainable on ``model``) and return the result and per-step losses.
-    ``optimizer`` (over ``params``): continue with it (its learning rate is set to ``lr``); None: a fresh one."""
+    ``optimizer`` (over ``params``): continue with it (its learning rate is set to ``lr``); None: a fresh one.
+    ``loss_fn(model, batch)`` replaces the model's own loss on ``labels`` (alignment.objectives: reward
+    model, DPO, IPO); each micro-batch then weighs the same."""
     start = time.perf_counter()
     if optimizer is None:
         optimizer = make_optimizer(list(params.values()), optimizer_name, lr, weight_decay)
@@ -118,8 +121,11 @@ def train_local(
             if count == 0:  # its mean loss is 0/0; it adds nothing to the step's token mean
                 continue
             with autocast:
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            loss = out.loss * (count / total)  # sum of these = mean over the step's supervised targets
+                if loss_fn is not None:
+                    loss = loss_fn(model, batch) / grad_accumulation
+                else:
+                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+                    loss = out.loss * (count / total)  # sum of these = mean over the step's supervised targets
             loss.backward()
             step_loss += float(loss.detach())
         if plan.extra_loss is not None:
