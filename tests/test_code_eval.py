@@ -12,7 +12,6 @@ import pytest
 from fedpeft.data.sources import DataError
 from fedpeft.evaluation.code_eval import (
     HUMANEVAL_STOP,
-    CodeProblem,
     evaluate_completions,
     generate_completions,
     humaneval_problems,
