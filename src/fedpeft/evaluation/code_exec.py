@@ -175,7 +175,8 @@ class ExecResult:
 
 
 def _apply_limits(limits: SandboxLimits) -> None:
-    """Runs in the child between fork and exec (``preexec_fn``)."""
+    """Runs in the child between fork and exec (``preexec_fn``). It takes no lock and imports nothing
+    (``resource`` is imported already), which keeps it safe when the evaluator has other threads."""
     cpu = int(limits.cpu_s)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
