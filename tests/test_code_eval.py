@@ -74,8 +74,8 @@ FIXTURE = {
 
 def test_humaneval_problem_program_passes_a_right_and_fails_a_wrong_completion():
     [problem] = humaneval_problems(FIXTURE)
-    result = evaluate_completions([problem], [["    return a + b\n\ndef junk(:\n", "    return a - b\n",
-                                               "    while True:\n        pass\n"]], ks=(1, 2, 3),
+    result = evaluate_completions([problem], [["\n    return a + b\n\ndef junk(:\n", "\n    return a - b\n",
+                                               "\n    while True:\n        pass\n"]], ks=(1, 2, 3),
                                   limits=SandboxLimits(timeout_s=2, cpu_s=5))
     # The first is cut before the broken trailing def; the second is wrong; the third times out.
     assert [r.status for r in result.results[0]] == ["passed", "failed", "timeout"]
@@ -94,7 +94,8 @@ def test_shipped_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
     problems = load_humaneval(limit=5)
     assert len(load_humaneval()) == 164
     raw = read_problems()
-    canonical = [[raw[p.task_id]["canonical_solution"], "    pass\n"] for p in problems]
+    # The model continues the prompt without its trailing newline, so a completion starts with one.
+    canonical = [["\n" + raw[p.task_id]["canonical_solution"], "\n    pass\n"] for p in problems]
     result = evaluate_completions(problems, canonical, ks=(1,), limits=LIMITS)
     assert [[r.status for r in rs] for rs in result.results] == [["passed", "failed"]] * 5
     assert result.metrics["pass@1"] == pytest.approx(0.5)
@@ -113,8 +114,8 @@ def test_mbpp_problems_from_records():
     [problem] = mbpp_problems(MBPP_ROWS)
     assert problem.task_id == "2"
     assert problem.prompt.startswith('"""\nWrite a function') and MBPP_ROWS[0]["test_list"][0] in problem.prompt
-    result = evaluate_completions([problem], [[MBPP_ROWS[0]["code"] + "\nassert False\n",
-                                               "def similar_elements(a, b):\n    return ()\n"]], limits=LIMITS)
+    result = evaluate_completions([problem], [["\n" + MBPP_ROWS[0]["code"] + "\nassert False\n",
+                                               "\ndef similar_elements(a, b):\n    return ()\n"]], limits=LIMITS)
     # The first is cut at its own stray assert (a stop sequence) and passes; the second is wrong.
     assert result.counts == [(2, 1)]
     with pytest.raises(DataError, match="record 0 field 'test_list' is None"):
@@ -158,8 +159,9 @@ class _ChatTokenizer:
 def test_chat_template_prefills_the_answer_with_the_problem_prompt():
     [problem] = humaneval_problems(FIXTURE)
     text = model_input(problem, "chat", _ChatTokenizer())
-    assert text.endswith("<assistant>```python\n" + problem.prompt)  # the model writes only the continuation
+    assert text.endswith("<assistant>```python\n" + problem.model_prompt)  # the model writes only the continuation
     assert "Complete the following Python code." in text
-    assert model_input(problem, "plain", None) == problem.prompt
+    assert model_input(problem, "plain", None) == problem.prompt.rstrip() == problem.model_prompt
+    assert not problem.model_prompt.endswith("\n")
     with pytest.raises(ValueError, match="template 'fim' is unknown; valid: plain, chat"):
         model_input(problem, "fim", None)

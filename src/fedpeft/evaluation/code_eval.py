@@ -76,29 +76,36 @@ def mean_pass_at_k(counts: Sequence[tuple[int, int]], ks: Sequence[int]) -> dict
 class CodeProblem:
     task_id: str
     prompt: str
-    """What the model continues."""
+    """The problem as published; the model continues ``model_prompt``."""
     test: str
     """Appended after prompt + completion; the program passes when it exits with status 0."""
     stop: tuple[str, ...] = HUMANEVAL_STOP
 
+    @property
+    def model_prompt(self) -> str:
+        """The prompt without its trailing whitespace (as bigcode-evaluation-harness does): a prompt ending
+        in a newline leaves the model unable to emit the usual "newline + indent" token, and small models
+        then close the function at once. The completion starts with that newline."""
+        return self.prompt.rstrip()
+
     def program(self, completion: str) -> str:
-        return f"{self.prompt}{completion}\n\n{self.test}\n"
+        return f"{self.model_prompt}{completion}\n\n{self.test}\n"
 
 
 def model_input(problem: CodeProblem, template: str, tokenizer) -> str:
     """The text the model continues for ``problem`` under ``template`` (plain | chat)."""
     if template == "plain":
-        return problem.prompt
+        return problem.model_prompt
     if template == "chat":
         request = [{"role": "user", "content": CHAT_REQUEST.format(prompt=problem.prompt)}]
         head = tokenizer.apply_chat_template(request, tokenize=False, add_generation_prompt=True)
-        return f"{head}```python\n{problem.prompt}"
+        return f"{head}```python\n{problem.model_prompt}"
     raise ValueError(f"code prompt template {template!r} is unknown; valid: {', '.join(TEMPLATES)}")
 
 
 def truncate_completion(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to its first stop sequence. The prompt ends with a newline, so a completion starts
-    at a line start: a stop such as ``"\n```"`` also matches at its very beginning."""
+    """``text`` up to its first stop sequence. The completion follows the end of a prompt's line, so a
+    stop such as ``"\n```"`` also matches at its very beginning."""
     padded = "\n" + text
     cuts = [i for i in (padded.find(s) for s in stop) if i >= 0]
     return padded[1:max(1, min(cuts))] if cuts else text
