@@ -201,3 +201,19 @@ def test_noise_rule_is_two_binomial_standard_errors():
     [warning] = noise_warnings(first, last)
     assert "accuracy went from 0.260" in warning and "n=100" in warning and f"{2 * se:.3f}" in warning
     assert noise_warnings(first, {**last, "metrics": {"accuracy": 0.9}}) == []
+
+
+def test_evaluating_more_often_does_not_change_training(tmp_path):
+    """The quickstart evaluates every 2 rounds: evaluations draw no randomness and leave the model as
+    they found it, so the trained adapter and the final metrics are those of a run evaluated only at the end."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fedpeft.federation.engine import run_experiment
+
+    runs = {every: run_experiment("configs/tiny.yaml", [f"evaluation.every_rounds={every}", "federation.rounds=2"],
+                                  run_dir=tmp_path / f"every{every}") for every in (0, 1)}
+    assert runs[0].final_metrics == runs[1].final_metrics
+    adapters = {every: load_file(str(run.final_adapter_dir / "adapter_model.safetensors")) for every, run in runs.items()}
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

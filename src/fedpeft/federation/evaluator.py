@@ -44,8 +44,9 @@ class Evaluator:
 
     def _score(self, records: list[dict], final: bool) -> dict:
         """Score ``records`` with the adapter now loaded: generation and the data's own scorer, or the
-        classification head's accuracy; per-round evaluations are capped at ``evaluation.max_examples``
-        per group, the final one is not."""
+        classification head's accuracy. ``evaluation.max_examples`` already made the data's evaluation
+        records one seeded sample (``data.dataset.sample_evaluation``), so the cap below changes nothing
+        for them and every evaluation, the final one included, scores the same records."""
         ecfg = self.config.evaluation
         cap = None if final else ecfg.max_examples
         if self.config.model.head == "classification":
