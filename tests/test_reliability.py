@@ -283,3 +283,52 @@ def test_infeasible_partition_fails_before_the_model_loads(tmp_path, monkeypatch
         engine.run_experiment(TINY, ["data.partition.kind=pathological", "data.partition.classes_per_client=1",
                                      "federation.num_clients=2", "federation.clients_per_round=2"],
                               run_dir=tmp_path / "run")
+
+
+def test_every_client_failing_is_a_message_and_the_checkpoint_stays(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedpeft.cli import app
+    from fedpeft.strategies.base import Strategy
+
+    def reject(self, global_state, update):
+        raise ValueError("rejected by the test")
+
+    monkeypatch.setattr(Strategy, "check_update", reject)
+    result = CliRunner().invoke(app, ["run", "--config", TINY, "--run-dir", str(tmp_path / "run"),
+                                      "federation.rounds=1", "evaluation.before_training=false"])
+    assert result.exit_code == 1, result.output
+    assert "every sampled client failed" in result.output and "--resume" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_non_utf8_data_file_names_the_line(tmp_path):
+    from fedpeft.data.sources import DataError, read_file
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"instruction": "a", "response": "b"}\n{"instruction": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(DataError, match=r"data.jsonl: not UTF-8 text: line 2 holds byte 0xe9"):
+        read_file(path)
+
+
+def test_unknown_model_offline_fails_fast_with_the_bundled_models(monkeypatch):
+    from huggingface_hub import constants
+
+    from fedpeft.federation.preflight import model_preflight
+    from fedpeft.models.registry import ModelNotFoundError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    start = time.monotonic()
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE is set.*tiny-llama"):
+        model_preflight(load_config(TINY, ["model.name=nobody/no-such-model"]))
+    assert time.monotonic() - start < 10
+    model_preflight(load_config(TINY))  # bundled: nothing to check
+
+
+def test_robust_rule_runs_through_the_engine(tmp_path):
+    from fedpeft.federation.engine import run_experiment
+
+    summary = run_experiment(TINY, ["federation.rounds=1", "federation.robust.rule=median",
+                                    "federation.robust.clip_norm=0.5", "evaluation.before_training=false"],
+                             run_dir=tmp_path / "run")
+    assert summary.rounds == 1 and (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
