@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -6,6 +8,22 @@ import torch
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_tempdir():
+    """Temporary files of the session (Flower workers' fedpeft-w-* sockets, pid and log files; those of
+    the processes the tests start, through TMPDIR) go to one folder removed at the end."""
+    folder = tempfile.mkdtemp(prefix="fedpeft-tests-")
+    saved_env, saved_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    yield Path(folder)
+    tempfile.tempdir = saved_dir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

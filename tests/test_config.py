@@ -11,7 +11,8 @@ def test_defaults_and_yaml(tiny_config_path):
 
 
 def test_overrides_are_typed(tiny_config_path):
-    cfg = load_config(tiny_config_path, ["federation.rounds=7", "training.lr=3e-4", "peft.target_modules=[q_proj]",
+    cfg = load_config(tiny_config_path, ["federation.rounds=7", "training.lr=3e-4", "training.lr_min=1e-5",
+                                         "peft.target_modules=[q_proj]",
                                          "evaluation.max_examples=null"])
     assert cfg.federation.rounds == 7
     assert cfg.training.lr == pytest.approx(3e-4)

@@ -355,7 +355,8 @@ def federation(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("flower")
     nodes = rehearsal_node_configs(2, 2, work / "stores")
-    env = {"FEDPEFT_CACHE_DIR": str(work / "cache")}
+    # A PATH without the virtual environment: Flower's executables are found beside the interpreter.
+    env = {"FEDPEFT_CACHE_DIR": str(work / "cache"), "PATH": "/usr/bin:/bin"}
     fed = LocalFederation(work, nodes, env_extra=env, node_env={1: {KILL_ENV: "killed:1:1"}})
     with fed:
         yield fed

@@ -1,16 +1,19 @@
 """The experiment config: one validated pydantic model, loaded from YAML, overridable as ``key.sub=value``.
 
 Every section forbids unknown keys; errors name the key path and suggest the nearest valid key, so a
-typo such as ``federation.num_client`` fails before anything is loaded.
+typo such as ``federation.num_client`` fails before anything is loaded. Scalars are strict: a boolean is
+not a number (``federation.rounds=true`` is refused, not read as 1), a number is not a boolean, an
+integer field takes no string, and no float may be inf or NaN.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import types
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -24,8 +27,35 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key, the value and what was expected."""
 
 
+SEED_MAX = 2**32 - 1
+"""Largest seed every RNG the run seeds accepts (numpy's legacy seeding is 32-bit)."""
+
+
+def _scalar_kind(annotation: Any) -> type | None:
+    """bool, int or float when a field holds exactly that scalar (or None), else None."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    kinds = {a for a in args if a is not type(None)}
+    return next(iter(kinds)) if len(kinds) == 1 and next(iter(kinds)) in (bool, int, float) else None
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads true as 1, 1 as true and "3" as 3; a config means none of these.
+        Float fields still take numeric strings: YAML reads ``5e-4`` (no dot) as a string."""
+        kind = _scalar_kind(cls.model_fields[info.field_name].annotation)
+        if value is None or kind is None:
+            return value
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {type(value).__name__} {value!r}")
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+        if kind is int and isinstance(value, str):
+            raise ValueError(f"expected an integer, got the string {value!r}")
+        return value
 
 
 class ModelConfig(_Section):
@@ -46,7 +76,7 @@ class ModelConfig(_Section):
 class PeftConfig(_Section):
     type: Literal["lora"] = "lora"
     r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
+    alpha: float = Field(16.0, gt=0)  # finite: every _Section refuses inf and NaN
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     rslora: bool = False
@@ -96,6 +126,21 @@ class DataConfig(_Section):
         "records each), e.g. [sentiment, topic, parity] beside SST-2 for a multi-task classification scenario.")
 
 
+class RobustConfig(_Section):
+    """Robust aggregation for adversarial settings (federation/robust.py): applied to the round's
+    updates before the method aggregates them, like a server optimizer is applied after."""
+
+    rule: Literal["none", "median", "trimmed_mean", "krum", "multi_krum"] = Field(
+        "none", description="median / trimmed_mean: coordinate-wise over the clients' tensors; krum / multi_krum: "
+        "keep the update(s) closest to their n-f-2 nearest neighbours (Blanchard et al. 2017).")
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: fraction cut at each end per coordinate.")
+    byzantine: int = Field(0, ge=0, description="krum / multi_krum: f, the number of attackers tolerated; "
+                           "needs clients_per_round > 2f + 2.")
+    krum_select: int | None = Field(None, ge=1, description="multi_krum: updates kept (default n - f).")
+    clip_norm: float | None = Field(None, gt=0, description="Clip each update's change from the global state to "
+                                    "this L2 norm before the rule (norm clipping; null disables).")
+
+
 class FederationConfig(_Section):
     num_clients: int = Field(10, ge=1)
     clients_per_round: int = Field(2, ge=1)
@@ -112,6 +157,7 @@ class FederationConfig(_Section):
     max_client_examples: int | None = Field(
         None, ge=1, description="Largest num_examples a client may report (its aggregation weight); null: the "
         "examples it holds in the server's partition (set it when Flower nodes bring their own data).")
+    robust: RobustConfig = Field(default_factory=RobustConfig)
 
     @model_validator(mode="after")
     def _sampled_le_total(self) -> "FederationConfig":
@@ -120,6 +166,14 @@ class FederationConfig(_Section):
                 f"federation.clients_per_round={self.clients_per_round} exceeds "
                 f"federation.num_clients={self.num_clients}"
             )
+        robust = self.robust
+        if robust.rule in ("krum", "multi_krum") and self.clients_per_round <= 2 * robust.byzantine + 2:
+            raise ValueError(
+                f"federation.robust.rule={robust.rule} with byzantine={robust.byzantine} needs clients_per_round > "
+                f"{2 * robust.byzantine + 2}, got {self.clients_per_round}")
+        if robust.krum_select is not None and robust.krum_select > self.clients_per_round:
+            raise ValueError(f"federation.robust.krum_select={robust.krum_select} exceeds clients_per_round="
+                             f"{self.clients_per_round}")
         return self
 
 
@@ -145,16 +199,23 @@ class MethodConfig(_Section):
 class TrainingConfig(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0, description="Client learning rate at round 1.")
-    lr_min: float = Field(1e-5, ge=0, description="Client learning rate at the last round (cosine).")
+    lr_min: float = Field(1e-5, ge=0, description="Client learning rate at the last round (cosine); <= lr.")
     schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, description="Clip the gradient norm; null disables.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (> 0); null disables.")
     max_seq_len: int = Field(128, ge=8)
     precision: Literal["fp32", "bf16"] = "fp32"
     keep_optimizer: bool = Field(
         False, description="Keep each client's local optimizer state (AdamW moments, SGD momentum) across the rounds "
         "it is sampled, per local adapter, in its client store (so a resumed run continues it exactly); false: a "
         "fresh optimizer every round.")
+
+    @model_validator(mode="after")
+    def _lr_min_le_lr(self) -> "TrainingConfig":
+        if self.schedule == "cosine" and self.lr_min > self.lr:
+            raise ValueError(f"training.lr_min={self.lr_min} exceeds training.lr={self.lr}: the cosine schedule "
+                             "decays from lr to lr_min")
+        return self
 
 
 class EvaluationConfig(_Section):
@@ -191,7 +252,7 @@ import the strategies, which import torch, so ``fedpeft partition`` / ``fedpeft 
 
 class ExperimentConfig(_Section):
     name: str = "experiment"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX, description=f"Seed of every random choice; 0..{SEED_MAX}.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     peft: PeftConfig = Field(default_factory=PeftConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -244,7 +305,8 @@ def _format_validation_error(err: ValidationError) -> str:
             lines.append(f"unknown key '{key}'{hint} (valid keys here: {', '.join(valid)})")
         else:
             value = item.get("input")
-            lines.append(f"{key}: {item['msg'].removeprefix('Value error, ')} (got {value!r})")
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg}" if isinstance(value, dict) else f"{key}: {msg} (got {value!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
@@ -302,12 +364,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
+        raw = path.read_bytes()
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[:exc.start].count(b"\n") + 1
+            raise ConfigError(f"config file '{path}' is not UTF-8 text: line {line} holds byte "
+                              f"0x{raw[exc.start]:02x} ({exc.reason})") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
         if loaded is None:
-            loaded = {}
+            raise ConfigError(f"config file '{path}' is empty: give at least the keys that differ from the "
+                              "defaults (see configs/tiny.yaml), or omit --config to use every default")
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level, got {type(loaded).__name__}")
         data = loaded

@@ -40,30 +40,60 @@ def register(app: typer.Typer) -> None:
     def run(
         ctx: typer.Context,
         config: Path = typer.Option(None, "--config", "-c", help="Experiment YAML (see configs/)."),
-        resume: Path = typer.Option(None, "--resume", help="Run directory to continue from its last completed round."),
+        resume: Path = typer.Option(None, "--resume", help="Run directory to continue from its last completed round "
+                                    "(with --config: start it there if it holds no run yet; the configs must agree)."),
         run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run (default: output.dir/<name>-<time>)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty --run-dir."),
         print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved config and exit."),
     ) -> None:
         from fedpeft.config import ConfigError, load_config
-        from fedpeft.federation.transport import RunStopped
-        from fedpeft.models.registry import ModelNotFoundError
+        from fedpeft.federation.run_dir import RunDirectory, RunDirError, config_differences, default_run_dir
 
         overrides = list(ctx.args)
         if config is None and resume is None:
             raise typer.BadParameter("give --config FILE (or --resume RUN_DIR)", param_hint="--config")
+        if resume is not None and run_dir is not None and resume != run_dir:
+            raise typer.BadParameter("--run-dir and --resume name different directories", param_hint="--run-dir")
+        if resume is not None and overwrite:
+            raise typer.BadParameter("--resume continues a run, --overwrite replaces it: give one", param_hint="--overwrite")
         try:
+            given = load_config(config, overrides) if config is not None else None
+            saved_path = resume / "config.yaml" if resume is not None else None
+            if saved_path is not None and saved_path.is_file():
+                cfg, resuming, target = load_config(saved_path, overrides), True, resume
+                if given is not None:
+                    differences = config_differences(cfg, given)
+                    if differences:
+                        raise RunDirError(f"--config {config} does not describe the run in {resume}:\n  "
+                                          + "\n  ".join(differences[:20])
+                                          + "\nresume without --config (the run's config.yaml is used), or start "
+                                          "a new run in another --run-dir")
+            elif resume is not None and given is None:
+                raise RunDirError(f"--resume {resume}: no config.yaml there; is it a fedpeft run directory? "
+                                  "(with --config it starts the run there)")
+            else:  # a new run; --resume DIR with --config starts it in DIR (so the same command resumes it)
+                cfg, resuming, target = given, False, resume or run_dir or default_run_dir(given)
             if print_config:
-                source = resume / "config.yaml" if resume else config
-                typer.echo(load_config(source, overrides).to_yaml())
+                typer.echo(cfg.to_yaml())
                 return
+            # Lock, directory and config.yaml now, before the slow imports: a kill from here on is resumable.
+            opened = RunDirectory.open(target, cfg, resume=resuming, overwrite=overwrite)
             from fedpeft.federation.engine import run_experiment
+            from fedpeft.federation.transport import RunStopped
+            from fedpeft.models.registry import ModelNotFoundError
 
-            summary = run_experiment(config, overrides, resume=resume, run_dir=run_dir)
-        except (ConfigError, ModelNotFoundError, FileNotFoundError, ValueError) as exc:
+            try:
+                summary = run_experiment(run_directory=opened)
+            except ModelNotFoundError as exc:
+                raise ConfigError(str(exc)) from None
+            except RunStopped as exc:  # the run began and cannot go on; its last checkpoint is the resume point
+                typer.echo(f"run stopped: {exc}", err=True)
+                raise typer.Exit(1) from None
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)  # plain text: no wrapping inside names and paths
             raise typer.Exit(2) from None
-        except RunStopped as exc:  # the run began and cannot go on; its last checkpoint is the resume point
-            typer.echo(f"run stopped: {exc}", err=True)
+        except OSError as exc:  # disk full, read-only or missing directory: the path and the cause
+            typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
         console.print(_summary_table(summary))
         console.print(

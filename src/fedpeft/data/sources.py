@@ -148,12 +148,31 @@ def _read_parquet(path: Path) -> list[Record]:
     return pq.read_table(path).to_pylist()
 
 
+def _not_utf8(path: Path) -> DataError:
+    """The error for a text file that is not UTF-8, naming the first bad line."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        return DataError(f"{path}: not UTF-8 text: line {line} holds byte 0x{raw[exc.start]:02x} ({exc.reason}); "
+                         "save the file as UTF-8")
+    return DataError(f"{path}: not UTF-8 text")
+
+
 def read_file(path: str | Path, fieldnames: Sequence[str] | None = None) -> list[Record]:
     """Records of one file, by suffix. ``fieldnames`` names the columns of a CSV/TSV without a header
     row: every row, the first included, is then a record."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file '{path}' does not exist")
+    try:
+        return _read_by_suffix(path, fieldnames)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _read_by_suffix(path: Path, fieldnames: Sequence[str] | None) -> list[Record]:
     suffix = path.suffix.lower()
     if suffix == ".json":
         records = _read_json(path)

@@ -16,7 +16,6 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +28,14 @@ from fedpeft.data.dataset import load_experiment_data
 from fedpeft.federation import run_state
 from fedpeft.federation.client import ClientRunner, prepare_client_data
 from fedpeft.federation.client_store import ClientStore
+from fedpeft.federation.durable import StorageError
 from fedpeft.federation.evaluator import Evaluator
 from fedpeft.federation.local_trainer import round_lr
 from fedpeft.federation.metrics_log import MetricsLog
+from fedpeft.federation.preflight import model_preflight, partition_preflight
 from fedpeft.federation.progress import RunProgress
+from fedpeft.federation.robust import apply_robust_rule
+from fedpeft.federation.run_dir import RunDirectory, default_run_dir
 from fedpeft.federation.transport import InProcessTransport, RunStopped, ServerLink, Transport
 from fedpeft.federation.update_checks import check_client_update
 from fedpeft.federation.wire import decode_upload, payload_bytes
@@ -77,11 +80,15 @@ class Engine:
     ``transport(server: ServerLink) -> Transport`` the engine calls once the run is set up."""
 
     def __init__(self, config: ExperimentConfig, run_dir: Path, resume: bool = False,
-                 transport: Transport | Callable[[ServerLink], Transport] | None = None) -> None:
+                 transport: Transport | Callable[[ServerLink], Transport] | None = None, overwrite: bool = False,
+                 run_directory: RunDirectory | None = None) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.overwrite = overwrite
         self.transport = transport
+        self.rundir = run_directory
+        """The locked run directory (federation/run_dir.py); the CLI opens it before the slow imports."""
 
     # --- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -89,12 +96,10 @@ class Engine:
         tune_malloc()  # keep CPU activation buffers in the heap between steps (see metering/allocator.py)
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.resume:
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         # Data first: bad data fails before a model is loaded.
+        model_preflight(cfg)  # an unknown model name offline fails now, not after the Hub's retries
         self.data = load_experiment_data(cfg)
-        self.data.labels()  # a missing partition field fails here, before the model loads
+        partition_preflight(cfg, self.data.labels())  # a missing field or infeasible partition fails here too
         self.strategy = build_experiment_strategy(cfg)  # an unknown method or bad option too
         loaded, self.model = load_experiment_model(cfg, self.data)
         self.model_source, self.model_load_seconds = loaded.source, loaded.load_seconds
@@ -120,11 +125,28 @@ class Engine:
 
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> RunSummary:
+        """Lock the run directory (config.yaml, checkpoint choice: federation/run_dir.py), run, unlock."""
+        if self.rundir is None:
+            self.rundir = RunDirectory.open(self.run_dir, self.config, resume=self.resume, overwrite=self.overwrite)
+        try:
+            finished = self.rundir.resume.finished
+            if finished is not None:  # resuming a finished run: nothing to do, nothing logged
+                report = self.run_dir / "report" / "report.md"
+                return RunSummary(self.run_dir, finished.get("rounds", self.config.federation.rounds),
+                                  finished.get("seconds", 0.0), finished.get("initial_metrics", {}),
+                                  finished.get("final_metrics", {}), finished.get("peak_rss_mb", 0.0),
+                                  finished.get("cum_uplink_bytes", 0), finished.get("cum_downlink_bytes", 0),
+                                  self.run_dir / "final", report if report.is_file() else None)
+            return self._run()
+        finally:
+            self.rundir.close()
+
+    def _run(self) -> RunSummary:
         cfg, fed = self.config, self.config.federation
         t_start = time.perf_counter()
         self._setup()
-        self.state = state = run_state.start(self.run_dir, self.resume, self.model, self.strategy, self.store,
-                                             self.metrics)
+        self.state = state = run_state.start(self.run_dir, self.rundir.resume.checkpoint, self.model, self.strategy,
+                                             self.store, self.metrics, resuming=self.rundir.resuming)
         self._log_run_start(state)
         if state.next_round == 1:
             self._log_partition()
@@ -180,6 +202,7 @@ class Engine:
                              f"{self.run_dir / 'metrics.jsonl'}); the last checkpoint is intact: fix the cause, then "
                              f"fedpeft run --resume {self.run_dir}")
         to_aggregate = self.transport.combine(round_idx, state.global_state, updates)
+        to_aggregate = apply_robust_rule(fed.robust, state.global_state, to_aggregate)  # federation.robust
         if plans and not to_aggregate:
             raise RunStopped(f"round {round_idx}: no update could be combined (see the deploy_round events); "
                              f"resume with fedpeft run --resume {self.run_dir}")
@@ -242,6 +265,8 @@ class Engine:
                 check_client_update(self.strategy, plan, global_state, update, max_examples=bound,
                                     max_update_norm=fed.max_update_norm, tensors_arrived=local.tensors_arrived)
                 self.strategy.commit_private(update, self.store)  # client-private state, once accepted
+            except StorageError:  # the machine's disk, not the client: stop the run with the path and cause
+                raise
             except Exception as exc:  # a failing client never stops the round or corrupts any state
                 log.warning("round %d client %d (%s) failed: %s", round_idx, plan.client_id, plan.job, exc)
                 self.metrics.log("client_failed", round=round_idx, client=plan.client_id, job=plan.job,
@@ -304,15 +329,15 @@ class Engine:
         return final
 
 
-def default_run_dir(config: ExperimentConfig) -> Path:
-    name = config.output.run_name or f"{config.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return Path(config.output.dir) / name
-
-
 def run_experiment(config: ExperimentConfig | str | Path | None = None, overrides: list[str] | None = None,
-                   resume: str | Path | None = None, run_dir: str | Path | None = None) -> RunSummary:
+                   resume: str | Path | None = None, run_dir: str | Path | None = None, overwrite: bool = False,
+                   run_directory: RunDirectory | None = None) -> RunSummary:
     """Run (or resume) an experiment. ``config`` is a config object or a YAML path; ``resume`` a run
-    directory whose saved ``config.yaml`` is used (overrides still apply)."""
+    directory whose saved ``config.yaml`` is used (overrides still apply). ``run_directory``: one the
+    caller already opened (and locked) with its config."""
+    if run_directory is not None:
+        return Engine(run_directory.config, run_directory.path, resume=run_directory.resuming,
+                      run_directory=run_directory).run()
     if resume is not None:
         resume = Path(resume)
         saved = resume / "config.yaml"
@@ -324,4 +349,4 @@ def run_experiment(config: ExperimentConfig | str | Path | None = None, override
         config = load_config(config, overrides)
     elif overrides:
         config = build_config(apply_overrides(config.model_dump(mode="json"), overrides))
-    return Engine(config, Path(run_dir) if run_dir else default_run_dir(config)).run()
+    return Engine(config, Path(run_dir) if run_dir else default_run_dir(config), overwrite=overwrite).run()

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedpeft.federation.durable import storage_error
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -32,8 +34,11 @@ class MetricsLog:
 
     def log(self, event: str, **fields: Any) -> None:
         record = {"event": event, "time": time.time(), **_jsonable(fields)}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            raise storage_error(self.path, exc) from exc
         if self.listener is not None:
             self.listener(record)
 
@@ -44,7 +49,13 @@ class MetricsLog:
         return self.path.stat().st_size
 
     def truncate(self, offset: int) -> None:
+        """Cut the log back to ``offset`` bytes. Never extends it: a log shorter than ``offset`` was cut or
+        replaced since the checkpoint (``run_dir.check_metrics_log`` catches that before a resume)."""
         self._file.flush()
+        size = self.path.stat().st_size
+        if size < offset:
+            raise RuntimeError(f"{self.path} is {size} bytes, shorter than the {offset} bytes the checkpoint "
+                               "recorded: events were lost; it is not padded")
         self._file.truncate(offset)
         self._file.seek(offset)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from fedpeft.adapters import AdapterState, get_adapter_state
-from fedpeft.federation.checkpoint import Checkpoint, load_latest, save_checkpoint
+from fedpeft.federation.checkpoint import Checkpoint, read_checkpoint, save_checkpoint, set_rng_states
+from fedpeft.federation.run_dir import retained_store_indexes
 from fedpeft.models.peft_wrap import base_weights, master_from_saved, set_base_weights
 
 log = logging.getLogger(__name__)
@@ -38,18 +39,20 @@ class RunState:
     """float32 masters of merged lower-precision base weights (``peft_wrap.add_to_base_weight``)."""
 
 
-def start(run_dir: Path, resume: bool, model, strategy, store, metrics) -> RunState:
-    """A fresh state (the strategy's ``init_global`` of the model's adapter), or the latest checkpoint's."""
-    ckpt = load_latest(run_dir / "checkpoints") if resume else None
+def start(run_dir: Path, checkpoint: Path | None, model, strategy, store, metrics, resuming: bool = False) -> RunState:
+    """A fresh state (the strategy's ``init_global`` of the model's adapter), or that of ``checkpoint``
+    (the folder ``run_dir.RunDirectory`` chose and verified before the model loaded)."""
+    ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
     if ckpt is None:
-        if resume:
+        if resuming:
             log.warning("no completed round in %s: starting from round 1", run_dir)
             metrics.truncate(0)
             store.restore({})
         return RunState(strategy.init_global(get_adapter_state(model)))
+    set_rng_states(ckpt.rng)
     metrics.truncate(ckpt.state["metrics_offset"])
     strategy.load_state_dict(ckpt.strategy_state)
-    store.restore(ckpt.state["client_store_index"])
+    store.restore(ckpt.state["client_store_index"], keep=retained_store_indexes(run_dir / "checkpoints"))
     if ckpt.base_weights:
         set_base_weights(model, ckpt.base_weights)
     master = master_from_saved(model, ckpt.base_weights) if ckpt.base_weights else {}
@@ -71,4 +74,4 @@ def commit(run_dir: Path, round_idx: int, state: RunState, model, strategy, stor
     save_checkpoint(run_dir / "checkpoints",
                     Checkpoint(round_idx, state.global_state, strategy.state_dict(), touched, saved),
                     keep=keep, before_commit=before_commit)
-    store.collect_garbage()
+    store.collect_garbage(retained_store_indexes(run_dir / "checkpoints"))  # older checkpoints stay usable

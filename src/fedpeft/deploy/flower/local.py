@@ -38,8 +38,18 @@ class DeployError(RuntimeError):
     pass
 
 
+def scripts_dir() -> Path:
+    """The directory of this interpreter's console scripts (the virtual environment's bin/)."""
+    return Path(sys.executable).parent
+
+
 def flower_env(flwr_home: str | Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of every Flower process. The interpreter's scripts directory goes first on PATH:
+    the SuperLink starts ``flower-superexec`` by name, which fails (exit 3) when the virtual environment
+    is not activated."""
     env = {**os.environ, **OFFLINE_ENV, **(extra or {})}
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p]
+    env["PATH"] = os.pathsep.join([str(scripts_dir()), *[p for p in path if p != str(scripts_dir())]])
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -48,7 +58,7 @@ def flower_env(flwr_home: str | Path | None = None, extra: dict[str, str] | None
 
 def tool(name: str) -> str:
     """A Flower console script, preferably beside this Python (the active virtual environment)."""
-    local = Path(sys.executable).parent / name
+    local = scripts_dir() / name
     if local.exists():
         return str(local)
     found = shutil.which(name)

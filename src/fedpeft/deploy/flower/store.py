@@ -35,5 +35,5 @@ class NodeClientStore(ClientStore):
             if match and match.group("name") == name and path != keep:
                 path.unlink(missing_ok=True)
 
-    def collect_garbage(self) -> None:  # the index file is not a versioned entry
+    def collect_garbage(self, keep=()) -> None:  # the index file is not a versioned entry
         pass
