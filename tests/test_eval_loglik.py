@@ -157,8 +157,8 @@ def test_shared_context_cache_equals_hand_computation(tiny, batch_size):
     model, tokenizer = tiny
     pairs = [("Question: which planet is red?\nAnswer:", option) for option in (" Mars", " the planet Jupiter", " Sun", " x")]
     pairs += [("Short q?", " yes indeed"), ("Short q?", " no"), ("A longer unrelated context here.", " alone")]
-    shared = score_continuations(model, tokenizer, pairs, batch_size=batch_size, share_context=True)
-    plain = score_continuations(model, tokenizer, pairs, batch_size=batch_size, share_context=False)
+    shared = score_continuations(model, tokenizer, pairs, batch_size=batch_size, share_prefix=True)
+    plain = score_continuations(model, tokenizer, pairs, batch_size=batch_size, share_prefix=False)
     for (context, continuation), a, b in zip(pairs, shared, plain):
         expected, n, greedy = hand_logprob(model, tokenizer, context, continuation)
         assert a.logprob == pytest.approx(expected, abs=1e-4) and b.logprob == pytest.approx(expected, abs=1e-4)
