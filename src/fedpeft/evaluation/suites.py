@@ -345,6 +345,7 @@ def _run_task(model, tokenizer, entry: SuiteEntry, evaluator: str, options: Eval
             result.metrics["no_answer"] = sum(a is None for a in answers) / len(answers) if answers else None
         result.extra["samples"] = [{"output": p, "pred": task.answer(p, r), "gold": r["reference"]}
                                    for p, r in list(zip(predictions, records))[:options.samples_to_keep]]
+        result.extra["scores"] = correct  # per record, in the order of the (sampled) records
     if spec.name == "mmlu" and correct is not None:
         result.groups = mmlu_groups(records, correct)
         result.metrics.update(_group_metrics(result.groups))
