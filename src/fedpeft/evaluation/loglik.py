@@ -24,6 +24,7 @@ prompt template) read it once and reuse its KV cache (``prefix_groups``).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -177,40 +178,58 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def prefix_groups(inputs: dict[tuple[int, ...], list], min_shared: int = 8,
-                  keep_ratio: float = 0.5) -> tuple[list[tuple[int, list[tuple[int, ...]]]], list[tuple[int, ...]]]:
-    """Inputs that start with the same tokens: ``([(shared length, member inputs)], inputs alone)``.
+def prefix_groups(inputs: dict[tuple[int, ...], list],
+                  min_shared: int = 8) -> tuple[list[tuple[int, list[tuple[int, ...]]]], list[tuple[int, ...]]]:
+    """Inputs that start with the same tokens: ``([(shared length, member inputs)], inputs alone)``,
+    chosen to read the fewest tokens when each group's shared prefix is read once.
 
-    Inputs are sorted, so a run's common prefix is that of its first and last member. A new input joins
-    the current run while the run still shares ``min_shared`` tokens and at least ``keep_ratio`` of what
-    it shared before (so the options of one question stay a run of their own rather than being merged
-    into the run of every question that only shares the template). The shared length is cut so that
-    every member keeps the positions that predict its continuation tokens (``inputs[seq]`` holds
-    ``(pair, continuation)``)."""
-    groups: list[tuple[int, list[tuple[int, ...]]]] = []
-    alone: list[tuple[int, ...]] = []
+    Sorted inputs form a trie laid flat: a run's common prefix is the smallest common prefix of
+    neighbours, and cutting the run where that minimum occurs gives runs that share more. Each run is
+    either one group (its prefix read once) or cut further, whichever reads fewer tokens; so the
+    options of one question become a group of their own rather than joining every question that only
+    shares the template, and a subject's questions share its header. A member keeps the positions
+    that predict its continuation tokens (``inputs[seq]`` holds ``(pair, continuation)``), which caps
+    the shared length; under ``min_shared`` tokens nothing is shared."""
+    seqs = sorted(inputs)
+    if not seqs:
+        return [], []
+    neighbours = [_common_prefix(a, b) for a, b in zip(seqs, seqs[1:])]
+    most = [len(s) - max(len(c) for _, c in inputs[s]) for s in seqs]  # the most each member may share
 
-    def close(members: list[tuple[int, ...]], shared: int) -> None:
-        shared = min([shared] + [len(m) - max(len(c) for _, c in inputs[m]) for m in members])
-        if len(members) > 1 and shared >= min_shared:
-            groups.append((shared, members))
-        else:
-            alone.extend(members)
+    def plan(lo: int, hi: int, depth: int) -> tuple[int, list, list]:
+        members = seqs[lo:hi]
+        alone = (sum(len(m) for m in members), [], list(members))
+        if hi - lo == 1:
+            return alone
+        common = min(neighbours[lo:hi - 1])
+        shared = min(common, min(most[lo:hi]))
+        whole = (shared + sum(len(m) - shared for m in members), [(shared, members)], []) if shared >= min_shared else None
+        split = alone
+        if depth < 64 and any(n > common for n in neighbours[lo:hi - 1]):
+            cost, groups, singles, start = 0, [], [], lo
+            for i in [i for i in range(lo, hi - 1) if neighbours[i] == common] + [hi - 1]:
+                part_cost, part_groups, part_singles = plan(start, i + 1, depth + 1)
+                cost += part_cost
+                groups.extend(part_groups)
+                singles.extend(part_singles)
+                start = i + 1
+            split = (cost, groups, singles)
+        return whole if whole is not None and whole[0] <= split[0] else split
 
-    members: list[tuple[int, ...]] = []
-    shared = 0
-    for seq in sorted(inputs):
-        if members:
-            common = _common_prefix(members[0], seq)
-            if common >= min_shared and (len(members) == 1 or common >= keep_ratio * shared):
-                members.append(seq)
-                shared = common
-                continue
-            close(members, shared)
-        members, shared = [seq], len(seq)
-    if members:
-        close(members, shared)
+    _, groups, alone = plan(0, len(seqs), 0)
     return groups, alone
+
+
+def _cache_argument(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` in recent transformers, ``past_key_values``
+    before (and in models written against the old name)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _score_shared(model, groups, inputs, pad, device, batch_size, max_tokens, scores) -> None:
@@ -241,7 +260,7 @@ def _score_shared(model, groups, inputs, pad, device, batch_size, max_tokens, sc
                     position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
         owners = [(g, member) for g, (_, members) in enumerate(batch) for member in members]
         index = torch.tensor([g for g, _ in owners], device=device)
-        cache = out.past_key_values
+        cache = _returned_cache(out)
         cache.reorder_cache(index)  # one cache row per member
         suffixes = [member[batch[g][0]:] for g, member in owners]
         suffix_ids, suffix_mask = _left_padded(suffixes, pad)
@@ -249,7 +268,7 @@ def _score_shared(model, groups, inputs, pad, device, batch_size, max_tokens, sc
         positions = prefix_mask.sum(-1)[index].unsqueeze(-1) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
         keep = max(len(cont) for _, member in owners for _, cont in inputs[member])
         out = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[index], suffix_mask], dim=1),
-                    position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                    position_ids=positions, use_cache=True, logits_to_keep=keep, **{_cache_argument(model): cache})
         logprobs = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)
         for row, (_, member) in enumerate(owners):
             for pair, cont in inputs[member]:
