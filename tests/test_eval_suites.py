@@ -373,3 +373,14 @@ def test_eval_command_mt_bench_with_a_local_judge(tmp_path, data_dir):
     [details] = list(tmp_path.glob("eval-mt_bench-*.json"))
     saved = json.loads(details.read_text())["mt_bench"]
     assert len(saved["answers"]["81"]) == 2 and saved["failures"][0]["error"] == "judge reply has no [[rating]]"
+
+
+def test_config_checks_suite_entries_before_any_model_loads():
+    from fedpeft.config import ConfigError, load_config
+
+    config = load_config(None, ["evaluation.suites=[mmlu:validation,commonsense8]"])
+    assert config.evaluation.suites == ["mmlu:validation", "commonsense8"]
+    with pytest.raises(ConfigError, match=r"evaluation.suites.*task 'mmlu' has no split 'valid'; its splits: test, validation, dev"):
+        load_config(None, ["evaluation.suites=[mmlu:valid]"])
+    with pytest.raises(ConfigError, match=r"evaluation.suites.*unknown suite or task 'commonsens8'"):
+        load_config(None, ["evaluation.suites=[commonsens8]"])

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,13 +42,15 @@ from fedpeft.data.benchmarks import BenchmarkDataMissing, load_benchmark, strati
 from fedpeft.data.builtin import make_task
 from fedpeft.data.encoding import format_prompt
 from fedpeft.data.tasks import CommonsenseTask, Task, mmlu_category
-from fedpeft.evaluation import extraction
 from fedpeft.evaluation.generation import generation_eval
 from fedpeft.evaluation.loglik import MultipleChoiceItem, evaluate_lm_loss, evaluate_multiple_choice
+from fedpeft.evaluation.suite_table import (COMMONSENSE8, LM_EVAL_PREFIX, SUITES, TASKS, SuiteEntry, SuiteTask,
+                                            resolve_suite)
+
+__all__ = ["COMMONSENSE8", "SUITES", "TASKS", "EvalOptions", "SuiteEntry", "SuiteTask", "TaskResult", "flat_metrics",
+           "resolve_suite", "run_suite"]
 
 SuiteDataMissing = BenchmarkDataMissing  # the name callers used
-
-COMMONSENSE8 = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
 
 # lm-evaluation-harness prompts; labels index the verbalisers.
 GLUE_PROMPTS: dict[str, tuple[str, list[str]]] = {
@@ -60,100 +62,6 @@ GLUE_PROMPTS: dict[str, tuple[str, list[str]]] = {
     "qqp": ("Question 1: {question1}\nQuestion 2: {question2}\nQuestion: Do both questions ask the same thing?"
             "\nAnswer:", [" no", " yes"]),
 }
-
-
-@dataclass(frozen=True)
-class SuiteTask:
-    """One row of the suite table: a task, the data split it reads, and its evaluators."""
-
-    name: str
-    dataset: str  # built-in dataset name (``fedpeft.data.builtin``)
-    split: str  # the default split: the one the papers report
-    splits: Mapping[str, tuple[str, ...]]  # split one may ask for -> built-in splits tried in order
-    evaluators: Mapping[str, str]  # mode (loglik | generate) -> evaluator name
-    auto: tuple[str, ...]  # the modes "auto" runs
-    items: str | None = None  # multiple-choice item builder: commonsense | mmlu | glue
-    stratum: str | None = None  # record field ``--limit`` stratifies by (subject, category)
-
-
-_MC_GEN = {"loglik": "multiple_choice", "generate": "generate"}
-_LOSS_GEN = {"loglik": "lm_loss", "generate": "generate"}
-_TEST = {"test": ("test",)}
-
-TASKS: dict[str, SuiteTask] = {
-    **{name: SuiteTask(name, name, "test", _TEST, _MC_GEN, ("loglik",), "commonsense") for name in COMMONSENSE8},
-    "mmlu": SuiteTask("mmlu", "mmlu", "test", {"test": ("test",), "validation": ("validation",), "dev": ("dev",)},
-                      _MC_GEN, ("loglik",), "mmlu", stratum="subject"),
-    "gsm8k": SuiteTask("gsm8k", "gsm8k", "test", _TEST, _LOSS_GEN, ("generate",)),
-    # SST-2: GLUE's validation set (872 rows) is the local copy's sst2/test.tsv (its dev.tsv is a slice of train)
-    "sst2": SuiteTask("sst2", "sst2", "validation", {"validation": ("test", "validation")},
-                      {"loglik": "multiple_choice"}, ("loglik",), "glue"),
-    **{name: SuiteTask(name, name, "validation", {"validation": ("validation",)}, {"loglik": "multiple_choice"},
-                       ("loglik",), "glue") for name in ("rte", "qnli", "mrpc", "qqp")},
-    "dolly": SuiteTask("dolly", "dolly", "test", _TEST, _LOSS_GEN, ("loglik",), stratum="category"),
-    "mt_bench": SuiteTask("mt_bench", "mt_bench", "test", _TEST, {"generate": "mt_bench"}, ("generate",),
-                          stratum="category"),
-}
-
-SUITES: dict[str, list[str]] = {
-    "commonsense8": COMMONSENSE8,
-    "mmlu": ["mmlu"],
-    "gsm8k": ["gsm8k"],
-    "mt_bench": ["mt_bench"],
-    "glue": ["sst2", "rte", "qnli", "mrpc", "qqp"],
-    "dolly": ["dolly"],
-}
-
-LM_EVAL_PREFIX = "lm_eval:"
-
-
-@dataclass(frozen=True)
-class SuiteEntry:
-    suite: str  # the name asked for (a suite or the task itself)
-    task: str
-    split: str
-
-
-def _split_for(task: str, asked: str | None) -> str:
-    spec = TASKS[task]
-    split = asked or spec.split
-    if split not in spec.splits:
-        raise ValueError(f"task '{task}' has no split '{split}'; its splits: {', '.join(spec.splits)}")
-    return split
-
-
-def resolve_suite(name: str, split: str | None = None) -> list[SuiteEntry]:
-    """``commonsense8`` / ``boolq,gsm8k`` / ``mmlu:validation,glue`` / ``lm_eval:hellaswag`` -> entries in
-    order, duplicates removed. A ``:split`` suffix picks the split of that part; ``split`` (``--split``)
-    applies to every part without one; else each task's default split."""
-    out: list[SuiteEntry] = []
-    for part in (p.strip() for p in name.split(",")):
-        if not part:
-            continue
-        if part.startswith(LM_EVAL_PREFIX):  # a task of lm-evaluation-harness, run through the bridge
-            if not part[len(LM_EVAL_PREFIX):]:
-                raise ValueError(f"'{part}' names no lm-eval task (e.g. lm_eval:hellaswag)")
-            out.append(SuiteEntry("lm_eval", part, "lm_eval"))
-            continue
-        part, _, part_split = part.partition(":")
-        if part in SUITES:
-            tasks = SUITES[part]
-        else:
-            try:
-                task = part if part in TASKS else extraction.canonical_commonsense_task(part)
-            except ValueError:
-                task = None
-            if task not in TASKS:
-                raise ValueError(f"unknown suite or task '{part}'; suites: {', '.join(SUITES)}; "
-                                 f"tasks: {', '.join(TASKS)}")
-            tasks = [task]
-        out.extend(SuiteEntry(part, task, _split_for(task, part_split or split)) for task in tasks)
-    seen, unique = set(), []
-    for entry in out:
-        if (entry.task, entry.split) not in seen:
-            seen.add((entry.task, entry.split))
-            unique.append(entry)
-    return unique
 
 
 # ------------------------------------------------------------------------------------------ results
