@@ -206,6 +206,9 @@ def test_questions_sharing_a_header_equal_hand_computation(tiny, batch_size):
 def test_token_budget_batches():
     from fedpeft.evaluation.loglik import _token_batches
 
-    # longest first; a batch stops at 3 rows or when rows x first row's length would pass 100 tokens
-    assert _token_batches([60, 40, 30, 20, 20, 20, 10], 3, 100) == [[0], [1, 2], [3, 4, 5], [6]]
+    # longest first; a batch stops at 3 rows, when rows x first row's length would pass 100 tokens, or at
+    # a row shorter than 0.8 of the first (30 < 0.8 x 40)
+    assert _token_batches([60, 40, 30, 20, 20, 20, 10], 3, 100) == [[0], [1], [2], [3, 4, 5], [6]]
+    assert _token_batches([40, 35, 33, 20], 4, 1000) == [[0, 1, 2], [3]]
+    assert _token_batches([40, 35, 33, 20], 4, 1000, min_fill=0.0) == [[0, 1, 2, 3]]
     assert _token_batches([500], 4, 100) == [[0]]  # a row longer than the budget still runs, alone

@@ -137,17 +137,24 @@ def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor,
     return input_ids, attention_mask
 
 
-def _token_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[list[int]]:
-    """Indices (already sorted longest first) cut into batches of at most ``batch_size`` rows and at
-    most ``max_tokens`` padded tokens (rows x the batch's longest row), at least one row each: long
-    inputs do not pad short ones to their length."""
+MIN_FILL = 0.8  # a row joins a batch only if it is at least this fraction of the batch's widest row
+
+
+def _token_batches(lengths: Sequence[int], batch_size: int, max_tokens: int,
+                   min_fill: float = MIN_FILL) -> list[list[int]]:
+    """Indices (already sorted longest first) cut into batches of at most ``batch_size`` rows, at most
+    ``max_tokens`` padded tokens (rows x the batch's longest row), and rows no shorter than ``min_fill``
+    of the longest (padding stays under a quarter of the real tokens), at least one row each: long
+    inputs do not pad short ones to their length. Padding is computed, not skipped, so on a CPU it costs
+    as much as real tokens."""
     batches: list[list[int]] = []
     current: list[int] = []
     for index, length in enumerate(lengths):
-        width = lengths[current[0]] if current else length  # sorted longest first: the first row is widest
-        if current and (len(current) >= batch_size or (len(current) + 1) * width > max_tokens):
-            batches.append(current)
-            current = []
+        if current:
+            width = lengths[current[0]]  # sorted longest first: the first row is the widest
+            if len(current) >= batch_size or (len(current) + 1) * width > max_tokens or length < min_fill * width:
+                batches.append(current)
+                current = []
         current.append(index)
     if current:
         batches.append(current)
@@ -238,20 +245,28 @@ def _score_shared(model, groups, inputs, pad, device, batch_size, max_tokens, sc
     given explicitly) are read in a second forward; only the last positions go through the LM head.
     For MMLU this reads the subject header (and the k-shot exemplars) once per subject, for option
     texts the question once per question."""
-    chunks = []  # (shared length, members) with at most batch_size members each
+    chunks = []  # (shared length, members): token batches of one group's members, by remaining length
     for shared, members in groups:
         members = sorted(members, key=len, reverse=True)
-        chunks += [(shared, members[i:i + batch_size]) for i in range(0, len(members), batch_size)]
-    chunks.sort(key=lambda c: (c[0], max(len(m) for m in c[1])), reverse=True)
+        for chunk in _token_batches([len(m) - shared for m in members], batch_size, max_tokens):
+            chunks.append((shared, [members[i] for i in chunk]))
+    chunks.sort(key=lambda c: (len(c[1][0]) - c[0], c[0]), reverse=True)  # widest remainder first
     start = 0
     while start < len(chunks):
+        # chunks of several groups share a forward when their prefixes and remainders are alike in width
         batch, rows = [chunks[start]], len(chunks[start][1])
-        width = max(len(m) for m in batch[0][1])  # padded row width, about: prefix + longest suffix
+        prefix_width, rest_width = batch[0][0], len(batch[0][1][0]) - batch[0][0]
         start += 1
-        while start < len(chunks) and rows + len(chunks[start][1]) <= batch_size and \
-                (rows + len(chunks[start][1])) * width <= max_tokens:
+        while start < len(chunks):
+            shared, members = chunks[start]
+            rest = len(members[0]) - shared
+            wider = max(prefix_width, shared)
+            if (rows + len(members) > batch_size or (rows + len(members)) * (wider + rest_width) > max_tokens
+                    or rest < MIN_FILL * rest_width or min(prefix_width, shared) < MIN_FILL * wider):
+                break
             batch.append(chunks[start])
-            rows += len(chunks[start][1])
+            rows += len(members)
+            prefix_width = wider
             start += 1
         prefixes = [members[0][:shared] for shared, members in batch]
         prefix_ids, prefix_mask = _left_padded(prefixes, pad)
