@@ -73,13 +73,19 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--cases", default=None, help="comma-separated labels' first words (e.g. mmlu,boolq)")
+    parser.add_argument("--subject", default=None,
+                        help="MMLU: only this subject's questions (k-shot exemplars are shared within a subject)")
+    parser.add_argument("--old-batch-size", type=int, default=None,
+                        help="batch size of the old evaluator (default --batch-size; 1 was its fastest on a CPU)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     old = old_loglik()
     loaded = load_base_model(args.model, dtype=args.dtype)
     model, tokenizer = loaded.model.to(args.device), loaded.tokenizer
     print(f"model {loaded.source}, device {args.device}, dtype {args.dtype}, threads {args.threads}, "
-          f"batch {args.batch_size}, limit {args.limit}, old evaluator: {OLD_COMMIT if old else 'unavailable'}")
+          f"batch {args.batch_size} (old: {args.old_batch_size or args.batch_size}), limit {args.limit}"
+          f"{', subject ' + args.subject if args.subject else ''}, old evaluator: {OLD_COMMIT if old else 'unavailable'}",
+          flush=True)
     print("| task | n | old ex/s | new ex/s | new/old | acc old | acc new | same picks |")
     print("|---|---|---|---|---|---|---|---|")
     wanted = args.cases.split(",") if args.cases else None
@@ -91,7 +97,12 @@ def main() -> None:
         spec = TASKS[name]
         try:
             task = suite_task(spec, options)
-            records = suite_records(spec, split, task, options)
+            if args.subject and name == "mmlu":
+                options.limit = None
+                records = [r for r in suite_records(spec, split, task, options) if r["subject"] == args.subject]
+                records = records[:args.limit]
+            else:
+                records = suite_records(spec, split, task, options)
         except BenchmarkDataMissing as exc:
             print(f"| {label} | skipped: {str(exc)[:80]} |")
             continue
@@ -99,7 +110,7 @@ def main() -> None:
         new, new_s = timed(loglik, model, tokenizer, items, args.batch_size)
         row = f"| {label} | {len(items)} | "
         if old is not None:
-            before, old_s = timed(old, model, tokenizer, items, args.batch_size)
+            before, old_s = timed(old, model, tokenizer, items, args.old_batch_size or args.batch_size)
             same = sum(a["pred"] == b["pred"] for a, b in zip(before.records, new.records))
             row += (f"{len(items) / old_s:.2f} | {len(items) / new_s:.2f} | {old_s / new_s:.2f} | "
                     f"{before.metrics['acc']:.3f} | {new.metrics['acc']:.3f} | {same}/{len(items)} |")

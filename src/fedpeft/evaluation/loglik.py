@@ -294,7 +294,7 @@ def _score_shared(model, groups, inputs, pad, device, batch_size, max_tokens, sc
 @torch.inference_mode()
 def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
                         max_length: int | None = None, share_prefix: bool = True,
-                        max_batch_tokens: int | None = None, min_shared: int = 8) -> list[ContinuationScore]:
+                        max_batch_tokens: int | None = None, min_shared: int = 16) -> list[ContinuationScore]:
     """``log p(continuation | context)`` for every pair, batched; results in the input order.
 
     The model reads ``(context + continuation)[:-1]``. Pairs whose inputs are identical share one forward
