@@ -2,14 +2,14 @@
 
 Reads real data from ``--data-dir`` / ``$FEDPEFT_DATA_DIR`` / ``../shared/data``; exits 0 with a message
 when there is none (or when the bundled model is not installed). Runs, with sample limits stated in the
-output (the first N examples of each test set; MMLU interleaves subjects so N covers many of them):
+output (seeded samples of N examples of each test set; MMLU's cover every subject in proportion):
 
 * each commonsense set, multiple choice by log-likelihood in two formats: ``text`` (option texts,
   lm-evaluation-harness style, the usual zero-shot baseline) and ``label`` (the LLM-Adapters answer
   labels after "the correct answer is", what a fine-tuned adapter is trained to say);
 * each commonsense set by generation + LLM-Adapters label extraction (strict, and lenient);
 * MMLU validation, multiple choice over the letters, 0-shot;
-* GSM8K test, generation (greedy, 256 new tokens) + last-number extraction;
+* GSM8K test, generation (greedy, 256 new tokens), graded by ``GSM8KTask`` (the stated answer);
 * the cost of batching: BoolQ multiple choice at batch size 1 vs ``--batch-size``.
 
     python bench/eval_smollm2.py                                  # defaults below
@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from fedpeft.data.builtin import data_dir as default_data_dir
 from fedpeft.evaluation import extraction
-from fedpeft.evaluation.suites import COMMONSENSE8, EvalOptions, default_data_dir, run_suite
+from fedpeft.evaluation.suites import COMMONSENSE8, EvalOptions, run_suite
 
 
 def main() -> int:
@@ -63,8 +64,8 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     print(f"# fedpeft evaluation bench: {args.model} zero-shot (loaded in {loaded.load_seconds:.1f} s)")
     print(f"data: {data_dir}; torch threads: {args.threads}; batch size: {args.batch_size}; template: {args.template}")
-    print(f"limits: commonsense multiple choice first {args.limit} per set, commonsense generation first "
-          f"{args.gen_limit} per set, MMLU val first {args.mmlu_limit} (subjects interleaved), GSM8K test first "
+    print(f"limits (seeded samples): commonsense multiple choice {args.limit} per set, commonsense generation "
+          f"{args.gen_limit} per set, MMLU val {args.mmlu_limit} (stratified by subject), GSM8K test "
           f"{args.gsm8k_limit} ({args.gsm8k_tokens} new tokens)\n")
     rows: list[dict] = []
 
@@ -95,10 +96,11 @@ def main() -> int:
         options = EvalOptions(limit=args.gen_limit, mode="generate", samples_to_keep=args.gen_limit, **common)
         record(run_suite(model, tokenizer, suite, options), "generate (LLM-Adapters)")
     if "mmlu" not in skip:
-        record(run_suite(model, tokenizer, "mmlu", EvalOptions(limit=args.mmlu_limit, **common)), "mc (letters, 0-shot)")
+        record(run_suite(model, tokenizer, "mmlu:validation", EvalOptions(limit=args.mmlu_limit, **common)),
+               "mc (letters, 0-shot)")
     if "gsm8k" not in skip:
         options = EvalOptions(limit=args.gsm8k_limit, mode="generate", max_new_tokens=args.gsm8k_tokens, **common)
-        record(run_suite(model, tokenizer, "gsm8k", options), "generate (last number)")
+        record(run_suite(model, tokenizer, "gsm8k", options), "generate (stated answer)")
     if "batching" not in skip:
         n = min(args.limit, 32)
         for batch_size in (1, args.batch_size):

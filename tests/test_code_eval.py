@@ -142,7 +142,7 @@ def test_humaneval_and_mbpp_run_as_eval_suites(monkeypatch):
 
     offline.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", offline)
-    assert resolve_suite("code") == [("code", "humaneval"), ("code", "mbpp")]
+    assert [(e.suite, e.task, e.split) for e in resolve_suite("code")] == [("code", "humaneval", "test"), ("code", "mbpp", "test")]
     model, tokenizer = tiny_llama(seed=0)
     humaneval, mbpp = run_suite(model, tokenizer, "code", EvalOptions(limit=2, max_new_tokens=8))
     assert humaneval.task == "humaneval" and humaneval.evaluator == "pass_at_k" and humaneval.num_examples == 2

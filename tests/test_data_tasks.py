@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fedpeft.data.sources import DataError
-from fedpeft.data.tasks import (
-    TASK_TYPES,
-    Example,
-    extract_letter,
-    extract_number,
-    get_task,
-    infer_task_type,
-    rouge_l,
-)
+from fedpeft.data.tasks import TASK_TYPES, Example, get_task, infer_task_type, mmlu_category, rouge_l
+from fedpeft.evaluation.extraction import extract_answer_number, extract_choice_letter
 
 GSM = {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72"}
@@ -62,7 +55,16 @@ def test_gsm8k_target_reference_and_scoring():
     for prediction, expected in [("... so #### 72", 1.0), ("The answer is 72.", 1.0), ("48 + 24 = 72", 1.0),
                                  ("The answer is 7,2", 0.0), ("#### 71", 0.0), ("no idea", 0.0)]:
         assert task.score(prediction, GSM) == expected, prediction
-    assert extract_number("I think $1,234.50 total. The answer is 1,234.5") == 1234.5
+    assert extract_answer_number("I think $1,234.50 total. The answer is 1,234.5") == 1234.5
+    # the issue's two disagreements: one grade each, the stated answer's
+    assert task.score("The answer is 72. Check: 48 + 24 = 73", GSM) == 1.0
+    assert task.score("#### 72\n\nNote: 3 steps", GSM) == 1.0
+    # LLM-Adapters' last number, when asked for: the same two outputs are then wrong
+    adapters = get_task("gsm8k", extraction="last_number")
+    assert adapters.score("The answer is 72. Check: 48 + 24 = 73", GSM) == 0.0
+    assert adapters.score("#### 72\n\nNote: 3 steps", GSM) == 0.0 and adapters.score("48 + 24 = 72", GSM) == 1.0
+    with pytest.raises(DataError, match="extraction"):
+        get_task("gsm8k", extraction="first")
 
 
 def test_gsm8k_without_hash_answer_is_rejected():
@@ -72,7 +74,9 @@ def test_gsm8k_without_hash_answer_is_rejected():
 
 @pytest.mark.parametrize("record, good, bad", [
     (PIQA, "the correct answer is solution1", "the correct answer is solution2"),
-    (SIQA, "answer3 because...", "Answer1, not answer3"),
+    (SIQA, "answer3 because...", "answer1, not answer3"),
+    # LLM-Adapters matches labels case-sensitively: "Answer1" is not a label, so the first label is answer3
+    (SIQA, "Answer1, not answer3", "Answer3, not answer1"),
     (BOOLQ, "The correct answer is true", "false"),
 ])
 def test_commonsense_first_option_word(record, good, bad):
@@ -83,6 +87,22 @@ def test_commonsense_first_option_word(record, good, bad):
     options = task.options(record)
     assert task.candidates(record)[task.gold_index(record)].endswith(record["answer"])
     assert len(task.candidates(record)) == len(options)
+
+
+def test_commonsense_lenient_and_option_texts():
+    strict, lenient = get_task("commonsense"), get_task("commonsense", lenient=True)
+    assert strict.score("Solution 1 is better", PIQA) == 0.0 and strict.answer("Solution 1 is better", PIQA) is None
+    assert lenient.score("Solution 1 is better", PIQA) == 1.0
+    assert strict.option_texts(PIQA) == ("open a jar", ["twist", "push"])
+    assert strict.option_texts(BOOLQ) == ("is water wet?", ["true", "false"])
+    assert strict.option_texts(SIQA) == ("...", ["a", "b", "c"])
+    with pytest.raises(DataError, match="no options"):
+        strict.option_texts({"instruction": "pick one\n\nAnswer format: option1/option2", "answer": "option1"})
+
+
+def test_mmlu_categories():
+    assert [mmlu_category(s) for s in ("college_physics", "anatomy", "prehistory", "econometrics", "marketing")] == [
+        "stem", "other", "humanities", "social_sciences", "other"]
 
 
 def test_commonsense_options_without_answer_format_line():
@@ -114,9 +134,9 @@ def test_mmlu_prompt_letter_and_k_shot():
 
 
 def test_extract_letter_prefers_stated_answer():
-    assert extract_letter("A good question. The answer is C.") == "C"
-    assert extract_letter("(D) because") == "D"
-    assert extract_letter("nothing here") is None
+    assert extract_choice_letter("A good question. The answer is C.") == "C"
+    assert extract_choice_letter("(D) because") == "D"
+    assert extract_choice_letter("nothing here") is None
 
 
 def test_classification_label_words_and_label_set():

@@ -157,9 +157,58 @@ def test_shared_context_cache_equals_hand_computation(tiny, batch_size):
     model, tokenizer = tiny
     pairs = [("Question: which planet is red?\nAnswer:", option) for option in (" Mars", " the planet Jupiter", " Sun", " x")]
     pairs += [("Short q?", " yes indeed"), ("Short q?", " no"), ("A longer unrelated context here.", " alone")]
-    shared = score_continuations(model, tokenizer, pairs, batch_size=batch_size, share_context=True)
-    plain = score_continuations(model, tokenizer, pairs, batch_size=batch_size, share_context=False)
+    shared = score_continuations(model, tokenizer, pairs, batch_size=batch_size, share_prefix=True)
+    plain = score_continuations(model, tokenizer, pairs, batch_size=batch_size, share_prefix=False)
     for (context, continuation), a, b in zip(pairs, shared, plain):
         expected, n, greedy = hand_logprob(model, tokenizer, context, continuation)
         assert a.logprob == pytest.approx(expected, abs=1e-4) and b.logprob == pytest.approx(expected, abs=1e-4)
         assert a.num_tokens == b.num_tokens == n and a.is_greedy == b.is_greedy == greedy
+
+
+def test_prefix_groups_keep_a_questions_options_together_and_share_a_header():
+    from fedpeft.evaluation.loglik import prefix_groups
+
+    header = tuple(range(100, 120))  # 20 shared tokens, as an MMLU subject header
+    q1, q2, q3 = header + (1, 2, 3, 4), header + (5, 6, 7), header + (8, 9, 10, 11, 12)
+    inputs = {seq: [(str(seq), [0])] for seq in (q1, q2, q3)}
+    groups, alone = prefix_groups(inputs, min_shared=8)
+    assert groups == [(20, sorted([q1, q2, q3]))] and alone == []
+    # one question's options (long shared question) then another question sharing only 10 tokens:
+    # the options stay a group of their own (sharing 30), the other question is alone
+    question = tuple(range(200, 230))
+    opts = [question + (1,), question + (2, 3), question + (4, 5, 6)]
+    other = question[:10] + (99, 98, 97)
+    inputs = {seq: [(str(seq), [0])] for seq in (*opts, other)}
+    groups, alone = prefix_groups(inputs, min_shared=8)
+    assert groups == [(30, sorted(opts))] and alone == [other]
+    # a member's continuation tokens must be predicted from the second forward: the shared part is cut
+    inputs = {q1: [("a", [0, 0, 0, 0, 0])], q2: [("b", [0])]}
+    assert prefix_groups(inputs, min_shared=8)[0] == [(19, sorted([q1, q2]))]
+    # too little in common: nothing shared
+    assert prefix_groups({(1, 2, 3): [("a", [0])], (1, 2, 4): [("b", [0])]}, min_shared=8) == ([], [(1, 2, 3), (1, 2, 4)])
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_questions_sharing_a_header_equal_hand_computation(tiny, batch_size):
+    """MMLU-shaped items: one header per subject, letters as options; prefixes read once per subject."""
+    model, tokenizer = tiny
+    header = {s: f"The following are multiple choice questions (with answers) about {s}.\n\n" for s in ("astronomy", "law")}
+    items = [MultipleChoiceItem(header[s] + f"{q}\nA. x\nB. y\nC. z\nD. w\nAnswer:", [" A", " B", " C", " D"], 0)
+             for s, q in [("astronomy", "Red planet?"), ("astronomy", "Hot star?"), ("law", "A tort is?"),
+                          ("law", "Mens rea means?"), ("astronomy", "Moons of Mars?")]]
+    pairs = [pair for item in items for pair in item.pairs()]
+    scores = score_continuations(model, tokenizer, pairs, batch_size=batch_size, max_batch_tokens=150)
+    for (context, continuation), score in zip(pairs, scores):
+        expected, n, greedy = hand_logprob(model, tokenizer, context, continuation)
+        assert score.logprob == pytest.approx(expected, abs=1e-4) and score.is_greedy == greedy
+
+
+def test_token_budget_batches():
+    from fedpeft.evaluation.loglik import _token_batches
+
+    # longest first; a batch stops at 3 rows, when rows x first row's length would pass 100 tokens, or at
+    # a row shorter than 0.8 of the first (30 < 0.8 x 40)
+    assert _token_batches([60, 40, 30, 20, 20, 20, 10], 3, 100) == [[0], [1], [2], [3, 4, 5], [6]]
+    assert _token_batches([40, 35, 33, 20], 4, 1000) == [[0, 1, 2], [3]]
+    assert _token_batches([40, 35, 33, 20], 4, 1000, min_fill=0.0) == [[0, 1, 2, 3]]
+    assert _token_batches([500], 4, 100) == [[0]]  # a row longer than the budget still runs, alone

@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedpeft.data import benchmarks
+from fedpeft.data.tasks import get_task
 from fedpeft.evaluation import suites
-from fedpeft.evaluation.suites import (EvalOptions, commonsense_mc_items, flat_metrics,
-                                       parse_commonsense_instruction, resolve_suite, rouge_l, run_suite)
+from fedpeft.evaluation.loglik import encode_pair
+from fedpeft.evaluation.suites import EvalOptions, SuiteEntry, commonsense_mc_items, flat_metrics, resolve_suite, run_suite
+
+MMLU_FIXTURE = Path(__file__).parent / "data" / "mmlu"
 
 torch.set_num_threads(1)
 
@@ -40,10 +44,8 @@ def data_dir(tmp_path_factory) -> Path:
     write("commonsense/piqa/test.json", json.dumps([_record(PIQA, "solution1")] * 2))
     write("commonsense/ARC-Easy/test.json", json.dumps([_record(ARC, "answer1")]))
     write("commonsense/winogrande/test.json", json.dumps([_record(WINO, "option2")]))
-    write("mmlu/val/astronomy_val.csv", 'What orbits the Earth?,The Moon,Mars,The Sun,Venus,A\n"Hot, bright star?",Moon,Sun,Mars,Pluto,B\n')
-    write("mmlu/val/anatomy_val.csv", "How many hearts do humans have?,1,2,3,4,A\n")
-    write("mmlu/dev/astronomy_dev.csv", "Closest star?,Sun,Sirius,Vega,Rigel,A\n")
-    write("mmlu/dev/anatomy_dev.csv", "Largest organ?,Skin,Liver,Heart,Lung,A\n")
+    for file in MMLU_FIXTURE.glob("*/*.csv"):  # the hand-written MMLU-shaped fixture (test, val, dev)
+        write(f"mmlu/{file.parent.name}/{file.name}", file.read_text())
     write("gsm8k/test.jsonl", "\n".join(json.dumps({"question": f"What is {a} plus {a}?", "answer": f"{a}+{a}={2 * a}\n#### {2 * a}"})
                                          for a in (1, 2, 3)))
     write("sst2/test.tsv", "sentence\tlabel\na wonderful film\t1\na dull mess\t0\n")
@@ -64,44 +66,64 @@ def tiny():
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
-    monkeypatch.setattr(suites, "_HUB_REACHABLE", False)  # never try the network in tests
+    monkeypatch.setattr(benchmarks, "_HUB_REACHABLE", False)  # never try the network in tests
 
 
-def test_resolve_suite():
-    assert [t for _, t in resolve_suite("commonsense8")] == suites.COMMONSENSE8
-    assert resolve_suite("boolq,gsm8k,boolq") == [("boolq", "boolq"), ("gsm8k", "gsm8k")]
-    assert resolve_suite("arc_challenge")[0][1] == "ARC-Challenge"
-    assert [t for _, t in resolve_suite("glue")] == ["sst2", "rte", "qnli", "mrpc", "qqp"]
+def _fixture_rows(split: str) -> list[dict]:
+    """The fixture's MMLU rows, read here with the csv module (not through the loader under test)."""
+    import csv
+
+    rows = []
+    for file in sorted((MMLU_FIXTURE / split).glob("*.csv")):
+        subject = file.stem.rsplit("_", 1)[0]
+        with open(file, newline="") as handle:
+            rows += [dict(zip(["question", "A", "B", "C", "D", "answer"], r), subject=subject) for r in csv.reader(handle)]
+    return rows
+
+
+def test_resolve_suite_and_splits():
+    assert [e.task for e in resolve_suite("commonsense8")] == suites.COMMONSENSE8
+    assert resolve_suite("boolq,gsm8k,boolq") == [SuiteEntry("boolq", "boolq", "test"), SuiteEntry("gsm8k", "gsm8k", "test")]
+    assert resolve_suite("arc_challenge")[0].task == "ARC-Challenge"
+    assert [e.task for e in resolve_suite("glue")] == ["sst2", "rte", "qnli", "mrpc", "qqp"]
+    assert {e.split for e in resolve_suite("glue")} == {"validation"}
+    # MMLU: the test split by default (as the papers), validation and dev when asked, per part or for all
+    assert resolve_suite("mmlu") == [SuiteEntry("mmlu", "mmlu", "test")]
+    assert resolve_suite("mmlu:validation,boolq") == [SuiteEntry("mmlu", "mmlu", "validation"), SuiteEntry("boolq", "boolq", "test")]
+    assert resolve_suite("mmlu", split="validation")[0].split == "validation"
+    assert resolve_suite("mmlu,mmlu:validation") == [SuiteEntry("mmlu", "mmlu", "test"), SuiteEntry("mmlu", "mmlu", "validation")]
     with pytest.raises(ValueError, match="unknown suite or task 'squad'"):
         resolve_suite("squad")
-
-
-def test_parse_commonsense_instructions():
-    assert parse_commonsense_instruction("boolq", BOOLQ) == ("is the sky blue?", ["true", "false"])
-    assert parse_commonsense_instruction("piqa", PIQA) == ("How do I dry a towel?", ["Hang it in the sun.", "Put it in the freezer."])
-    assert parse_commonsense_instruction("ARC-Easy", ARC) == ("Which is a planet?", ["Mars", "The Moon", "The Sun", "Sirius"])
-    question, options = parse_commonsense_instruction("winogrande", WINO)
-    assert options == ["Sarah", "Maria"] and question.endswith("got the easier cases.")
+    with pytest.raises(ValueError, match="task 'boolq' has no split 'validation'; its splits: test"):
+        resolve_suite("mmlu,boolq", split="validation")
 
 
 def test_commonsense_item_formats(tiny):
     _, tokenizer = tiny
-    [label] = commonsense_mc_items("ARC-Easy", [_record(ARC, "answer3")], "label", "alpaca", tokenizer)
+    task = get_task("commonsense")
+    [label] = commonsense_mc_items(task, "ARC-Easy", [task.normalize(_record(ARC, "answer3"))], "label", "alpaca", tokenizer)
     assert label.context.endswith("### Response:\nthe correct answer is")
     assert label.choices == [" answer1", " answer2", " answer3", " answer4"] and label.gold == 2
-    [text] = commonsense_mc_items("ARC-Easy", [_record(ARC, "answer1")], "text")
+    [text] = commonsense_mc_items(task, "ARC-Easy", [_record(ARC, "answer1")], "text")
     assert text.context == "Question: Which is a planet?\nAnswer:" and text.choices[0] == " Mars"
-    [wino] = commonsense_mc_items("winogrande", [_record(WINO, "option2")], "text")
+    [wino] = commonsense_mc_items(task, "winogrande", [_record(WINO, "option2")], "text")
     assert wino.pairs()[1] == ("Sarah was a better surgeon than Maria so Maria", " got the easier cases.")
-    [boolq] = commonsense_mc_items("boolq", [_record(BOOLQ, "false")], "text")
+    [boolq] = commonsense_mc_items(task, "boolq", [_record(BOOLQ, "false")], "text")
     assert boolq.choices == [" yes", " no"] and boolq.gold == 1
 
 
-def test_rouge_l():
-    assert rouge_l("the cat sat", "the cat sat") == 1.0
-    assert rouge_l("", "x") == 0.0
-    # LCS "cat sat": precision 2/6, recall 2/3
-    assert rouge_l("a cat sat on the mat", "the cat sat") == pytest.approx(2 * (2 / 6) * (2 / 3) / (2 / 6 + 2 / 3))
+def _hand_mc_accuracy(model, tokenizer, items) -> float:
+    """Accuracy from one unpadded forward per (context, option): argmax of summed log p(option tokens)."""
+    hits = 0
+    for item in items:
+        lls = []
+        for context, choice in item.pairs():
+            ctx, cont = encode_pair(tokenizer, context, choice)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].double(), dim=-1)
+            lls.append(sum(logprobs[len(ctx) - 1 + k, t].item() for k, t in enumerate(cont)))
+        hits += max(range(len(lls)), key=lls.__getitem__) == item.gold
+    return hits / len(items)
 
 
 def test_run_suite_loglik_on_tiny_model(tiny, data_dir):
@@ -112,29 +134,83 @@ def test_run_suite_loglik_on_tiny_model(tiny, data_dir):
                         on_result=seen.append)
     assert [r.task for r in seen] == [r.task for r in results]
     by_task = {r.task: r for r in results}
-    for task, n in [("boolq", 2), ("piqa", 2), ("ARC-Easy", 1), ("winogrande", 1), ("mmlu", 3), ("sst2", 2)]:
+    for task, n in [("boolq", 2), ("piqa", 2), ("ARC-Easy", 1), ("winogrande", 1), ("mmlu", 12), ("sst2", 2)]:
         result = by_task[task]
         assert result.skipped is None and result.num_examples == n and result.evaluator == "multiple_choice"
-        assert 0.0 <= result.metrics["acc"] <= 1.0 and 0.0 <= result.metrics["acc_norm"] <= 1.0
         assert result.examples_per_second > 0
+    # the suite's accuracy is the one a plain, unbatched computation on the same items gives
+    boolq = get_task("commonsense")
+    boolq_items = commonsense_mc_items(boolq, "boolq", [boolq.normalize(_record(BOOLQ, "true")),
+                                                        boolq.normalize(_record(BOOLQ.replace("blue", "green"), "false"))],
+                                       "label", "plain", tokenizer)
+    assert by_task["boolq"].metrics["acc"] == pytest.approx(_hand_mc_accuracy(model, tokenizer, boolq_items))
+    mmlu = get_task("mmlu")
+    mmlu_items = suites.mmlu_mc_items(mmlu, _fixture_rows("test"))
+    assert by_task["mmlu"].metrics["acc"] == pytest.approx(_hand_mc_accuracy(model, tokenizer, mmlu_items))
     assert by_task["dolly"].evaluator == "lm_loss" and by_task["dolly"].metrics["loss"] > 0
     assert by_task["hellaswag"].skipped and "hellaswag" in by_task["hellaswag"].skipped
     assert by_task["rte"].skipped
     flat = flat_metrics(results)
-    assert set(flat) >= {"boolq/acc", "boolq/acc_norm", "mmlu/acc", "mmlu/acc_macro", "sst2/acc", "dolly/perplexity"}
+    assert set(flat) >= {"boolq/test/acc", "boolq/test/acc_norm", "mmlu/test/acc", "mmlu/test/acc_macro",
+                         "mmlu/test/stem/acc", "sst2/validation/acc", "dolly/test/perplexity"}
     assert not any(key.startswith("hellaswag") for key in flat)
 
 
-def test_mmlu_interleaves_subjects_and_fewshot(tiny, data_dir):
-    rows = suites.load_mmlu(data_dir)
-    assert [r["subject"] for r in rows] == ["anatomy", "astronomy", "astronomy"]
-    shots = {"astronomy": [{"question": "Closest star?", "A": "Sun", "B": "Sirius", "C": "Vega", "D": "Rigel", "answer": "A"}]}
-    items = suites.mmlu_mc_items(rows[1:2], shots)
-    assert items[0].context.startswith("The following are multiple choice questions (with answers) about astronomy.")
-    assert "Closest star?\nA. Sun\nB. Sirius\nC. Vega\nD. Rigel\nAnswer: A\n\nWhat orbits the Earth?" in items[0].context
+def test_mmlu_split_selection_reads_the_asked_files(tiny, data_dir):
+    """Default: the test files (5 subjects, 12 rows); validation when asked (2 subjects, 3 rows)."""
     model, tokenizer = tiny
-    [result] = run_suite(model, tokenizer, "mmlu", EvalOptions(data_dir=data_dir, num_fewshot=1, limit=2))
-    assert result.num_examples == 2
+    [test] = run_suite(model, tokenizer, "mmlu", EvalOptions(data_dir=data_dir))
+    assert test.split == "test" and test.num_examples == len(_fixture_rows("test")) == 12
+    assert {s: row["n"] for s, row in test.groups["subject"].items()} == {
+        "abstract_algebra": 4, "anatomy": 3, "astronomy": 2, "philosophy": 2, "sociology": 1}
+    [val] = run_suite(model, tokenizer, "mmlu", EvalOptions(data_dir=data_dir, split="validation"))
+    assert val.split == "validation" and val.num_examples == 3
+    assert set(val.groups["subject"]) == {"astronomy", "virology"}
+    assert "mmlu/validation/acc" in flat_metrics([val]) and "mmlu/test/acc" in flat_metrics([test])
+
+
+def test_mmlu_per_category_table_sums(tiny, data_dir):
+    model, tokenizer = tiny
+    [result] = run_suite(model, tokenizer, "mmlu", EvalOptions(data_dir=data_dir, batch_size=3))
+    subjects, categories = result.groups["subject"], result.groups["category"]
+    assert {s: row["category"] for s, row in subjects.items()} == {
+        "abstract_algebra": "stem", "astronomy": "stem", "anatomy": "other", "philosophy": "humanities",
+        "sociology": "social_sciences"}
+    assert sum(row["n"] for row in categories.values()) == result.num_examples
+    for category, row in categories.items():
+        members = [s for s in subjects.values() if s["category"] == category]
+        assert row["n"] == sum(s["n"] for s in members)
+        assert row["correct"] == sum(s["correct"] for s in members)
+        assert result.metrics[f"{category}/acc"] == pytest.approx(row["correct"] / row["n"])
+    total_correct = sum(row["correct"] for row in categories.values())
+    assert result.metrics["acc"] == pytest.approx(total_correct / result.num_examples)
+    assert result.metrics["acc_macro"] == pytest.approx(sum(s["acc"] for s in subjects.values()) / len(subjects))
+
+
+def test_mmlu_fewshot_prompt_has_the_subjects_dev_rows(tiny, data_dir):
+    task = suites.suite_task(suites.TASKS["mmlu"], EvalOptions(data_dir=data_dir, num_fewshot=1))
+    row = next(r for r in _fixture_rows("test") if r["subject"] == "astronomy")
+    [item] = suites.mmlu_mc_items(task, [row])
+    assert item.context.startswith("The following are multiple choice questions (with answers) about astronomy.")
+    assert "Closest star?\nA. Sun\nB. Sirius\nC. Vega\nD. Rigel\nAnswer: A\n\nWhich planet is closest" in item.context
+    assert item.context.endswith("D. Mars\nAnswer:") and item.choices == [" A", " B", " C", " D"] and item.gold == 2
+    model, tokenizer = tiny
+    [result] = run_suite(model, tokenizer, "mmlu", EvalOptions(data_dir=data_dir, num_fewshot=1, limit=5))
+    assert result.num_examples == 5 and len(result.groups["subject"]) == 5  # a limit of 5 covers all 5 subjects
+
+
+def test_limit_is_a_stratified_seeded_sample(tiny, data_dir):
+    model, tokenizer = tiny
+    runs = {seed: run_suite(model, tokenizer, "mmlu", EvalOptions(data_dir=data_dir, limit=6, seed=seed))[0]
+            for seed in range(6)}
+    for result in runs.values():
+        assert result.num_examples == 6
+        assert set(result.groups["subject"]) == {"abstract_algebra", "anatomy", "astronomy", "philosophy", "sociology"}
+    picks = {seed: tuple(sorted((s, row["n"]) for s, row in r.groups["subject"].items())) for seed, r in runs.items()}
+    # 6 = one per subject + 1 more, given to the largest subject's share: abstract_algebra has 3 of the 7 spare rows
+    assert all(dict(p)["abstract_algebra"] == 2 for p in picks.values())
+    again = run_suite(model, tokenizer, "mmlu", EvalOptions(data_dir=data_dir, limit=6, seed=0))[0]
+    assert again.metrics == runs[0].metrics
 
 
 def test_run_suite_generate_and_limit(tiny, data_dir):
@@ -143,20 +219,12 @@ def test_run_suite_generate_and_limit(tiny, data_dir):
     results = run_suite(model, tokenizer, "gsm8k,boolq,mmlu,dolly,sst2", options)
     by_task = {r.task: r for r in results}
     assert by_task["gsm8k"].evaluator == "generate" and by_task["gsm8k"].num_examples == 2
-    assert 0.0 <= by_task["gsm8k"].metrics["acc"] <= 1.0
     assert len(by_task["boolq"].extra["samples"]) == 2 and "output" in by_task["boolq"].extra["samples"][0]
     assert "rougeL" in by_task["dolly"].metrics
     assert by_task["sst2"].evaluator == "multiple_choice"  # no generation evaluator: falls back to loglik
     both = run_suite(model, tokenizer, "gsm8k", EvalOptions(data_dir=data_dir, mode="both", limit=1, max_new_tokens=2))
     assert [r.evaluator for r in both] == ["lm_loss", "generate"]
-    assert set(flat_metrics(both)) >= {"gsm8k/lm_loss/loss", "gsm8k/generate/acc"}
-
-
-def test_sampled_limit_is_seeded(tiny, data_dir):
-    model, tokenizer = tiny
-    a = run_suite(model, tokenizer, "gsm8k", EvalOptions(data_dir=data_dir, mode="loglik", limit=2, sample=True, seed=3))
-    b = run_suite(model, tokenizer, "gsm8k", EvalOptions(data_dir=data_dir, mode="loglik", limit=2, sample=True, seed=3))
-    assert a[0].metrics == b[0].metrics
+    assert set(flat_metrics(both)) >= {"gsm8k/test/lm_loss/loss", "gsm8k/test/generate/acc"}
 
 
 def test_eval_command_base_and_adapter(tmp_path, data_dir):
@@ -174,7 +242,8 @@ def test_eval_command_base_and_adapter(tmp_path, data_dir):
     assert "1 task(s) did not run: hellaswag" in result.output and "--data-dir" in result.output
     [event] = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert event["event"] == "eval_suite" and event["model"] == "tiny-llama"
-    assert set(event["metrics"]) >= {"boolq/acc", "sst2/acc"}
+    assert set(event["metrics"]) >= {"boolq/test/acc", "sst2/validation/acc"}
+    assert event["splits"] == {"boolq": "test", "sst2": "validation", "hellaswag": "test"}
     assert [t["task"] for t in event["tasks"]] == ["boolq", "sst2", "hellaswag"] and event["tasks"][2]["skipped"]
 
     # a run directory: config.yaml names the model and template; the adapter lives in RUN_DIR/final
@@ -205,26 +274,31 @@ def test_eval_command_rejects_bad_input(tmp_path):
     assert "unknown suite or task 'nope'" in error_of(["eval", "--model", "tiny-llama", "--suite", "nope"])
     assert "auto, loglik, generate, both" in error_of(["eval", "--model", "tiny-llama", "--mode", "fast"])
     assert "does not exist" in error_of(["eval", "--adapter", str(tmp_path / "missing")])
+    assert "task 'boolq' has no split 'validation'; its splits: test" in error_of(
+        ["eval", "--model", "tiny-llama", "--suite", "mmlu,boolq", "--split", "validation"])
 
 
 def test_load_model_for_eval_applies_adapter(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from fedpeft.evaluation.loglik import score_continuations
+    from fedpeft.models.loading import load_model_for_eval
     from fedpeft.models.registry import tiny_llama
 
     model, tokenizer = tiny_llama(seed=0)
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    torch.manual_seed(0)  # the random LoRA init draws from the global generator: fix it, and make its effect large
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
     peft_model.save_pretrained(str(tmp_path / "final"))
     pair = [("Question: 2+2?\nAnswer:", " 4")]
     expected = score_continuations(peft_model, tokenizer, pair)[0].logprob
-    loaded, _, description = suites.load_model_for_eval("tiny-llama", tmp_path)  # RUN_DIR works too
+    loaded, _, description = load_model_for_eval("tiny-llama", tmp_path)  # RUN_DIR works too
     assert "adapter" in description
     assert score_continuations(loaded, tokenizer, pair)[0].logprob == pytest.approx(expected, abs=1e-5)
-    base, _, _ = suites.load_model_for_eval("tiny-llama")
-    assert score_continuations(base, tokenizer, pair)[0].logprob != pytest.approx(expected, abs=1e-3)
+    base, _, _ = load_model_for_eval("tiny-llama")
+    assert score_continuations(base, tokenizer, pair)[0].logprob != pytest.approx(expected, abs=1e-2)
     with pytest.raises(FileNotFoundError):
-        suites.load_model_for_eval("tiny-llama", tmp_path / "nothing")
+        load_model_for_eval("tiny-llama", tmp_path / "nothing")
 
 
 def test_lm_eval_bridge_skips_cleanly_when_not_installed(tiny, monkeypatch):
@@ -275,12 +349,12 @@ def test_lm_eval_bridge_hands_our_model_to_hflm(tiny, monkeypatch):
 def test_flat_metrics_suite_means():
     from fedpeft.evaluation.suites import TaskResult
 
-    results = [TaskResult("commonsense8", "boolq", "multiple_choice", {"acc": 0.5, "acc_norm": 0.25}, 2, 1.0),
-               TaskResult("commonsense8", "piqa", "multiple_choice", {"acc": 1.0, "acc_norm": 0.75}, 2, 1.0),
-               TaskResult("commonsense8", "hellaswag", "multiple_choice", skipped="no data")]
+    results = [TaskResult("commonsense8", "boolq", "multiple_choice", {"acc": 0.5, "acc_norm": 0.25}, 2, 1.0, split="test"),
+               TaskResult("commonsense8", "piqa", "multiple_choice", {"acc": 1.0, "acc_norm": 0.75}, 2, 1.0, split="test"),
+               TaskResult("commonsense8", "hellaswag", "multiple_choice", skipped="no data", split="test")]
     flat = flat_metrics(results)
-    assert flat == {"boolq/acc": 0.5, "boolq/acc_norm": 0.25, "piqa/acc": 1.0, "piqa/acc_norm": 0.75,
-                    "commonsense8/acc": 0.75}
+    assert flat == {"boolq/test/acc": 0.5, "boolq/test/acc_norm": 0.25, "piqa/test/acc": 1.0, "piqa/test/acc_norm": 0.75,
+                    "commonsense8/test/acc": 0.75}
 
 
 def test_eval_command_mt_bench_with_a_local_judge(tmp_path, data_dir):
@@ -295,7 +369,18 @@ def test_eval_command_mt_bench_with_a_local_judge(tmp_path, data_dir):
                                       "--metrics", str(metrics)])
     assert result.exit_code == 0, result.output
     [event] = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert event["metrics"]["mt_bench/judge_failures"] == 2.0 and "mt_bench/score" not in event["metrics"]
+    assert event["metrics"]["mt_bench/test/judge_failures"] == 2.0 and "mt_bench/test/score" not in event["metrics"]
     [details] = list(tmp_path.glob("eval-mt_bench-*.json"))
     saved = json.loads(details.read_text())["mt_bench"]
     assert len(saved["answers"]["81"]) == 2 and saved["failures"][0]["error"] == "judge reply has no [[rating]]"
+
+
+def test_config_checks_suite_entries_before_any_model_loads():
+    from fedpeft.config import ConfigError, load_config
+
+    config = load_config(None, ["evaluation.suites=[mmlu:validation,commonsense8]"])
+    assert config.evaluation.suites == ["mmlu:validation", "commonsense8"]
+    with pytest.raises(ConfigError, match=r"evaluation.suites.*task 'mmlu' has no split 'valid'; its splits: test, validation, dev"):
+        load_config(None, ["evaluation.suites=[mmlu:valid]"])
+    with pytest.raises(ConfigError, match=r"evaluation.suites.*unknown suite or task 'commonsens8'"):
+        load_config(None, ["evaluation.suites=[commonsens8]"])

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from fedpeft.metering.schemes import SCHEMES
 
+from fedpeft.evaluation.suite_table import resolve_suite
+
 log = logging.getLogger(__name__)
 
 
@@ -230,8 +232,17 @@ class EvaluationConfig(_Section):
     personal_max_clients: int | None = Field(
         None, ge=1, description="Personalised methods (FedSA-LoRA, local-only): evaluate at most this many clients' "
         "own adapters at the end, a seeded sample (None: every client).")
-    suites: list[str] = Field(default_factory=list, description="Benchmark suites (commonsense8, mmlu, gsm8k, ...) run on the final global model.")
-    suite_limit: int | None = Field(None, ge=1, description="Examples per suite task (None: all).")
+    suites: list[str] = Field(default_factory=list, description="Benchmark suites (commonsense8, mmlu, gsm8k, ...) run on "
+                              "the final global model; 'mmlu:validation' picks a split (MMLU's default is test).")
+    suite_limit: int | None = Field(None, ge=1, description="Examples per suite task, a seeded sample stratified by "
+                                    "MMLU subject (None: all).")
+
+    @field_validator("suites")
+    @classmethod
+    def _known_suites(cls, value: list[str]) -> list[str]:
+        for entry in value:  # checked here, not after training: a typo must not cost a run
+            resolve_suite(entry)
+        return value
 
 
 class OutputConfig(_Section):

@@ -27,13 +27,15 @@ def _fmt(value) -> str:
 
 
 def results_table(results, title: str) -> Table:
-    """One row per (task, evaluator): examples, each metric, examples/second, and why a task was skipped."""
+    """One row per (task, split, evaluator): examples, each metric, examples/second, and why a task was
+    skipped. Per-category metrics (``stem/acc``...) are in the category table instead."""
     from fedpeft.evaluation.suites import SUITES, flat_metrics
 
     keys = [k for k in _METRIC_ORDER if any(k in r.metrics for r in results)]
-    keys += sorted({k for r in results for k in r.metrics} - set(keys) - {"tokens"})
+    keys += sorted({k for r in results for k in r.metrics if "/" not in k} - set(keys) - {"tokens"})
     table = Table(title=title)
     table.add_column("task")
+    table.add_column("split")
     table.add_column("evaluator")
     table.add_column("n", justify="right")
     for key in keys:
@@ -43,18 +45,44 @@ def results_table(results, title: str) -> Table:
     for r in results:
         evaluator = _EVALUATOR_SHORT.get(r.evaluator, r.evaluator)
         if r.skipped:
-            table.add_row(r.task, evaluator, "0", *["-"] * len(keys), "-", "skipped: no data")
+            table.add_row(r.task, r.split, evaluator, "0", *["-"] * len(keys), "-", "skipped: no data")
             continue
         speed = r.examples_per_second
-        table.add_row(r.task, evaluator, str(r.num_examples), *[_fmt(r.metrics.get(k)) for k in keys],
+        table.add_row(r.task, r.split, evaluator, str(r.num_examples), *[_fmt(r.metrics.get(k)) for k in keys],
                       "-" if speed is None else f"{speed:.2f}", "")
     tasks = {r.task for r in results}
-    for key, value in flat_metrics(results).items():  # suite means: commonsense8/acc, ...
-        head = key.split("/")[0]
-        if head in SUITES and head not in tasks and key.endswith("/acc"):
+    for key, value in flat_metrics(results).items():  # suite means: commonsense8/test/acc, ...
+        parts = key.split("/")
+        if parts[0] in SUITES and parts[0] not in tasks and key.endswith("/acc"):
             cells = [_fmt(value) if k == "acc" else "" for k in keys]
-            table.add_row(f"[bold]{key[:-4]}[/bold]", "mean", "", *cells, "", "")
+            split = parts[1] if len(parts) > 2 and parts[1] not in ("multiple_choice", "generate") else ""
+            table.add_row(f"[bold]{parts[0]}[/bold]", split, "mean", "", *cells, "", "")
     return table
+
+
+def group_tables(result) -> list[Table]:
+    """MMLU's per-category and per-subject accuracy tables (as the papers print them) for one result."""
+    tables = []
+    categories, subjects = result.groups.get("category", {}), result.groups.get("subject", {})
+    if categories:
+        table = Table(title=f"{result.task} ({result.split}, {result.evaluator}) by category")
+        for column in ("category", "subjects", "n", "acc"):
+            table.add_column(column, justify="left" if column == "category" else "right")
+        for category, row in categories.items():
+            count = sum(1 for s in subjects.values() if s.get("category") == category)
+            table.add_row(category, str(count), str(row["n"]), f"{row['acc']:.4f}")
+        total = sum(row["n"] for row in categories.values())
+        correct = sum(row["correct"] for row in categories.values())
+        table.add_row("[bold]all[/bold]", str(len(subjects)), str(total), f"{correct / total:.4f}" if total else "-")
+        tables.append(table)
+    if subjects:
+        table = Table(title=f"{result.task} ({result.split}, {result.evaluator}) by subject")
+        for column in ("subject", "category", "n", "acc"):
+            table.add_column(column, justify="left" if column in ("subject", "category") else "right")
+        for subject, row in subjects.items():
+            table.add_row(subject, row["category"], str(row["n"]), f"{row['acc']:.4f}")
+        tables.append(table)
+    return tables
 
 
 def _run_dir_of(adapter: Path | None) -> Path | None:
@@ -78,6 +106,7 @@ def register(app: typer.Typer) -> None:
             "  fedpeft eval --suite commonsense8 --limit 100   (zero-shot baseline of the bundled SmolLM2)\n\n"
             "  fedpeft eval --adapter runs/commonsense-20261122/final --suite commonsense8\n\n"
             "  fedpeft eval --suite gsm8k --limit 50 --mode generate\n\n"
+            "  fedpeft eval --suite mmlu --split validation --limit 570   (10 per subject on average, every subject)\n\n"
             "  fedpeft eval --suite mt_bench --judge-url http://localhost:8000/v1 --judge-model qwen2.5-7b\n\n"
             "Data comes from --data-dir, $FEDPEFT_DATA_DIR or ../shared/data, else the Hugging Face Hub. "
             "Results are printed as a table and appended to a metrics.jsonl (the run's, with --adapter)."
@@ -88,7 +117,12 @@ def register(app: typer.Typer) -> None:
                                   help="Base model spec (default: the adapter run's model, else smollm2-135m-instruct)."),
         adapter: Path = typer.Option(None, "--adapter", "-a", help="PEFT adapter directory, e.g. RUN_DIR/final."),
         suite: str = typer.Option("commonsense8", "--suite", "-s", help="Suite or task names, comma-separated."),
-        limit: int = typer.Option(None, "--limit", "-n", min=1, help="At most N examples per task (default: all)."),
+        limit: int = typer.Option(None, "--limit", "-n", min=1,
+                                  help="At most N examples per task: a seeded sample covering every MMLU subject "
+                                       "(Dolly/MT-Bench category) present, in proportion to its size (default: all)."),
+        split: str = typer.Option(None, "--split",
+                                  help="Data split for every task (default: each task's own: test for MMLU and the "
+                                       "commonsense sets, validation for GLUE); or per part: --suite mmlu:validation."),
         data_dir: Path = typer.Option(None, "--data-dir", help="Local data root (default: $FEDPEFT_DATA_DIR or ../shared/data)."),
         mode: str = typer.Option("auto", "--mode",
                                  help="auto | loglik | generate | both (auto: generation for gsm8k and mt_bench)."),
@@ -100,8 +134,7 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Generation length (default per task)."),
         fewshot: int = typer.Option(0, "--fewshot", min=0, help="MMLU exemplars per subject from the dev set."),
         lenient: bool = typer.Option(False, "--lenient", help="Case-insensitive commonsense label extraction."),
-        sample: bool = typer.Option(False, "--sample", help="--limit draws a seeded random sample, not the first N."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", help="Seed of the --limit sample."),
         judge_url: str = typer.Option(None, "--judge-url",
                                       help="OpenAI-compatible API root for MT-Bench (or $FEDPEFT_JUDGE_URL); "
                                            "'local' grades with --judge-model loaded by fedpeft."),
@@ -119,7 +152,8 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from fedpeft.evaluation.judge import JudgeSettings, OpenAIChatClient
-        from fedpeft.evaluation.suites import EvalOptions, flat_metrics, load_model_for_eval, resolve_suite, run_suite
+        from fedpeft.evaluation.suites import EvalOptions, flat_metrics, resolve_suite, run_suite
+        from fedpeft.models.loading import load_model_for_eval
         from fedpeft.models.registry import ModelNotFoundError
 
         if mode not in ("auto", "loglik", "generate", "both"):
@@ -129,9 +163,14 @@ def register(app: typer.Typer) -> None:
         if mc_format not in ("label", "text"):
             raise typer.BadParameter(f"'{mc_format}' is not one of label, text", param_hint="--mc-format")
         try:
-            resolve_suite(suite)
+            entries = resolve_suite(suite)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--suite") from None
+        if split is not None:
+            try:
+                entries = resolve_suite(suite, split)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--split") from None
         if adapter is not None and not adapter.exists():
             raise typer.BadParameter(f"'{adapter}' does not exist", param_hint="--adapter")
         if data_dir is not None and not data_dir.is_dir():
@@ -166,25 +205,29 @@ def register(app: typer.Typer) -> None:
             judge = LocalModelJudge(judge_loaded.model, judge_loaded.tokenizer, max_new_tokens=judge_max_tokens or 512)
         elif settings is not None:
             judge = OpenAIChatClient(settings)
-        elif "mt_bench" in [task for _, task in resolve_suite(suite)]:
+        elif "mt_bench" in [entry.task for entry in entries]:
             console.print("[yellow]no judge configured[/yellow] (--judge-url/--judge-model or FEDPEFT_JUDGE_URL/"
                           "FEDPEFT_JUDGE_MODEL): MT-Bench answers are generated and saved, not scored")
 
-        options = EvalOptions(data_dir=data_dir, limit=limit, mode=mode, template=template, mc_format=mc_format,
-                              batch_size=batch_size, max_new_tokens=max_new_tokens, num_fewshot=fewshot,
-                              lenient_extraction=lenient, judge=judge, seed=seed, sample=sample)
+        options = EvalOptions(data_dir=data_dir, limit=limit, split=split, mode=mode, template=template,
+                              mc_format=mc_format, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              num_fewshot=fewshot, lenient_extraction=lenient, judge=judge, seed=seed)
+        splits = ", ".join(sorted({f"{e.task}:{e.split}" for e in entries}))
         console.print(f"evaluating [bold]{description}[/bold] on {suite} (template={template}, mode={mode}, "
-                      f"limit={limit or 'all'})")
+                      f"limit={limit or 'all'}, splits {splits})")
 
         def progress(result) -> None:
             what = f"skipped ({result.skipped[:80]})" if result.skipped else \
                 ", ".join(f"{k}={_fmt(v)}" for k, v in result.metrics.items()) + f" in {result.seconds:.1f} s"
-            console.print(escape(f"  {result.task} [{result.evaluator}]: {what}"))
+            console.print(escape(f"  {result.task} ({result.split}) [{result.evaluator}]: {what}"))
 
         start = time.perf_counter()
         results = run_suite(loaded_model, tokenizer, suite, options, on_result=progress)
         seconds = time.perf_counter() - start
         console.print(results_table(results, f"fedpeft eval: {suite}"))
+        for result in results:
+            for table in group_tables(result):
+                console.print(table)
         for result in results:
             if result.skipped:
                 console.print(f"[yellow]skipped {result.task}:[/yellow] {escape(result.skipped)}")
@@ -196,7 +239,8 @@ def register(app: typer.Typer) -> None:
         log = MetricsLog(metrics_path)
         try:
             log.log("eval_suite", suite=suite, model=model_spec, adapter=str(adapter) if adapter else None,
-                    template=template, mode=mode, mc_format=mc_format, limit=limit, seconds=seconds,
+                    template=template, mode=mode, mc_format=mc_format, limit=limit, seed=seed,
+                    splits={r.task: r.split for r in results}, seconds=seconds,
                     examples=sum(r.num_examples for r in results), metrics=flat_metrics(results),
                     tasks=[r.to_dict() for r in results])
         finally:

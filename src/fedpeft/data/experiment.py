@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fedpeft.data.tasks import ExactMatchTask, Task
+
+_EXACT = ExactMatchTask()
+
 
 @dataclass
 class ExperimentData:
@@ -15,22 +19,19 @@ class ExperimentData:
     scorer: str = "exact_match"
     info: dict = field(default_factory=dict)
     tasks: dict = field(default_factory=dict)
-    """Task name -> ``fedpeft.data.tasks.Task`` that scores predictions; empty: exact match."""
+    """Task name -> ``fedpeft.data.tasks.Task`` that scores predictions; a task not in it (the generated
+    tasks) is graded by ``ExactMatchTask``."""
     _classes: list[str] | None = field(default=None, repr=False, compare=False)
 
-    def score(self, prediction: str, record: dict) -> float:
-        task = self.tasks.get(str(record.get("task")))
-        if task is None:
-            from fedpeft.evaluation.generation import normalize_answer
+    def task_of(self, task_name: str) -> Task:
+        """The task that grades records of ``task_name`` (the only place an answer is graded)."""
+        return self.tasks.get(task_name) or _EXACT
 
-            return float(normalize_answer(prediction) == normalize_answer(record["output"]))
-        return float(task.score(prediction, record))
+    def score(self, prediction: str, record: dict) -> float:
+        return float(self.task_of(str(record.get("task"))).score(prediction, record))
 
     def metric_name(self, task_name: str) -> str:
-        task = self.tasks.get(task_name)
-        if task is None:
-            return "exact_match"
-        return "rougeL" if getattr(task, "metric", None) == "rougeL" else "accuracy"
+        return self.task_of(task_name).metric_name
 
     def classes(self) -> list[str]:
         """The class list of a classification head: every distinct target, sorted (identical in every

@@ -11,10 +11,16 @@ Types (``get_task(name)``):
 - ``gsm8k``: question -> worked answer ending ``#### <number>``; scored on the number.
 - ``commonsense``: LLM-Adapters multiple choice (``answer`` like ``solution1``, ``true``, ``option2``);
   scored on the first option word in the answer, as LLM-Adapters does.
-- ``mmlu``: question + 4 options -> letter, optional k-shot exemplars from the dev set of the same subject.
+- ``mmlu``: question + 4 options -> letter, optional k-shot exemplars from the dev set of the same subject;
+  each subject belongs to one of MMLU's four categories (``mmlu_category``).
+- ``exact`` (the generated tasks): instruction -> output; exact match after ``normalize_answer``.
 - ``classification``: text -> label word (the label set given, or inferred from the training records);
   scored on the first label word said. ``sst2``: the same with SST-2's negative/positive words.
 - ``math``: math word problems (LLM-Adapters format; number or option letter answers).
+
+A task is the only place an answer is extracted and graded: per-round evaluation (``ExperimentData.score``)
+and the benchmark suites (``fedpeft.evaluation.suites``) both call ``task.score``; the extraction rules
+themselves are pure helpers in ``fedpeft.evaluation.extraction`` (LLM-Adapters-compatible ones included).
 
 Every task validates its records up front (``task.validate(records, origin)``): a missing field or a
 label outside the label set is a ``DataError`` naming the file, the record and the value.
@@ -28,6 +34,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from fedpeft.data.sources import DataError, Record
+from fedpeft.evaluation.extraction import (extract_answer_number, extract_choice_letter, extract_last_number,
+                                           first_label, normalize_answer, numbers_equal, parse_number, rouge_l)
+
+__all__ = ["Example", "Task", "TASK_TYPES", "get_task", "infer_task_type", "normalize_answer", "parse_number",
+           "rouge_l"]
 
 
 @dataclass(frozen=True)
@@ -42,70 +53,6 @@ class Example:
     def prompt(self) -> str:
         """Instruction and input as one user message (for chat templates and plain prompts)."""
         return f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
-
-
-# ------------------------------------------------------------------------------------ answer helpers
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def _clean_numbers(text: str) -> str:
-    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # thousands separators: 1,000 -> 1000
-    return text.replace("$", "")
-
-
-def parse_number(text: Any) -> float | None:
-    """A float from a gold answer such as ``"72"``, ``"8.0"``, ``"1,000"``, ``"$5"``; None if none."""
-    match = _NUMBER.search(_clean_numbers(str(text)))
-    return float(match.group()) if match else None
-
-
-def extract_number(prediction: str) -> float | None:
-    """The answer number of a generation: after the last ``####``, else after the last "answer is",
-    else the last number in the text (LLM-Adapters' rule)."""
-    text = _clean_numbers(prediction)
-    for marker in ("####", "answer is"):
-        position = text.lower().rfind(marker)
-        if position >= 0:
-            match = _NUMBER.search(text[position + len(marker):])
-            if match:
-                return float(match.group())
-    numbers = _NUMBER.findall(text)
-    return float(numbers[-1]) if numbers else None
-
-
-def numbers_equal(a: float | None, b: float | None, tolerance: float = 1e-3) -> bool:
-    """Equal within an absolute ``tolerance`` (LLM-Adapters uses 0.001); None never equals."""
-    return a is not None and b is not None and abs(a - b) <= tolerance
-
-
-def extract_letter(prediction: str, letters: str = "ABCD") -> str | None:
-    """The option letter of a generation: "answer is (C)" / "answer: C", else a leading "C" / "(C)",
-    else the first standalone letter."""
-    cls = f"[{letters}]"
-    for pattern in (rf"(?i:answer)\s*(?:(?i:is)|:)?\s*[:\-]?\s*\(?({cls})\b", rf"^\s*\(?({cls})(?:\)|\.|:|\b)",
-                    rf"\(({cls})\)", rf"\b({cls})\b"):
-        match = re.search(pattern, prediction)
-        if match:
-            return match.group(1)
-    return None
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over lower-cased word tokens."""
-    pred, ref = re.findall(r"\w+", prediction.lower()), re.findall(r"\w+", reference.lower())
-    if not pred or not ref:
-        return float(pred == ref)
-    previous = [0] * (len(ref) + 1)
-    for p in pred:
-        current = [0]
-        for j, r in enumerate(ref):
-            current.append(previous[j] + 1 if p == r else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 def _text(record: Mapping[str, Any], *names: str, default: str | None = None) -> str:
@@ -125,6 +72,7 @@ class Task:
 
     name: ClassVar[str] = "task"
     fields: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    metric_name: ClassVar[str] = "accuracy"  # what ``score`` averages to (per-round metric names)
 
     def validate(self, records: Sequence[Record], origin: str = "<records>") -> None:
         """Raise a DataError naming the first record that this task cannot use."""
@@ -160,6 +108,10 @@ class Task:
         """The answer part of a generation (None when nothing recognisable is there)."""
         return prediction.strip()
 
+    def answer(self, prediction: str, record: Record) -> Any:
+        """The answer ``score`` grades, for this record (None: the generation names none)."""
+        return self.extract(prediction)
+
     def score(self, prediction: str, record: Record) -> float:
         """1.0 / 0.0 for tasks with one right answer; a similarity in [0, 1] for free text."""
         raise NotImplementedError
@@ -183,6 +135,24 @@ class Task:
         return out
 
 
+class ExactMatchTask(Task):
+    """Instruction -> output graded by exact match after ``normalize_answer`` (first line, no trailing
+    period, collapsed spaces): fedpeft's generated tasks, whose answers are exact."""
+
+    name = "exact"
+    fields = (("instruction",), ("output",))
+    metric_name = "exact_match"
+
+    def example(self, record: Record) -> Example:
+        return Example(str(record["instruction"]), str(record["output"]), _text(record, "input", default=""))
+
+    def extract(self, prediction: str) -> str:
+        return normalize_answer(prediction)
+
+    def score(self, prediction: str, record: Record) -> float:
+        return float(self.extract(prediction) == normalize_answer(str(record["output"])))
+
+
 class InstructionTask(Task):
     """Alpaca / Dolly style: instruction + optional input (``input`` or ``context``) -> ``output`` or
     ``response``."""
@@ -194,6 +164,7 @@ class InstructionTask(Task):
         if metric not in ("rougeL", "exact"):
             raise DataError(f"instruction task metric must be 'rougeL' or 'exact', got {metric!r}")
         self.metric = metric
+        self.metric_name = "rougeL" if metric == "rougeL" else "exact_match"  # type: ignore[misc]
 
     def example(self, record: Record) -> Example:
         context = _text(record, "input", "context", default="").strip()
@@ -208,13 +179,19 @@ class InstructionTask(Task):
 
 class GSM8KTask(Task):
     """GSM8K: ``question`` -> ``answer`` (worked solution ending ``#### <number>``). Calculator
-    annotations ``<<48/2=24>>`` are removed from the target unless ``keep_calculator``."""
+    annotations ``<<48/2=24>>`` are removed from the target unless ``keep_calculator``. The answer of a
+    generation is the number after ``####`` / "answer is", else the last number (``extraction="answer"``,
+    default), or LLM-Adapters' last number (``extraction="last_number"``, for reproducing their tables)."""
 
     name = "gsm8k"
     fields = (("question", "instruction"), ("answer", "output"))
+    EXTRACTORS: ClassVar[dict] = {"answer": extract_answer_number, "last_number": extract_last_number}
 
-    def __init__(self, keep_calculator: bool = False) -> None:
+    def __init__(self, keep_calculator: bool = False, extraction: str = "answer") -> None:
+        if extraction not in self.EXTRACTORS:
+            raise DataError(f"gsm8k extraction must be one of {', '.join(self.EXTRACTORS)}, got {extraction!r}")
         self.keep_calculator = keep_calculator
+        self.extraction = extraction
 
     def _solution(self, record: Record) -> str:
         return _text(record, "answer", "output")
@@ -235,7 +212,7 @@ class GSM8KTask(Task):
         return _format_number(number)
 
     def extract(self, prediction: str) -> float | None:
-        return extract_number(prediction)
+        return self.EXTRACTORS[self.extraction](prediction)
 
     def score(self, prediction: str, record: Record) -> float:
         return float(numbers_equal(self.extract(prediction), float(self.reference(record))))
@@ -248,16 +225,21 @@ def _format_number(value: float | None) -> str:
 
 
 _OPTION_PREFIXES = {"solution": 2, "answer": 5, "option": 2, "ending": 4}
+_OPTION_MARKER = re.compile(r"(Answer|Solution|Option|Ending)(\d)\s*:\s*")
 
 
 class CommonsenseTask(Task):
     """LLM-Adapters commonsense format ``{instruction, input, output, answer}``; ``answer`` is an option
     word (``true``/``false``, ``solution1``, ``answer3``, ``option2``, ``ending4``). The options are read
-    from the instruction's "Answer format: a/b/c" line (else from the answer's prefix). Scoring takes the
-    first option word in the generation, like LLM-Adapters' evaluation."""
+    from the instruction's "Answer format: a/b/c" line (else from the answer's prefix). A generation's
+    answer is the first option word in it, case-sensitive, as LLM-Adapters' evaluation does
+    (``extraction.first_label``); ``lenient`` case-folds and accepts ``Answer 3``."""
 
     name = "commonsense"
     fields = (("instruction",), ("answer",))
+
+    def __init__(self, lenient: bool = False) -> None:
+        self.lenient = lenient
 
     def options(self, record: Record) -> list[str]:
         match = re.search(r"Answer format:\s*([\w/ ]+)", str(record.get("instruction", "")))
@@ -268,6 +250,22 @@ class CommonsenseTask(Task):
             return ["true", "false"]
         prefix = re.sub(r"\d+$", "", answer)
         return [f"{prefix}{i}" for i in range(1, _OPTION_PREFIXES.get(prefix, 5) + 1)]
+
+    def option_texts(self, record: Record) -> tuple[str, list[str]]:
+        """(question, option texts) of the instruction: ``Answer1: ... Answer2: ...`` markers, or the
+        question after "question:" with ``true``/``false`` for BoolQ-style records."""
+        instruction = str(record["instruction"])
+        body = re.split(r"\s*Answer format:", instruction)[0]
+        if self.options(record) == ["true", "false"]:
+            return body.split("question:", 1)[-1].strip(), ["true", "false"]
+        markers = list(_OPTION_MARKER.finditer(body))
+        if not markers:
+            raise DataError(f"commonsense record: no options (Answer1: / Solution1: ...) in instruction {instruction[:120]!r}")
+        head = body[:markers[0].start()]
+        question = head.split(": ", 1)[1].strip() if ": " in head else head.strip()
+        texts = [body[m.end():(markers[i + 1].start() if i + 1 < len(markers) else len(body))].strip()
+                 for i, m in enumerate(markers)]
+        return question, texts
 
     def _check_record(self, record: Record, index: int, origin: str) -> None:
         answer = str(record["answer"]).strip().lower()
@@ -284,12 +282,13 @@ class CommonsenseTask(Task):
 
     def extract(self, prediction: str, options: Sequence[str] | None = None) -> str | None:
         words = options or ["true", "false", *(f"{p}{i}" for p, n in _OPTION_PREFIXES.items() for i in range(1, n + 1))]
-        pattern = r"\b(" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + r")\b"
-        match = re.search(pattern, prediction.lower())
-        return match.group(1) if match else None
+        return first_label(words, prediction, self.lenient)
+
+    def answer(self, prediction: str, record: Record) -> str | None:
+        return self.extract(prediction, self.options(record))
 
     def score(self, prediction: str, record: Record) -> float:
-        return float(self.extract(prediction, self.options(record)) == self.reference(record))
+        return float(self.answer(prediction, record) == self.reference(record))
 
     def candidates(self, record: Record) -> list[str]:
         target = self.target(record)
@@ -299,6 +298,36 @@ class CommonsenseTask(Task):
 
     def gold_index(self, record: Record) -> int:
         return self.options(record).index(self.reference(record))
+
+
+# MMLU subject -> category, the grouping of Hendrycks et al.'s ``categories.py`` (hendrycks/test):
+# subjects -> subcategories -> STEM, humanities, social sciences, other (business, health, misc.).
+# (lm-evaluation-harness files anatomy under STEM; Hendrycks' map, used here, under health -> other.)
+MMLU_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "stem": ("abstract_algebra", "astronomy", "college_biology", "college_chemistry",
+             "college_computer_science", "college_mathematics", "college_physics", "computer_security",
+             "conceptual_physics", "electrical_engineering", "elementary_mathematics", "high_school_biology",
+             "high_school_chemistry", "high_school_computer_science", "high_school_mathematics",
+             "high_school_physics", "high_school_statistics", "machine_learning"),
+    "humanities": ("formal_logic", "high_school_european_history", "high_school_us_history",
+                   "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
+                   "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
+                   "world_religions"),
+    "social_sciences": ("econometrics", "high_school_geography", "high_school_government_and_politics",
+                        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
+                        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
+                        "sociology", "us_foreign_policy"),
+    "other": ("anatomy", "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
+              "management", "marketing", "medical_genetics", "miscellaneous", "nutrition",
+              "professional_accounting", "professional_medicine", "virology"),
+}
+MMLU_SUBJECT_CATEGORY: dict[str, str] = {s: c for c, subjects in MMLU_CATEGORIES.items() for s in subjects}
+
+
+def mmlu_category(subject: str) -> str:
+    """The category of an MMLU subject (``stem``, ``humanities``, ``social_sciences``, ``other``);
+    a subject outside the 57 is ``other``."""
+    return MMLU_SUBJECT_CATEGORY.get(subject.strip(), "other")
 
 
 class MMLUTask(Task):
@@ -360,7 +389,7 @@ class MMLUTask(Task):
         return Example("\n\n".join(parts), self.reference(record))
 
     def extract(self, prediction: str) -> str | None:
-        return extract_letter(prediction, self.LETTERS)
+        return extract_choice_letter(prediction, self.LETTERS)
 
     def score(self, prediction: str, record: Record) -> float:
         return float(self.extract(prediction) == self.reference(record))
@@ -551,10 +580,15 @@ class MathTask(Task):
         target = output if (use and output) else plain
         return Example(str(record["instruction"]).strip(), target, _text(record, "input", default="").strip())
 
+    def answer(self, prediction: str, record: Record) -> str | float | None:
+        if self._is_letter(record):
+            return extract_choice_letter(prediction, "ABCDE")
+        return extract_answer_number(prediction)
+
     def _correct(self, prediction: str, record: Record) -> bool:
         if self._is_letter(record):
-            return extract_letter(prediction, "ABCDE") == self.reference(record)
-        return numbers_equal(extract_number(prediction), float(self.reference(record)))
+            return self.answer(prediction, record) == self.reference(record)
+        return numbers_equal(self.answer(prediction, record), float(self.reference(record)))
 
     def reference(self, record: Record) -> str:
         if self._is_letter(record):
@@ -566,6 +600,7 @@ class MathTask(Task):
 
 
 TASK_TYPES: dict[str, type[Task]] = {
+    "exact": ExactMatchTask,
     "instruction": InstructionTask,
     "alpaca": InstructionTask,
     "dolly": InstructionTask,

@@ -1,8 +1,7 @@
-"""Batched greedy generation with left padding, and exact-match evaluation on (prompt, answer) records."""
+"""Batched greedy generation with left padding, and the generation evaluator on (prompt, answer) records."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -10,6 +9,8 @@ from collections.abc import Sequence
 import torch
 
 from fedpeft.data.encoding import format_prompt
+from fedpeft.data.tasks import ExactMatchTask
+from fedpeft.evaluation.extraction import normalize_answer  # noqa: F401  (re-exported: its old home)
 
 
 @torch.no_grad()
@@ -53,13 +54,6 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
-def normalize_answer(text: str) -> str:
-    """First line, surrounding whitespace and a trailing period removed; inner spaces collapsed."""
-    text = text.strip().split("\n")[0].strip()
-    text = re.sub(r"\s+", " ", text)
-    return text[:-1].rstrip() if text.endswith(".") else text
-
-
 def group_key(group_by: str | None):
     """record -> its reporting group: the ``group_by`` field when the record has it, else its task."""
     return lambda r: str(r[group_by]) if group_by and r.get(group_by) not in (None, "") else r["task"]
@@ -78,23 +72,27 @@ def first_per_group(records: Sequence[dict], group_of, max_examples: int | None)
 
 def generation_eval(model, tokenizer, records: Sequence[dict], template: str, score=None, metric_name=None,
                     max_new_tokens: int = 16, batch_size: int = 16, max_examples: int | None = None,
-                    group_by: str | None = None) -> dict:
-    """Greedy generation on every record, scored per group and overall.
+                    group_by: str | None = None, stop: Sequence[str] | None = None) -> dict:
+    """Greedy generation on every record, scored per group and overall. Per-round evaluation and the
+    suites' generation evaluator both come through here, grading with the records' ``Task.score``.
 
-    ``score(prediction, record) -> float`` defaults to exact match after ``normalize_answer``;
+    ``score(prediction, record) -> float`` defaults to ``ExactMatchTask`` (exact match after
+    ``normalize_answer``);
     ``metric_name(task) -> str`` names the metric (default ``exact_match``). Records are grouped by
     their ``task`` or, when ``group_by`` names a field the record has, by that field (Dolly's
     ``category``: one dataset, eight tasks). Per group the first ``max_examples`` records are used
     (all when None)."""
     start = time.perf_counter()
-    score = score or (lambda pred, rec: float(normalize_answer(pred) == normalize_answer(rec["output"])))
+    score = score or ExactMatchTask().score
     metric_name = metric_name or (lambda task: "exact_match")
     group_of = group_key(group_by)
     chosen = first_per_group(records, group_of, max_examples)
     prompts = [format_prompt(r, template, tokenizer) for r in chosen]
-    predictions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return scored_result(chosen, predictions, [score(pred, r) for r, pred in zip(chosen, predictions)], group_of,
-                         metric_name, start)
+    predictions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
+    scores = [float(score(pred, r)) for r, pred in zip(chosen, predictions)]
+    result = scored_result(chosen, predictions, scores, group_of, metric_name, start)
+    result.update(records=chosen, predictions=predictions, scores=scores)  # per record, for callers that need them
+    return result
 
 
 def scored_result(chosen: Sequence[dict], predictions: Sequence[str], scores: Sequence[float], group_of, metric_name,

@@ -16,11 +16,15 @@ Conventions follow lm-evaluation-harness so numbers are comparable:
 
 Batches are left-padded (explicit ``position_ids``) so that every continuation ends at the last position,
 and only the last ``max continuation length`` positions go through the LM head
-(``logits_to_keep``), which saves most of the vocabulary projection on short answers.
+(``logits_to_keep``), which saves most of the vocabulary projection on short answers. Batches are cut
+by a token budget as well as a row count, so one long input does not pad fifteen short ones. Inputs
+that share a prefix (a question before each option text, a subject's header and k-shot exemplars, a
+prompt template) read it once and reuse its KV cache (``prefix_groups``).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -133,12 +137,36 @@ def _left_padded(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor,
     return input_ids, attention_mask
 
 
-def _score_by_input(model, groups, pad, device, batch_size, scores) -> None:
+MIN_FILL = 0.8  # a row joins a batch only if it is at least this fraction of the batch's widest row
+
+
+def _token_batches(lengths: Sequence[int], batch_size: int, max_tokens: int,
+                   min_fill: float = MIN_FILL) -> list[list[int]]:
+    """Indices (already sorted longest first) cut into batches of at most ``batch_size`` rows, at most
+    ``max_tokens`` padded tokens (rows x the batch's longest row), and rows no shorter than ``min_fill``
+    of the longest (padding stays under a quarter of the real tokens), at least one row each: long
+    inputs do not pad short ones to their length. Padding is computed, not skipped, so on a CPU it costs
+    as much as real tokens."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index, length in enumerate(lengths):
+        if current:
+            width = lengths[current[0]]  # sorted longest first: the first row is the widest
+            if len(current) >= batch_size or (len(current) + 1) * width > max_tokens or length < min_fill * width:
+                batches.append(current)
+                current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _score_plain(model, inputs, groups, pad, device, batch_size, max_tokens, scores) -> None:
     """One forward per distinct input ``(context + continuation)[:-1]``; left padding aligns the ends, so
     the last n kept positions predict the n continuation tokens of every pair read from that input."""
-    inputs = sorted(groups, key=len, reverse=True)  # longest first: memory trouble shows at once
-    for start in range(0, len(inputs), batch_size):
-        batch = inputs[start:start + batch_size]
+    inputs = sorted(inputs, key=len, reverse=True)  # longest first: memory trouble shows at once
+    for batch_index in _token_batches([len(seq) for seq in inputs], batch_size, max_tokens):
+        batch = [inputs[i] for i in batch_index]
         input_ids, attention_mask = _left_padded(batch, pad)
         keep = max(len(cont) for seq in batch for _, cont in groups[seq])
         logits = _forward_last_logits(model, input_ids.to(device), attention_mask.to(device), keep)
@@ -149,64 +177,141 @@ def _score_by_input(model, groups, pad, device, batch_size, scores) -> None:
                 scores[pair] = ContinuationScore(total, len(cont), greedy)
 
 
-def _score_by_context(model, contexts, pad, device, batch_size, scores) -> None:
-    """Contexts read once, their KV cache repeated for each continuation: for options that share a long
-    question and differ in several tokens (ARC, SIQA, HellaSwag texts) this saves most of the compute."""
-    ordered = sorted(contexts, key=len, reverse=True)
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def prefix_groups(inputs: dict[tuple[int, ...], list],
+                  min_shared: int = 8) -> tuple[list[tuple[int, list[tuple[int, ...]]]], list[tuple[int, ...]]]:
+    """Inputs that start with the same tokens: ``([(shared length, member inputs)], inputs alone)``,
+    chosen to read the fewest tokens when each group's shared prefix is read once.
+
+    Sorted inputs form a trie laid flat: a run's common prefix is the smallest common prefix of
+    neighbours, and cutting the run where that minimum occurs gives runs that share more. Each run is
+    either one group (its prefix read once) or cut further, whichever reads fewer tokens; so the
+    options of one question become a group of their own rather than joining every question that only
+    shares the template, and a subject's questions share its header. A member keeps the positions
+    that predict its continuation tokens (``inputs[seq]`` holds ``(pair, continuation)``), which caps
+    the shared length; under ``min_shared`` tokens nothing is shared."""
+    seqs = sorted(inputs)
+    if not seqs:
+        return [], []
+    neighbours = [_common_prefix(a, b) for a, b in zip(seqs, seqs[1:])]
+    most = [len(s) - max(len(c) for _, c in inputs[s]) for s in seqs]  # the most each member may share
+
+    def plan(lo: int, hi: int, depth: int) -> tuple[int, list, list]:
+        members = seqs[lo:hi]
+        alone = (sum(len(m) for m in members), [], list(members))
+        if hi - lo == 1:
+            return alone
+        common = min(neighbours[lo:hi - 1])
+        shared = min(common, min(most[lo:hi]))
+        whole = (shared + sum(len(m) - shared for m in members), [(shared, members)], []) if shared >= min_shared else None
+        split = alone
+        if depth < 64 and any(n > common for n in neighbours[lo:hi - 1]):
+            cost, groups, singles, start = 0, [], [], lo
+            for i in [i for i in range(lo, hi - 1) if neighbours[i] == common] + [hi - 1]:
+                part_cost, part_groups, part_singles = plan(start, i + 1, depth + 1)
+                cost += part_cost
+                groups.extend(part_groups)
+                singles.extend(part_singles)
+                start = i + 1
+            split = (cost, groups, singles)
+        return whole if whole is not None and whole[0] <= split[0] else split
+
+    _, groups, alone = plan(0, len(seqs), 0)
+    return groups, alone
+
+
+def _cache_argument(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` in recent transformers, ``past_key_values``
+    before (and in models written against the old name)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _score_shared(model, groups, inputs, pad, device, batch_size, max_tokens, scores) -> None:
+    """Each group's shared prefix is read once (prefixes of several groups batched, left-padded) and its
+    KV cache repeated for each member, whose remaining tokens (left-padded after the prefix, positions
+    given explicitly) are read in a second forward; only the last positions go through the LM head.
+    For MMLU this reads the subject header (and the k-shot exemplars) once per subject, for option
+    texts the question once per question."""
+    chunks = []  # (shared length, members): token batches of one group's members, by remaining length
+    for shared, members in groups:
+        members = sorted(members, key=len, reverse=True)
+        for chunk in _token_batches([len(m) - shared for m in members], batch_size, max_tokens):
+            chunks.append((shared, [members[i] for i in chunk]))
+    chunks.sort(key=lambda c: (len(c[1][0]) - c[0], c[0]), reverse=True)  # widest remainder first
     start = 0
-    while start < len(ordered):
-        batch, rows = [], 0
-        while start < len(ordered) and (not batch or rows + len(contexts[ordered[start]]) <= batch_size):
-            batch.append(ordered[start])
-            rows += len(contexts[ordered[start]])
+    while start < len(chunks):
+        # chunks of several groups share a forward when their prefixes and remainders are alike in width
+        batch, rows = [chunks[start]], len(chunks[start][1])
+        prefix_width, rest_width = batch[0][0], len(batch[0][1][0]) - batch[0][0]
+        start += 1
+        while start < len(chunks):
+            shared, members = chunks[start]
+            rest = len(members[0]) - shared
+            wider = max(prefix_width, shared)
+            if (rows + len(members) > batch_size or (rows + len(members)) * (wider + rest_width) > max_tokens
+                    or rest < MIN_FILL * rest_width or min(prefix_width, shared) < MIN_FILL * wider):
+                break
+            batch.append(chunks[start])
+            rows += len(members)
+            prefix_width = wider
             start += 1
-        input_ids, attention_mask = _left_padded(batch, pad)
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each continuation's first token
-        owners = [(c, pair, cont) for c, ctx in enumerate(batch) for pair, cont in contexts[ctx]]
-        rest = max(len(cont) for _, _, cont in owners) - 1
-        later = None
-        if rest > 0:
-            cache = out.past_key_values
-            index = torch.tensor([c for c, _, _ in owners], device=device)
-            cache.reorder_cache(index)  # one cache row per continuation
-            cont_ids = torch.full((len(owners), rest), pad, dtype=torch.long)
-            cont_mask = torch.zeros((len(owners), rest), dtype=torch.long)
-            for row, (_, _, cont) in enumerate(owners):
-                cont_ids[row, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
-                cont_mask[row, :len(cont) - 1] = 1
-            cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
-            lengths = attention_mask.sum(-1)[index]
-            positions = lengths.unsqueeze(-1) + torch.arange(rest, device=device).unsqueeze(0)
-            out = model(input_ids=cont_ids, attention_mask=torch.cat([attention_mask[index], cont_mask], dim=1),
-                        position_ids=positions, past_key_values=cache, use_cache=True)
-            later = torch.log_softmax(out.logits.float(), dim=-1)
-        for row, (c, pair, cont) in enumerate(owners):
-            logprobs = first[c:c + 1] if later is None or len(cont) == 1 else \
-                torch.cat([first[c:c + 1], later[row, :len(cont) - 1]], dim=0)
-            total, greedy = _score_rows(logprobs, cont)
-            scores[pair] = ContinuationScore(total, len(cont), greedy)
+        prefixes = [members[0][:shared] for shared, members in batch]
+        prefix_ids, prefix_mask = _left_padded(prefixes, pad)
+        prefix_ids, prefix_mask = prefix_ids.to(device), prefix_mask.to(device)
+        out = model(input_ids=prefix_ids, attention_mask=prefix_mask,
+                    position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+        owners = [(g, member) for g, (_, members) in enumerate(batch) for member in members]
+        index = torch.tensor([g for g, _ in owners], device=device)
+        cache = _returned_cache(out)
+        cache.reorder_cache(index)  # one cache row per member
+        suffixes = [member[batch[g][0]:] for g, member in owners]
+        suffix_ids, suffix_mask = _left_padded(suffixes, pad)
+        suffix_ids, suffix_mask = suffix_ids.to(device), suffix_mask.to(device)
+        positions = prefix_mask.sum(-1)[index].unsqueeze(-1) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+        keep = max(len(cont) for _, member in owners for _, cont in inputs[member])
+        out = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[index], suffix_mask], dim=1),
+                    position_ids=positions, use_cache=True, logits_to_keep=keep, **{_cache_argument(model): cache})
+        logprobs = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)
+        for row, (_, member) in enumerate(owners):
+            for pair, cont in inputs[member]:
+                total, greedy = _score_rows(logprobs[row, keep - len(cont):], cont)
+                scores[pair] = ContinuationScore(total, len(cont), greedy)
 
 
 @torch.inference_mode()
 def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
-                        max_length: int | None = None, share_context: bool = True) -> list[ContinuationScore]:
+                        max_length: int | None = None, share_prefix: bool = True,
+                        max_batch_tokens: int | None = None, min_shared: int = 16) -> list[ContinuationScore]:
     """``log p(continuation | context)`` for every pair, batched; results in the input order.
 
     The model reads ``(context + continuation)[:-1]``. Pairs whose inputs are identical share one forward
     pass: options that differ only in their last token (`` A``/`` B``, `` yes``/`` no``, `` answer1``/
-    `` answer2``) cost one sequence per question. With ``share_context``, a context with several distinct
-    inputs (option texts) is read once and its KV cache reused for each option. ``max_length``
-    (default: the model's ``max_position_embeddings``) bounds the input; longer inputs lose tokens from
-    the left of the context.
+    `` answer2``) cost one sequence per question. With ``share_prefix``, inputs that begin with the same
+    ``min_shared`` or more tokens (a question read before each of its option texts; the MMLU header and
+    k-shot exemplars of one subject; a prompt template) read that prefix once and reuse its KV cache
+    (``prefix_groups``). Batches hold at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens
+    (default ``batch_size * 128``), longest first. ``max_length`` (default: the model's
+    ``max_position_embeddings``) bounds the input; longer inputs lose tokens from the left of the context.
+    Runs on the model's device in the model's dtype (log-softmax in fp32).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_length is None:
         max_length = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 2048)
+    max_tokens = max_batch_tokens or batch_size * 128
     encoded: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
     for pair in pairs:
         if pair not in encoded:
@@ -214,32 +319,21 @@ def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], batc
             if len(cont) > max_length:
                 raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length={max_length}")
             encoded[pair] = (ctx, cont)
-    # input tokens -> [(pair, continuation)]; context tokens -> [(pair, continuation)] for cache sharing
+    # input tokens -> [(pair, continuation)]
     by_input: dict[tuple[int, ...], list] = {}
-    by_context: dict[tuple[int, ...], list] = {}
     for pair, (ctx, cont) in encoded.items():
         by_input.setdefault(tuple((ctx + cont)[:-1][-max_length:]), []).append((pair, cont))
-        by_context.setdefault(tuple(ctx), []).append((pair, cont))
-    shared: dict[tuple[int, ...], list] = {}
-    if share_context:
-        for ctx, members in by_context.items():
-            inputs = {ctx + tuple(cont[:-1]) for _, cont in members}
-            if len(inputs) > 1 and len(ctx) + max(len(c) for _, c in members) - 1 <= max_length:
-                shared[ctx] = members
-        if shared:
-            done = {pair for members in shared.values() for pair, _ in members}
-            by_input = {key: kept for key, members in by_input.items()
-                        if (kept := [(p, c) for p, c in members if p not in done])}
+    groups, alone = prefix_groups(by_input, min_shared) if share_prefix else ([], list(by_input))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _prefix_token(tokenizer)
     device = _device(model)
     was_training = model.training
     model.eval()
     scores: dict[tuple[str, str], ContinuationScore] = {}
     try:
-        if by_input:
-            _score_by_input(model, by_input, pad, device, batch_size, scores)
-        if shared:
-            _score_by_context(model, shared, pad, device, batch_size, scores)
+        if alone:
+            _score_plain(model, alone, by_input, pad, device, batch_size, max_tokens, scores)
+        if groups:
+            _score_shared(model, groups, by_input, pad, device, batch_size, max_tokens, scores)
     finally:
         model.train(was_training)
     return [scores[pair] for pair in pairs]
