@@ -314,3 +314,17 @@ def test_4bit_tiny_model_trains_lora(tmp_path):
     events = read_events(run_dir / "metrics.jsonl")
     assert any(e["event"] == "client_train" for e in events)
     assert not any(e["event"] == "client_failed" for e in events)
+
+
+def test_random_shape_run_reports_throughput_only(tmp_path):
+    raw = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": False,
+           "max_position_embeddings": 256}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    run_dir = tmp_path / "run"
+    summary = run_experiment("configs/tiny.yaml", [f"model.name=random:{tmp_path}", "federation.rounds=1",
+                                                   "output.report=true", "evaluation.before_training=false"],
+                             run_dir=run_dir)
+    text = summary.report_path.read_text()
+    assert "throughput and memory only, never quality" in text
+    assert "| device / precision | cpu / float32 / fp32 / none |" in text
