@@ -328,3 +328,14 @@ def test_random_shape_run_reports_throughput_only(tmp_path):
     text = summary.report_path.read_text()
     assert "throughput and memory only, never quality" in text
     assert "| device / precision | cpu / float32 / fp32 / none |" in text
+
+
+def test_4bit_weights_count_as_two_parameters_per_stored_byte():
+    from fedpeft.metering.flops import logical_numel
+
+    class Params4bit(torch.nn.Parameter):  # the name bitsandbytes gives its packed 4-bit weights
+        pass
+
+    packed = Params4bit(torch.zeros(8, 1, dtype=torch.uint8), requires_grad=False)
+    assert logical_numel(packed) == 16
+    assert logical_numel(torch.nn.Parameter(torch.zeros(8, 1))) == 8

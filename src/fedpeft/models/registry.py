@@ -33,6 +33,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,11 +193,18 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     ``metering/allocator.py``). Measured on SmolLM2-135M: see bench/gpu_throughput.py --rss."""
     if (target / "config.json").is_file():
         return target
-    import concurrent.futures
-    import multiprocessing
-
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_convert_gguf_here, Path(gguf_path), Path(target)).result()
+    # A fresh interpreter (not multiprocessing: its spawn re-imports the caller's __main__, which breaks
+    # user scripts without a __main__ guard), with this fedpeft first on its path.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    code = ("import sys; from pathlib import Path; from fedpeft.models.registry import _convert_gguf_here; "
+            "_convert_gguf_here(Path(sys.argv[1]), Path(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(gguf_path), str(target)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0 or not (target / "config.json").is_file():
+        raise ModelNotFoundError(f"converting {gguf_path} to {target} failed (exit {proc.returncode}):\n"
+                                 f"{proc.stderr[-3000:]}")
+    return target
 
 
 def _convert_gguf_here(gguf_path: Path, target: Path) -> Path:
