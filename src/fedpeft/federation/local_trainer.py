@@ -129,7 +129,7 @@ def train_local(
                 batch = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
                 with cast:
                     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                labels=batch["labels"], use_cache=False)
+                                labels=batch["labels"])
                 loss = out.loss.float() * (count / total)  # sum of these = mean over the step's supervised targets
                 loss.backward()
                 step_loss += loss.detach()
