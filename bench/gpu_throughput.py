@@ -297,7 +297,7 @@ def throughput(args) -> list[str]:
                         "threads": args.threads}))
                 flops_per_token = lora_training_flops(1, engine["base"], engine["lora"])
                 peak, peak_note = plain["peak_flops"]
-                if peak_note not in notes:
+                if not any(n.startswith(f"MFU peak for {precision}:") for n in notes):
                     notes.append(f"MFU peak for {precision}: {peak / 1e12:.2f} TFLOP/s ({peak_note})")
                 e_tps = engine["tokens"] / engine["round_seconds"]
                 p_tps = plain["tokens"] / plain["seconds"]
