@@ -138,8 +138,8 @@ def cell_overrides(args, shape: str, precision: str, gc: bool, data: Path) -> li
         "federation.rounds=3", f"federation.local_steps={args.steps}", f"federation.batch_size={args.batch}",
         "training.lr=1e-4", "training.schedule=constant", "evaluation.every_rounds=0",
         "evaluation.before_training=false", "evaluation.max_new_tokens=1", "evaluation.max_examples=1",
-        "output.progress=false", "output.report=false", f"model.threads={args.threads}",
-    ]
+        "output.progress=false", "output.report=false",
+    ] + ([f"model.threads={args.threads}"] if args.threads else [])
 
 
 # --- child processes ------------------------------------------------------------------------------
@@ -348,7 +348,8 @@ def child_rss_engine(args) -> None:
     run_dir = Path(args.workdir) / "run"
     start = time.perf_counter()
     run_experiment(REPO / "configs" / "quickstart.yaml",
-                   overrides=RSS_OVERRIDES + [f"model.threads={args.threads}"], run_dir=run_dir)
+                   overrides=RSS_OVERRIDES + ([f"model.threads={args.threads}"] if args.threads else []),
+                   run_dir=run_dir)
     wall = time.perf_counter() - start
     events = read_events(run_dir / "metrics.jsonl")
     train = sum(e["seconds"] for e in events if e["event"] == "client_train")
