@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 import types
 from pathlib import Path
 from collections.abc import Callable
@@ -60,19 +61,41 @@ class _Section(BaseModel):
         return value
 
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"
+
+
 class ModelConfig(_Section):
     name: str = Field(
         "smollm2-135m-instruct",
         description="Bundled name (smollm2-135m-instruct, all-minilm-l6-v2, tiny-llama, tiny-bert), a local directory, a .gguf file, "
-        "or a Hugging Face id (needs internet).",
+        "random:<shape> (a randomly initialised model of a real architecture, for throughput work: smollm2-135m, "
+        "llama-3.2-1b, llama-2-7b, mistral-7b, or a local config.json), or a Hugging Face id (needs internet).",
     )
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = Field("auto",
+                        description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N. Asking for CUDA where there "
+                        "is none stops the run before anything loads.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Storage dtype of the frozen base model. Trainable adapter weights stay float32.")
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Quantised frozen base through bitsandbytes (pip install 'fedpeft[gpu]'; CUDA only). "
+        "4bit is QLoRA's recipe: NF4, double quantisation, bfloat16 compute.")
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel (transformers' attn_implementation).")
     revision: str | None = None
     gguf_file: str | None = Field(None, description="GGUF file name inside a local directory or hub repo.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores).")
     head: Literal["causal_lm", "classification"] = Field(
         "causal_lm", description="causal_lm: generate answers; classification: a sequence-classification head over "
         "the data's distinct targets (encoders such as all-minilm-l6-v2), scored by accuracy.")
+
+    @field_validator("device")
+    @classmethod
+    def _device_spelling(cls, value: str) -> str:
+        # Only the spelling is checked here: whether CUDA exists is a property of the machine, checked
+        # when a run starts (fedpeft.models.device.resolve_device), so GPU configs validate on a laptop.
+        if not re.match(DEVICE_PATTERN, value):
+            raise ValueError("model.device must be auto, cpu, cuda or cuda:N (N a GPU index)")
+        return value
 
 
 class PeftConfig(_Section):
@@ -206,7 +229,11 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (> 0); null disables.")
     max_seq_len: int = Field(128, ge=8)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32, or bf16: forward/backward under bfloat16 autocast (CPU or CUDA); the trainable "
+        "adapter weights and the optimizer state stay float32 (the master copy).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less activation memory, about a third more compute.")
     keep_optimizer: bool = Field(
         False, description="Keep each client's local optimizer state (AdamW moments, SGD momentum) across the rounds "
         "it is sampled, per local adapter, in its client store (so a resumed run continues it exactly); false: a "

@@ -28,9 +28,10 @@ def predict_classes(model, tokenizer, records: Sequence[dict], classes: Sequence
     model.eval()
     encoded = [encode_classification(r, tokenizer, classes, max_len) for r in records]
     predictions: list[int] = []
+    device = next(model.parameters()).device
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         predictions += logits.argmax(dim=-1).tolist()
     model.train(was_training)
     return predictions, [e.labels[0] for e in encoded]

@@ -22,6 +22,8 @@ from fedpeft.data.partition import partition
 from fedpeft.federation.local_trainer import load_optimizer_tensors, make_optimizer, optimizer_tensors, train_local
 from fedpeft.federation.update_checks import StagedStore
 from fedpeft.federation.wire import LocalResult, encode_upload
+from fedpeft.metering.memory import peak_cuda_mb, reset_peak_cuda
+from fedpeft.models.device import model_device
 from fedpeft.models.peft_wrap import lora_modules
 from fedpeft.seeding import derive_seed, index_stream
 from fedpeft.strategies.base import ClientPlan, Strategy
@@ -136,6 +138,8 @@ class ClientRunner:
                 load_optimizer_tensors(optimizer, params, saved)
         if on_start is not None:
             on_start(plan.client_id, cfg.federation.local_steps)
+        device = model_device(self.model)
+        reset_peak_cuda(device)  # this job's peak, not the process's
         with scaled_lora(self.model, plan.scaling):
             result, losses = train_local(
                 self.model, params, batches, plan,
@@ -151,4 +155,4 @@ class ClientRunner:
         if optimizer is not None:  # kept once the update is accepted, like the strategy's private state
             update.private[OPTIMIZER_NAME + plan.job] = optimizer_tensors(optimizer, params)
         update.metrics.setdefault("loss", result.mean_loss)
-        return LocalResult(update, result, losses)
+        return LocalResult(update, result, losses, peak_cuda_mb=peak_cuda_mb(device))

@@ -43,6 +43,7 @@ from fedpeft.metering.allocator import malloc_mode, tune_malloc
 from fedpeft.metering.flops import count_parameters
 from fedpeft.metering.loggers import make_loggers
 from fedpeft.metering.memory import peak_cuda_mb, peak_rss_mb
+from fedpeft.models.device import check_precision, check_quantization, resolve_device
 from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, load_experiment_model
 from fedpeft.report import write_report
 from fedpeft.seeding import sample_clients
@@ -96,12 +97,17 @@ class Engine:
         tune_malloc()  # keep CPU activation buffers in the heap between steps (see metering/allocator.py)
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
+        # The machine can run this config (device, quantisation, precision) before anything is loaded.
+        self.device = resolve_device(cfg.model.device)
+        check_quantization(cfg.model.quantization, self.device)
+        check_precision(cfg.training.precision, self.device)
+        self.run_peak_cuda: float | None = None
         # Data first: bad data fails before a model is loaded.
         model_preflight(cfg)  # an unknown model name offline fails now, not after the Hub's retries
         self.data = load_experiment_data(cfg)
         partition_preflight(cfg, self.data.labels())  # a missing field or infeasible partition fails here too
         self.strategy = build_experiment_strategy(cfg)  # an unknown method or bad option too
-        loaded, self.model = load_experiment_model(cfg, self.data)
+        loaded, self.model = load_experiment_model(cfg, self.data, device=self.device)
         self.model_source, self.model_load_seconds = loaded.source, loaded.load_seconds
         self.tokenizer = loaded.tokenizer
         self.strategy.prepare_model(self.model)
@@ -173,7 +179,9 @@ class Engine:
                              state.cum_up, state.cum_down, final_dir)
         self.metrics.log("run_end", rounds=fed.rounds, seconds=seconds, initial_metrics=state.initial_metrics,
                          final_metrics=final_metrics, peak_rss_mb=summary.peak_rss_mb,
-                         cum_uplink_bytes=state.cum_up, cum_downlink_bytes=state.cum_down, peak_cuda_mb=peak_cuda_mb())
+                         cum_uplink_bytes=state.cum_up, cum_downlink_bytes=state.cum_down,
+                         peak_cuda_mb=max((v for v in (self.run_peak_cuda, peak_cuda_mb(self.device)) if v is not None),
+                                          default=None))
         self._close()
         if cfg.output.report:
             summary.report_path = write_report(self.run_dir)
@@ -230,10 +238,16 @@ class Engine:
 
         state.cum_up += round_up
         state.cum_down += round_down
+        # The round's CUDA peak: its jobs' peaks (the runner resets the window per job) and what came after
+        # the last job (aggregation, evaluation).
+        since_last = peak_cuda_mb(self.device)
+        round_peak = max(self.job_peaks + ([since_last] if since_last is not None else []), default=None)
+        if round_peak is not None:
+            self.run_peak_cuda = max(self.run_peak_cuda or 0.0, round_peak)
         self.metrics.log("round_end", round=round_idx, seconds=time.perf_counter() - round_start,
                          uplink_bytes=round_up, downlink_bytes=round_down, cum_uplink_bytes=state.cum_up,
                          cum_downlink_bytes=state.cum_down, phase_seconds=phases, peak_rss_mb=peak_rss_mb(),
-                         peak_cuda_mb=peak_cuda_mb(), lr=lr)
+                         peak_cuda_mb=round_peak, lr=lr)
         t_ckpt = time.perf_counter()
         run_state.commit(self.run_dir, round_idx, state, self.model, self.strategy, self.store, self.metrics,
                          keep=cfg.output.keep_checkpoints, elapsed=elapsed(),
@@ -252,6 +266,7 @@ class Engine:
         fed, global_state = self.config.federation, self.state.global_state
         updates: list[ClientUpdate] = []
         round_up = round_down = 0
+        self.job_peaks: list[float] = []  # CUDA peak of each accepted local job
         for n, (plan, run_job) in enumerate(self.transport.jobs(round_idx, plans, global_state, lr, progress), 1):
             down = state_bytes(plan.downlink) + state_bytes(plan.control)
             round_down += down
@@ -274,6 +289,9 @@ class Engine:
                 progress.end_client(None)
                 continue
             round_up += up
+            job_peak = getattr(local, "peak_cuda_mb", None)
+            if job_peak is not None:
+                self.job_peaks.append(job_peak)
             self.metrics.log(
                 "client_train", round=round_idx, client=plan.client_id, job=plan.job, steps=result.steps,
                 loss=result.mean_loss, last_loss=result.last_loss, losses=local.losses, lr=lr,
@@ -281,6 +299,7 @@ class Engine:
                 seconds=result.seconds, downlink_bytes=down, uplink_bytes=up,
                 uplink_bytes_raw=(update.wire_bytes if update.wire_bytes is not None
                                   else state_bytes(update.tensors) + state_bytes(update.control)),
+                peak_cuda_mb=job_peak,
             )
             updates.append(update)
             progress.end_client(result.mean_loss)
@@ -301,7 +320,7 @@ class Engine:
             trainable_params=sum(p.numel() for p in adapter_parameters(self.model).values()),
             base_params=count_parameters(self.model)[0], compression=cfg.federation.uplink_compression,
             adapter_bytes=state_bytes(get_adapter_state(self.model)), num_clients=cfg.federation.num_clients,
-            method=cfg.method.name, malloc=malloc_mode(), config=cfg.model_dump(mode="json"), data=self.data.info,
+            method=cfg.method.name, malloc=malloc_mode(), device=str(self.device), config=cfg.model_dump(mode="json"), data=self.data.info,
         )
 
     def _log_partition(self) -> None:

@@ -10,17 +10,24 @@ rank mask): a correction is not clipped away, and SCAFFOLD's control estimates t
 actually followed. The optimizer is fresh every call unless the caller passes one (``training.keep_optimizer``:
 the client runner restores it from the client's store); the learning rate is constant within a round, the
 engine picks it from the cross-round schedule (``round_lr``).
+
+Device and precision: each batch moves to the model's device (non-blocking from pinned CPU memory on
+CUDA); ``precision="bf16"`` runs forward and loss under bfloat16 autocast on that device while the
+trainable adapter weights, their gradients and the optimizer state stay float32. The hot path never
+waits for the device: step losses stay tensors and are read once, at the end of the job (a NaN or inf
+loss is therefore reported after the job, not at its step). ``on_step`` gets the step's loss as a
+0-d tensor; reading it (``float``) synchronises, which the progress display does only when shown.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator, Mapping
 
 import torch
 
+from fedpeft.models.device import autocast, is_out_of_memory, model_device, out_of_memory_error
 from fedpeft.strategies.base import ClientPlan, TrainResult
 
 IGNORE_INDEX = -100
@@ -101,47 +108,60 @@ def train_local(
         optimizer = make_optimizer(list(params.values()), optimizer_name, lr, weight_decay)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    autocast = (torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
-                if precision == "bf16" else contextlib.nullcontext())
+    device = model_device(model)
+    cast = autocast(device, precision)
+    non_blocking = device.type == "cuda"
     model.train()
-    losses: list[float] = []
+    step_losses: list[torch.Tensor] = []
     seen = tokens = 0
-    for step in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        micro = [next(batches) for _ in range(grad_accumulation)]
-        counts = [supervised_count(batch["labels"]) for batch in micro]
-        total = sum(counts)
-        if total == 0:
-            raise ValueError(f"local step {step + 1}: its {grad_accumulation} micro-batch(es) hold no supervised "
-                             f"target (every label is {IGNORE_INDEX}); check training.max_seq_len and the template")
-        step_loss = 0.0
-        for batch, count in zip(micro, counts):
-            seen += batch["input_ids"].shape[0]
-            tokens += int(batch["attention_mask"].sum())
-            if count == 0:  # its mean loss is 0/0; it adds nothing to the step's token mean
-                continue
-            with autocast:
-                if loss_fn is not None:
-                    loss = loss_fn(model, batch) / grad_accumulation
-                else:
-                    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-                    loss = out.loss * (count / total)  # sum of these = mean over the step's supervised targets
-            loss.backward()
-            step_loss += float(loss.detach())
-        if plan.extra_loss is not None:
-            extra = plan.extra_loss(params)
-            extra.backward()
-            step_loss += float(extra.detach())
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"local loss became {step_loss} at step {step + 1}")
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
-        if plan.grad_transform is not None:
-            plan.grad_transform(params)
-        optimizer.step()
-        losses.append(step_loss)
-        if on_step is not None:
-            on_step(step + 1, step_loss)
+    try:
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            micro = [next(batches) for _ in range(grad_accumulation)]
+            counts = [supervised_count(batch["labels"]) for batch in micro]  # on the CPU copies: no device sync
+            total = sum(counts)
+            if total == 0:
+                raise ValueError(f"local step {step + 1}: its {grad_accumulation} micro-batch(es) hold no supervised "
+                                 f"target (every label is {IGNORE_INDEX}); check training.max_seq_len and the template")
+            step_loss = torch.zeros((), device=device)
+            for batch, count in zip(micro, counts):
+                seen += batch["input_ids"].shape[0]
+                tokens += int(batch["attention_mask"].sum())
+                if count == 0:  # its mean loss is 0/0; it adds nothing to the step's token mean
+                    continue
+                batch = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
+                         for k, v in batch.items()}
+                with cast:
+                    if loss_fn is not None:
+                        loss = loss_fn(model, batch).float() / grad_accumulation
+                    else:
+                        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    labels=batch["labels"])
+                        loss = out.loss.float() * (count / total)  # sum = mean over the step's supervised targets
+                loss.backward()
+                step_loss += loss.detach()
+            if plan.extra_loss is not None:
+                extra = plan.extra_loss(params)
+                extra.backward()
+                step_loss += extra.detach().to(device)
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
+            if plan.grad_transform is not None:
+                plan.grad_transform(params)
+            optimizer.step()
+            step_losses.append(step_loss)
+            if on_step is not None:
+                on_step(step + 1, step_loss)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            model.eval()
+            raise out_of_memory_error(exc, "local training", device) from exc
+        raise
+    losses = torch.stack(step_losses).tolist()  # the job's one host sync
+    bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+    if bad is not None:
+        model.eval()
+        raise FloatingPointError(f"local loss became {losses[bad]} at step {bad + 1}")
     model.eval()
     result = TrainResult(
         steps=steps,

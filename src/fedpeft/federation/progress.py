@@ -83,7 +83,9 @@ class RunProgress:
             self._progress.update(self._clients, description=f"client {client_id}")
             self._progress.reset(self._steps, total=steps, info="")
 
-    def step(self, step: int, loss: float) -> None:
+    def step(self, step: int, loss) -> None:
+        """``loss``: a float or a 0-d tensor; formatting a tensor reads it from the device, so it is only
+        done when the display is shown (a terminal), never in logged or benchmarked runs."""
         if self.enabled:
             self._progress.update(self._steps, completed=step, info=f"loss {loss:.3f}")
 

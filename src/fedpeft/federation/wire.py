@@ -30,6 +30,8 @@ class LocalResult:
     """Bytes that carried the upload (tensors and controls), when a transport measured them."""
     tensors_arrived: bool = True
     """False under SecAgg+: the server gets only a masked vector, the tensors never arrive."""
+    peak_cuda_mb: float | None = None
+    """Highest CUDA memory allocated during this job (None on CPU, or when the transport does not carry it)."""
 
 
 def _matches(reference: AdapterState, key: str, tensor) -> bool:

@@ -38,6 +38,11 @@ def forward_flops(tokens: float, params: int) -> float:
     return 2.0 * float(tokens) * float(params)
 
 
+def logical_numel(p: torch.Tensor) -> int:
+    """Parameters a tensor stands for: bitsandbytes' 4-bit weights pack two values per byte of storage."""
+    return p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()
+
+
 def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = True) -> tuple[int, int]:
     """(frozen base parameters, trainable parameters) of ``model``, each tensor counted once.
 
@@ -62,5 +67,5 @@ def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = True) ->
         if p.requires_grad:
             trainable += p.numel()
         elif id(p) not in embedding_ids:
-            base += p.numel()
+            base += logical_numel(p)
     return base, trainable

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from fedpeft.adapters import adapter_parameters
+from fedpeft.models.device import resolve_device
 
 
 def wrap_lora(model: torch.nn.Module, peft_config, seed: int, head: str = "causal_lm"):
@@ -35,17 +36,47 @@ def wrap_lora(model: torch.nn.Module, peft_config, seed: int, head: str = "causa
     return wrapped
 
 
-def load_experiment_model(cfg, data):
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (transformers' checkpointing,
+    non-reentrant). ``enable_input_require_grads`` makes the embedding output require grad, so a frozen
+    base with LoRA inside checkpointed layers still gets adapter gradients under the reentrant variant
+    too (without it, every LoRA gradient would silently be None)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"training.gradient_checkpointing=true: {type(base).__name__} does not support it")
+    kwargs = {"use_reentrant": False}
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5; the old name before
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.enable_input_require_grads()
+
+
+def load_experiment_model(cfg, data, device: torch.device | None = None):
     """The base model of an experiment config, with the head its data needs (a classifier gets one
-    output per class of ``data``), wrapped with LoRA: what the engine and every Flower node build.
-    Returns (the ``LoadedModel`` with tokenizer and load facts, the wrapped model)."""
+    output per class of ``data``), on its device, quantised and checkpointed as configured, wrapped
+    with LoRA: what the engine and every Flower node build. Returns (the ``LoadedModel`` with tokenizer
+    and load facts, the wrapped model)."""
     from fedpeft.models import registry
 
     head = cfg.model.head
+    device = device if device is not None else resolve_device(cfg.model.device)
     loaded = registry.load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
                                       gguf_file=cfg.model.gguf_file, head=head,
-                                      num_labels=len(data.classes()) if head == "classification" else None)
-    return loaded, wrap_lora(loaded.model, cfg.peft, seed=cfg.seed, head=head)
+                                      num_labels=len(data.classes()) if head == "classification" else None,
+                                      device=device, quantization=cfg.model.quantization,
+                                      attention=cfg.model.attention)
+    base = loaded.model
+    if cfg.model.quantization != "none":
+        # QLoRA's preparation: freeze the base, keep norms and the head in float32 for stable training.
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    wrapped = wrap_lora(base, cfg.peft, seed=cfg.seed, head=head)
+    if cfg.training.gradient_checkpointing:
+        enable_gradient_checkpointing(wrapped)
+    return loaded, wrapped
 
 
 def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -71,6 +102,9 @@ def add_to_base_weight(model: torch.nn.Module, deltas: dict[str, torch.Tensor],
             if name not in modules:
                 raise KeyError(f"base delta for unknown LoRA module '{name}'")
             weight = modules[name].get_base_layer().weight
+            if not weight.is_floating_point():
+                raise ValueError(f"this method merges updates into the base weights, which a quantised base "
+                                 f"({type(weight).__name__} '{name}') cannot hold; use model.quantization=none")
             if tuple(weight.shape) != tuple(delta.shape):
                 raise ValueError(f"base delta for '{name}' has shape {tuple(delta.shape)}, weight is {tuple(weight.shape)}")
             if master is not None and weight.dtype != torch.float32:
@@ -80,7 +114,7 @@ def add_to_base_weight(model: torch.nn.Module, deltas: dict[str, torch.Tensor],
                 kept.add_(delta.to(device=kept.device, dtype=torch.float32))
                 weight.copy_(kept)
             else:
-                weight.add_(delta.to(weight.dtype))
+                weight.add_(delta.to(weight.device, weight.dtype))
 
 
 def base_weights(model: torch.nn.Module, names, master: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

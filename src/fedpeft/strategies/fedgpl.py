@@ -106,7 +106,9 @@ def layer_gradient_scores(model: torch.nn.Module, batches: Iterable[Mapping[str,
         batches = list(batches)
         if not batches:
             raise ValueError("layer_gradient_scores: no server batches")
+        device = next(model.parameters()).device
         for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items() if v is not None}
             out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"])
             (out.loss / len(batches)).backward()
         sums: dict[int, float] = {}
