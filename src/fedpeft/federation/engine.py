@@ -97,11 +97,6 @@ class Engine:
         tune_malloc()  # keep CPU activation buffers in the heap between steps (see metering/allocator.py)
         if cfg.model.threads:
             torch.set_num_threads(cfg.model.threads)
-        # The machine can run this config (device, quantisation, precision) before anything is loaded.
-        self.device = resolve_device(cfg.model.device)
-        check_quantization(cfg.model.quantization, self.device)
-        check_precision(cfg.training.precision, self.device)
-        self.run_peak_cuda: float | None = None
         # Data first: bad data fails before a model is loaded.
         model_preflight(cfg)  # an unknown model name offline fails now, not after the Hub's retries
         self.data = load_experiment_data(cfg)
@@ -132,6 +127,12 @@ class Engine:
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         """Lock the run directory (config.yaml, checkpoint choice: federation/run_dir.py), run, unlock."""
+        # The machine can run this config (device, quantisation, precision) before anything is written or loaded.
+        cfg = self.config
+        self.device = resolve_device(cfg.model.device)
+        check_quantization(cfg.model.quantization, self.device)
+        check_precision(cfg.training.precision, self.device)
+        self.run_peak_cuda: float | None = None
         if self.rundir is None:
             self.rundir = RunDirectory.open(self.run_dir, self.config, resume=self.resume, overwrite=self.overwrite)
         try:
