@@ -90,6 +90,11 @@ class Engine:
         self.transport = transport
         self.rundir = run_directory
         """The locked run directory (federation/run_dir.py); the CLI opens it before the slow imports."""
+        # The machine can run this config (device, quantisation, precision) before anything is written or loaded.
+        self.device = resolve_device(config.model.device)
+        check_quantization(config.model.quantization, self.device)
+        check_precision(config.training.precision, self.device)
+        self.run_peak_cuda: float | None = None
 
     # --- set-up -------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -127,12 +132,6 @@ class Engine:
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> RunSummary:
         """Lock the run directory (config.yaml, checkpoint choice: federation/run_dir.py), run, unlock."""
-        # The machine can run this config (device, quantisation, precision) before anything is written or loaded.
-        cfg = self.config
-        self.device = resolve_device(cfg.model.device)
-        check_quantization(cfg.model.quantization, self.device)
-        check_precision(cfg.training.precision, self.device)
-        self.run_peak_cuda: float | None = None
         if self.rundir is None:
             self.rundir = RunDirectory.open(self.run_dir, self.config, resume=self.resume, overwrite=self.overwrite)
         try:
