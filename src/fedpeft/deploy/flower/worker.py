@@ -178,9 +178,7 @@ def serve(path: Path, watch_pid: int | None, idle: float, prebuild: Path | None 
     def watchdog() -> None:
         while not stop.is_set():
             if (watch_pid and not _alive(watch_pid)) or time.monotonic() - last[0] > idle:
-                for stale in (path, path.with_suffix(".pid"), path.with_suffix(".json")):
-                    with contextlib.suppress(FileNotFoundError):
-                        stale.unlink()
+                _remove_worker_files(path)
                 os._exit(0)
             time.sleep(1.0)
 
@@ -211,9 +209,17 @@ def serve(path: Path, watch_pid: int | None, idle: float, prebuild: Path | None 
             last[0] = time.monotonic()
     finally:
         stop.set()
-        for stale in (path, path.with_suffix(".pid"), path.with_suffix(".json")):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
+        _remove_worker_files(path, keep_log=True)  # an error ended it: the ClientApp shows the log
+
+
+def _remove_worker_files(path: Path, keep_log: bool = False) -> None:
+    """A worker that ends leaves nothing in the temp directory: socket, pid, start request, start lock and,
+    unless an error ended it, its log."""
+    for suffix in (".pid", ".json", ".lock") + (() if keep_log else (".log",)):
+        with contextlib.suppress(FileNotFoundError):
+            path.with_suffix(suffix).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _alive(pid: int) -> bool:
