@@ -17,29 +17,26 @@ mark("imports")
 from fedpeft.federation.engine import Engine
 from fedpeft.config import load_config
 import fedpeft.federation.engine as E
-import fedpeft.models.peft_wrap as PW
-orig_load = E.load_experiment_model
-def load(*a, **k):
-    mark("before model load")
-    out = orig_load(*a, **k)
-    mark("after model load + wrap")
-    return out
-E.load_experiment_model = load
 import fedpeft.federation.client as C
-orig_train = C.train_local
-def train(*a, **k):
-    mark("before train_local")
-    out = orig_train(*a, **k)
-    mark("after train_local")
-    return out
-C.train_local = train
-orig_eval = Engine._evaluate_records
-def ev(self, *a, **k):
-    mark("before eval")
-    out = orig_eval(self, *a, **k)
-    mark("after eval")
-    return out
-Engine._evaluate_records = ev
+import fedpeft.federation.evaluator as V
+
+
+def around(owner, name, before, after):
+    """Replace ``owner.name`` by a wrapper that marks RSS before and after each call."""
+    original = getattr(owner, name)
+
+    def wrapped(*a, **k):
+        mark(before)
+        out = original(*a, **k)
+        mark(after)
+        return out
+
+    setattr(owner, name, wrapped)
+
+
+around(E, "load_experiment_model", "before model load", "after model load + wrap")
+around(C, "train_local", "before train_local", "after train_local")
+around(V.Evaluator, "_score", "before eval", "after eval")
 cfg = load_config(str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"), ["federation.batch_size=4", "training.max_seq_len=200", "peft.r=8",
     "peft.target_modules=[q_proj,v_proj]", "federation.rounds=1", "federation.local_steps=10",
     "evaluation.before_training=false", "data.eval_examples_per_task=2", "output.progress=false", "output.report=false"] + sys.argv[2:])
