@@ -183,6 +183,15 @@ class FederationConfig(_Section):
         None, ge=1, description="Largest num_examples a client may report (its aggregation weight); null: the "
         "examples it holds in the server's partition (set it when Flower nodes bring their own data).")
     robust: RobustConfig = Field(default_factory=RobustConfig)
+    concurrent_clients: int = Field(
+        1, ge=1, description="Train up to this many of a round's clients at once, in one batched forward/backward "
+        "over the shared model with per-sample adapter routing (federation/batched_runner.py); results equal "
+        "serial training to float tolerance. 1: one after another. Methods or models that cannot batch exactly "
+        "train serially (said once in the log).")
+    max_tokens_per_pass: int | None = Field(
+        None, ge=1, description="With concurrent_clients > 1: cap a batched pass at this many tokens (each client "
+        "counts batch_size x training.max_seq_len), so groups shrink to fit memory; null: groups of "
+        "concurrent_clients.")
 
     @model_validator(mode="after")
     def _sampled_le_total(self) -> "FederationConfig":

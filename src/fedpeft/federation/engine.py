@@ -26,6 +26,7 @@ from fedpeft.adapters import AdapterState, adapter_parameters, get_adapter_state
 from fedpeft.config import ExperimentConfig, apply_overrides, build_config, load_config
 from fedpeft.data.dataset import load_experiment_data
 from fedpeft.federation import run_state
+from fedpeft.federation.batched_runner import GroupedRunner
 from fedpeft.federation.client import ClientRunner, prepare_client_data
 from fedpeft.federation.client_store import ClientStore
 from fedpeft.federation.durable import StorageError
@@ -118,7 +119,7 @@ class Engine:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", listener=self.live.log_event if self.live else None)
         self.runner = ClientRunner(self.model, self.strategy, cfg, self.client_data, self.store)
         if self.transport is None:
-            self.transport = InProcessTransport(self.runner)
+            self.transport = InProcessTransport(self.runner, grouped=GroupedRunner.build(self.runner))
         elif not isinstance(self.transport, Transport):
             self.transport = self.transport(ServerLink(
                 method=cfg.method.name, log_event=self.metrics.log,

@@ -77,13 +77,36 @@ class Transport:
 
 
 class InProcessTransport(Transport):
-    """Serial, in the engine's process, on its shared model (``ClientRunner.run`` per plan)."""
+    """In the engine's process, on its shared model: serially (``ClientRunner.run`` per plan), or with a
+    ``grouped`` runner (``federation/batched_runner.py``, ``federation.concurrent_clients > 1``) in groups
+    trained in one batched pass each. A group trains when its first job is called, after the engine has
+    committed every earlier group's accepted state, so a kill still lands between two jobs."""
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, runner: Any, grouped: Any | None = None) -> None:
         self.runner = runner
+        self.grouped = grouped
 
     def jobs(self, round_idx: int, plans: Sequence[ClientPlan], global_state: AdapterState, lr: float,
              progress: Any) -> Iterator[tuple[ClientPlan, Job]]:
-        for plan in plans:
-            yield plan, functools.partial(self.runner.run, round_idx, plan, global_state, lr,
-                                          on_start=progress.start_client, on_step=progress.step)
+        if self.grouped is None:
+            for plan in plans:
+                yield plan, functools.partial(self.runner.run, round_idx, plan, global_state, lr,
+                                              on_start=progress.start_client, on_step=progress.step)
+            return
+        for group in self.grouped.groups(plans):
+            members = [plans[i] for i in group]
+            results: list[Any] = []
+
+            def job(k: int, members=members, results=results) -> Any:
+                if not results:
+                    try:
+                        results.extend(self.grouped.train(round_idx, members, global_state, lr,
+                                                          on_start=progress.start_client))
+                    except Exception as exc:  # the batched pass failed: every job of the group fails with it
+                        results.extend([exc] * len(members))
+                if isinstance(results[k], Exception):
+                    raise results[k]
+                return results[k]
+
+            for k, plan in enumerate(members):
+                yield plan, functools.partial(job, k)
