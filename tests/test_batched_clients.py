@@ -1,0 +1,199 @@
+"""federation.concurrent_clients: a group of clients trained in one batched pass equals serial training.
+
+The reference is the serial client (``ClientRunner.train`` -> ``local_trainer.train_local``), run on the
+same float64 model with a float64 loss: the batched pass must give each client the adapter the serial
+loop gives it, to reassociation error (1e-12 here; measured ~1e-15). Clipping is made active (a small
+max_grad_norm) so that a group-wide clip would show up as a difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from fedpeft.adapters import adapter_parameters, get_adapter_state
+from fedpeft.config import load_config
+from fedpeft.federation.batched_runner import GroupedRunner, batching_refusal, plan_groups
+from fedpeft.federation.batched_trainer import train_group
+from fedpeft.federation.engine import KILL_ENV, Engine, run_experiment
+from fedpeft.federation.local_trainer import IGNORE_INDEX
+from fedpeft.strategies.base import ServerContext
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+QUIET = ["evaluation.every_rounds=0", "evaluation.before_training=false"]
+TRAIN = ["federation.grad_accumulation=2", "training.max_grad_norm=0.05", "training.lr=0.02",
+         "federation.clients_per_round=3"]
+TOL64 = 1e-12
+
+
+# --- group sizes (memory guard) -------------------------------------------------------------------------
+def test_plan_groups_caps_each_pass_at_the_token_budget():
+    assert [list(g) for g in plan_groups(5, 2, 256, None)] == [[0, 1], [2, 3], [4]]
+    # 4 clients of 256 tokens fit in 1024; the configured 8 would not
+    assert [len(g) for g in plan_groups(10, 8, 256, 1024)] == [4, 4, 2]
+    # a budget below one client's tokens still trains, one client per pass
+    assert [len(g) for g in plan_groups(3, 4, 512, 100)] == [1, 1, 1]
+    assert plan_groups(0, 4, 8, None) == []
+    with pytest.raises(ValueError, match="concurrent=0"):
+        plan_groups(3, 0, 8, None)
+
+
+def test_config_keys_default_to_serial_and_validate():
+    cfg = load_config(TINY)
+    assert cfg.federation.concurrent_clients == 1 and cfg.federation.max_tokens_per_pass is None
+    with pytest.raises(Exception, match="concurrent_clients"):
+        load_config(TINY, ["federation.concurrent_clients=0"])
+
+
+# --- float64 equality with the serial client -----------------------------------------------------------
+def _float64_loss(logits, labels, vocab_size, **_):
+    """transformers' causal-LM loss without its float32 upcast, so the serial reference stays float64."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab_size), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _engine(tmp_path, overrides):
+    cfg = load_config(TINY, [*QUIET, *TRAIN, *overrides])
+    engine = Engine(cfg, tmp_path / "run")
+    engine._setup()
+    engine.model.double()
+    engine.model.get_base_model().loss_function = _float64_loss
+    return engine
+
+
+def _plans(engine, clients, global_state, round_idx=1):
+    strategy = engine.strategy
+    strategy.begin_round(round_idx, ServerContext(
+        engine.model, engine.tokenizer, engine.config, engine.data, engine.client_data.batches,
+        client_indices=engine.client_indices, labels=engine.labels, run_dir=engine.run_dir))
+    return strategy.configure_round(round_idx, clients, global_state, engine.store)
+
+
+def _serial(engine, plans, global_state, lr):
+    out = []
+    for plan in plans:
+        local = engine.runner.train(1, plan, global_state, lr)
+        out.append(({n: p.detach().clone() for n, p in adapter_parameters(engine.model).items()}, local.losses))
+    return out
+
+
+def _batched(engine, plans, global_state, lr):
+    grouped = GroupedRunner(engine.runner, len(plans))
+    members = [grouped._member(1, plan, global_state, lr) for plan in plans]
+    cfg = engine.config
+    results = train_group(engine.model, members, steps=cfg.federation.local_steps,
+                          grad_accumulation=cfg.federation.grad_accumulation, lr=lr, pad_id=engine.client_data.pad_id,
+                          max_grad_norm=cfg.training.max_grad_norm)
+    return [(m.adapters.values, results[k][1]) for k, m in enumerate(members)]
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float((a[k].detach() - b[k].detach()).abs().max()) for k in a)
+
+
+METHODS = {
+    "fedit": [],
+    "ffa_lora": [],
+    "fedprox": ["method.options.mu=0.5"],
+    "fltac": ["method.options.save_adapters=false"],
+    "hetlora": ["method.options.client_ranks=[4,2,1]", "method.options.rank_scaling=alpha"],
+    "scaffold": ["method.options.control_update=mean_gradient"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_batched_group_equals_serial_clients_in_float64(tmp_path, method):
+    engine = _engine(tmp_path, [f"method.name={method}", *METHODS[method]]
+                     + ([f"method.options.artifact_dir={tmp_path / 'art'}"] if method == "fltac" else []))
+    assert batching_refusal(engine.model, engine.strategy, engine.config) is None
+    global_state = engine.strategy.init_global(get_adapter_state(engine.model))
+    lr = engine.config.training.lr
+    serial = _serial(engine, _plans(engine, [0, 1, 2], global_state), global_state, lr)
+    plans = _plans(engine, [0, 1, 2], global_state)
+    batched = _batched(engine, plans, global_state, lr)
+    assert len(plans) == len(serial) >= 3
+    for (want, want_losses), (got, got_losses) in zip(serial, batched):
+        moved = _max_diff(want, {k: v.to(torch.float64) for k, v in got.items()})
+        assert moved <= TOL64, (method, moved)
+        print(f"{method}: float64 max |batched - serial| = {moved:.2e}")
+        assert got_losses == pytest.approx(want_losses, rel=1e-6)  # step losses are float32 sums in both
+        # the clients trained (the comparison is not between two untouched starts)
+        assert _max_diff(want, {k: v.to(torch.float64) for k, v in global_state.items()}) > 1e-4
+
+
+def test_a_clients_result_does_not_depend_on_its_group_mates(tmp_path):
+    """Per-client clipping and optimizer state: client 0 trained with different mates (or alone) ends the
+    same, although the mates' own results differ from each other."""
+    engine = _engine(tmp_path, [])
+    global_state = engine.strategy.init_global(get_adapter_state(engine.model))
+    lr = engine.config.training.lr
+    alone = _batched(engine, _plans(engine, [0], global_state), global_state, lr)[0][0]
+    with_1 = _batched(engine, _plans(engine, [0, 1], global_state), global_state, lr)
+    with_3 = _batched(engine, _plans(engine, [3, 0], global_state), global_state, lr)  # other mate, other slot
+    assert _max_diff(alone, with_1[0][0]) <= TOL64
+    assert _max_diff(alone, with_3[1][0]) <= TOL64
+    assert _max_diff(with_1[1][0], with_3[0][0]) > 1e-4  # the mates themselves trained differently
+
+
+# --- through the engine, float32 --------------------------------------------------------------------------
+F32_ATOL = 1e-5
+
+
+def _final(run_dir):
+    return load_file(str(Path(run_dir) / "final" / "adapter_model.safetensors"))
+
+
+def test_engine_with_concurrent_clients_matches_serial_run_in_float32(tmp_path):
+    common = [*QUIET, *TRAIN, "federation.rounds=2"]
+    serial = run_experiment(TINY, common, run_dir=tmp_path / "serial")
+    batched = run_experiment(TINY, [*common, "federation.concurrent_clients=2"], run_dir=tmp_path / "batched")
+    a, b = _final(serial.run_dir), _final(batched.run_dir)
+    diff = _max_diff(a, b)
+    print(f"float32 engine, 2 rounds x 3 clients: max |C=2 - C=1| = {diff:.2e}")
+    assert diff <= F32_ATOL
+    def losses(run_dir):
+        return [(e["round"], e["client"], e["losses"]) for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if e["event"] == "client_train"]
+    la, lb = losses(serial.run_dir), losses(batched.run_dir)
+    assert [x[:2] for x in la] == [x[:2] for x in lb]
+    for (_, _, x), (_, _, y) in zip(la, lb):
+        assert y == pytest.approx(x, rel=1e-5)
+
+
+def test_dropout_makes_the_engine_train_serially(tmp_path, caplog):
+    cfg = load_config(TINY, [*QUIET, "peft.dropout=0.1", "federation.concurrent_clients=2", "federation.rounds=1"])
+    engine = Engine(cfg, tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        engine._setup()
+    assert engine.transport.grouped is None
+    assert "dropout" in caplog.text and "one after another" in caplog.text
+
+
+# --- kill and resume with C > 1 ---------------------------------------------------------------------------
+def _cli(args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "fedpeft", "run", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_kill_inside_a_group_and_resume_is_bit_identical(tmp_path):
+    over = ["federation.rounds=2", "federation.concurrent_clients=2", *QUIET]
+    ref = _cli(["--config", str(TINY), "--run-dir", str(tmp_path / "ref"), *over])
+    assert ref.returncode == 0, ref.stderr
+    run_dir = tmp_path / "run"
+    killed = _cli(["--config", str(TINY), "--run-dir", str(run_dir), *over], {KILL_ENV: "client:2:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = _cli(["--resume", str(run_dir)])
+    assert resumed.returncode == 0, resumed.stderr
+    want, got = _final(tmp_path / "ref"), _final(run_dir)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
