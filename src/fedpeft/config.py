@@ -192,6 +192,23 @@ class FederationConfig(_Section):
         None, ge=1, description="With concurrent_clients > 1: cap a batched pass at this many tokens (each client "
         "counts batch_size x training.max_seq_len), so groups shrink to fit memory; null: groups of "
         "concurrent_clients.")
+    devices: int | list[str] | None = Field(
+        None, description="One worker process per device, each with its own model copy, the round's clients "
+        "spread over them (federation/devices.py): a CUDA device count, or a list such as [cuda:0, cuda:1] or "
+        "[cpu, cpu]; null: train in the engine's process on model.device.")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_named(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"federation.devices={value}: a device count must be >= 1")
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("federation.devices=[]: give at least one device (or null)")
+            for name in value:
+                if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+                    raise ValueError(f"federation.devices: '{name}' is not a device; expected cpu, cuda or cuda:N")
+        return value
 
     @model_validator(mode="after")
     def _sampled_le_total(self) -> "FederationConfig":

@@ -10,6 +10,7 @@ from the last completed round reproduces an uninterrupted run bit for bit.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from fedpeft.federation import run_state
 from fedpeft.federation.batched_runner import GroupedRunner
 from fedpeft.federation.client import ClientRunner, prepare_client_data
 from fedpeft.federation.client_store import ClientStore
+from fedpeft.federation.devices import DeviceTransport, resolve_devices
 from fedpeft.federation.durable import StorageError
 from fedpeft.federation.evaluator import Evaluator
 from fedpeft.federation.local_trainer import round_lr
@@ -44,7 +46,7 @@ from fedpeft.metering.allocator import malloc_mode, tune_malloc
 from fedpeft.metering.flops import count_parameters
 from fedpeft.metering.loggers import make_loggers
 from fedpeft.metering.memory import peak_cuda_mb, peak_rss_mb
-from fedpeft.models.device import check_precision, check_quantization, resolve_device
+from fedpeft.models.device import check_precision, check_quantization, cuda_device_count, resolve_device
 from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, load_experiment_model
 from fedpeft.report import write_report
 from fedpeft.seeding import sample_clients
@@ -118,6 +120,9 @@ class Engine:
         self.live = make_loggers(cfg.output.live_loggers, self.run_dir, cfg.model_dump(mode="json"))
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", listener=self.live.log_event if self.live else None)
         self.runner = ClientRunner(self.model, self.strategy, cfg, self.client_data, self.store)
+        if self.transport is None and cfg.federation.devices is not None:  # one worker process per device
+            devices = resolve_devices(cfg.federation.devices, cuda_device_count())
+            self.transport = functools.partial(DeviceTransport, cfg, devices)
         if self.transport is None:
             self.transport = InProcessTransport(self.runner, grouped=GroupedRunner.build(self.runner))
         elif not isinstance(self.transport, Transport):
@@ -336,6 +341,9 @@ class Engine:
     def _close(self) -> None:
         self.metrics.close()
         self.live.close()
+        close = getattr(self.transport, "close", None)  # device workers end with the run
+        if close is not None:
+            close()
 
     def save_final(self, global_state: AdapterState) -> Path:
         """The global adapter in PEFT format (``PeftModel.from_pretrained`` loads it); base weights
