@@ -197,3 +197,29 @@ def test_kill_inside_a_group_and_resume_is_bit_identical(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     want, got = _final(tmp_path / "ref"), _final(run_dir)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_group_that_runs_out_of_memory_is_retried_in_halves(tmp_path, monkeypatch):
+    """The memory guard's fallback: an out-of-memory batched pass is split, never a failed round; every
+    plan still gets its own result, equal to training it in a group that fits."""
+    import fedpeft.federation.batched_runner as br
+    from fedpeft.models.device import OutOfMemory
+
+    engine = _engine(tmp_path, [])
+    global_state = engine.strategy.init_global(get_adapter_state(engine.model))
+    lr = engine.config.training.lr
+    real, sizes = br.train_group, []
+
+    def small_memory(model, members, **kw):
+        sizes.append(len(members))
+        if len(members) > 1:
+            raise OutOfMemory("out of memory (simulated)")
+        return real(model, members, **kw)
+
+    monkeypatch.setattr(br, "train_group", small_memory)
+    results = GroupedRunner(engine.runner, 3).train(1, _plans(engine, [0, 1, 2], global_state), global_state, lr)
+    assert sizes == [3, 1, 2, 1, 1]
+    assert [r.update.client_id for r in results] == [0, 1, 2]
+    monkeypatch.setattr(br, "train_group", real)
+    alone = GroupedRunner(engine.runner, 1).train(1, _plans(engine, [2], global_state), global_state, lr)[0]
+    assert _max_diff(results[2].update.tensors, alone.update.tensors) == 0.0
