@@ -12,7 +12,9 @@ is not timed.
     PYTHONPATH=src python bench/concurrent_clients.py --device cuda --dtype bfloat16 --shape llama-3.2-1b
                                                                                        # not verified on a GPU
 
-Prints one JSON line per measurement and a table: client-steps/s and the ratio batched / serial.
+Prints one JSON line per measurement and a table: client-steps/s and the ratio batched / serial, by wall
+time and by the process's CPU time. On a shared CPU, run with ``--threads 1`` and read the CPU-time columns:
+other processes stretch wall time, not the CPU time a single-threaded process spends.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def measure(mode: str, clients: int, b: int, t: int, steps: int, shape: str, dev
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
 
-    def run(k: int) -> float:
-        start = time.perf_counter()
+    def run(k: int) -> tuple[float, float]:
+        start, cpu_start = time.perf_counter(), time.process_time()
         if mode == "serial":
             params = {n: p for n, p in adapter_parameters(model).items() if p.requires_grad}
             train_local(model, params, _batches(vocab, b, t, 0), ClientPlan(0, {}), steps=k, grad_accumulation=1,
@@ -71,15 +73,15 @@ def measure(mode: str, clients: int, b: int, t: int, steps: int, shape: str, dev
             train_group(model, members, steps=k, grad_accumulation=1, lr=1e-4, pad_id=0, precision=precision)
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
     run(1)  # warm-up
-    seconds = run(steps)
+    seconds, cpu_seconds = run(steps)
     n = 1 if mode == "serial" else clients
     peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"mode": mode, "clients": n, "b": b, "T": t, "steps": steps, "seconds": seconds,
-            "client_steps_per_s": n * steps / seconds, "round_seconds_per_client_step": seconds / (n * steps),
+    return {"mode": mode, "clients": n, "b": b, "T": t, "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "client_steps_per_s": n * steps / seconds, "client_steps_per_cpu_s": n * steps / cpu_seconds, "round_seconds_per_client_step": seconds / (n * steps),
             "peak_mb": peak, "shape": shape, "device": device, "dtype": dtype, "threads": threads}
 
 
@@ -111,13 +113,16 @@ def main() -> None:
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    print(f"\n{'b':>3} {'T':>5} {'mode':>8} {'C':>3} {'client-steps/s':>15} {'x serial':>9} {'s per group step':>17} {'peak MiB':>9}")
+    print(f"\n{'b':>3} {'T':>5} {'mode':>8} {'C':>3} {'client-steps/s':>15} {'x serial':>9} {'s per group step':>17} "
+          f"{'client-steps/CPU-s':>19} {'x serial':>9} {'peak MiB':>9}")
     for row in rows:
         serial = next(r for r in rows if r["mode"] == "serial" and r["b"] == row["b"] and r["T"] == row["T"])
         ratio = row["client_steps_per_s"] / serial["client_steps_per_s"]
+        cpu_ratio = row["client_steps_per_cpu_s"] / serial["client_steps_per_cpu_s"]
         round_s = row["seconds"] / row["steps"]  # one local step of every client of the group
-        print(f"{row['b']:>3} {row['T']:>5} {row['mode']:>8} {row['clients']:>3} {row['client_steps_per_s']:>15.2f} "
-              f"{ratio:>9.2f} {round_s:>17.2f} {row['peak_mb']:>9.0f}")
+        print(f"{row['b']:>3} {row['T']:>5} {row['mode']:>8} {row['clients']:>3} {row['client_steps_per_s']:>15.3f} "
+              f"{ratio:>9.2f} {round_s:>17.2f} {row['client_steps_per_cpu_s']:>19.3f} {cpu_ratio:>9.2f} "
+              f"{row['peak_mb']:>9.0f}")
 
 
 if __name__ == "__main__":
