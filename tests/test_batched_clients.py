@@ -108,6 +108,8 @@ METHODS = {
     "fltac": ["method.options.save_adapters=false"],
     "hetlora": ["method.options.client_ranks=[4,2,1]", "method.options.rank_scaling=alpha"],
     "scaffold": ["method.options.control_update=mean_gradient"],
+    "fedsa_lora": [],
+    "flora": ["method.options.client_ranks=[4,2]"],
 }
 
 
