@@ -225,3 +225,23 @@ def test_a_group_that_runs_out_of_memory_is_retried_in_halves(tmp_path, monkeypa
     monkeypatch.setattr(br, "train_group", real)
     alone = GroupedRunner(engine.runner, 1).train(1, _plans(engine, [2], global_state), global_state, lr)[0]
     assert _max_diff(results[2].update.tensors, alone.update.tensors) == 0.0
+
+
+def test_per_client_step_counts_and_learning_rates_match_serial(tmp_path):
+    """Clients of one group with their own step count and learning rate: a client that is done leaves the
+    later passes; each ends as serial training with its own steps and lr."""
+    engine = _engine(tmp_path, [])
+    global_state = engine.strategy.init_global(get_adapter_state(engine.model))
+    own = {0: (1, 0.05), 1: (3, 0.01), 2: (2, 0.002)}
+    grouped = GroupedRunner(engine.runner, 3)
+    members = [grouped._member(1, plan, global_state, 0.0) for plan in _plans(engine, [0, 1, 2], global_state)]
+    for m in members:
+        m.steps, m.lr = own[m.plan.client_id]
+    results = train_group(engine.model, members, steps=99, grad_accumulation=2, lr=0.0,
+                          pad_id=engine.client_data.pad_id, max_grad_norm=0.05)
+    for k, m in enumerate(members):
+        steps, lr = own[m.plan.client_id]
+        engine.config.federation.local_steps = steps  # the serial client with this step count
+        want = _serial(engine, _plans(engine, [m.plan.client_id], global_state), global_state, lr)[0][0]
+        assert results[k][0].steps == steps and len(results[k][1]) == steps
+        assert _max_diff(want, m.adapters.values) <= TOL64

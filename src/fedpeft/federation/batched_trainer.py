@@ -39,6 +39,12 @@ class GroupMember:
     batches: Iterator[dict[str, torch.Tensor]]
     num_examples: int
     optimizer: torch.optim.Optimizer | None = None
+    steps: int | None = None
+    """This client's optimizer steps (None: the group's); a client that is done leaves the later passes."""
+    lr: float | None = None
+    """This client's learning rate (None: the group's)."""
+    error: Exception | None = None
+    """What failed this client alone (its step held no supervised target); it leaves the later passes."""
     losses: list[torch.Tensor] = field(default_factory=list)
     seen: int = 0
     tokens: int = 0
@@ -71,30 +77,40 @@ def train_group(model: torch.nn.Module, members: Sequence[GroupMember], *, steps
                 lr: float, pad_id: int, optimizer_name: str = "adamw", weight_decay: float = 0.0,
                 max_grad_norm: float | None = 1.0, precision: str = "fp32") -> dict[int, tuple[TrainResult, list[float]] | Exception]:
     """Train every member's adapters; per member (by position) its (result, step losses), or the
-    exception that failed it alone (a non-finite loss). An exception of the batched pass itself
+    exception that failed it alone (a non-finite loss, a step without a supervised target). Members may
+    set their own ``steps`` and ``lr``. An exception of the batched pass itself
     (out of memory, ...) is raised for the caller to handle."""
     start = time.perf_counter()
     device = model_device(model)
     cast = autocast(device, precision)
     non_blocking = device.type == "cuda"
     for m in members:
+        m.steps = steps if m.steps is None else m.steps
+        m.lr = lr if m.lr is None else m.lr
         if m.optimizer is None:
-            m.optimizer = make_optimizer(list(m.adapters.params.values()), optimizer_name, lr, weight_decay)
+            m.optimizer = make_optimizer(list(m.adapters.params.values()), optimizer_name, m.lr, weight_decay)
         for group in m.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = m.lr
     model.train()
+    everyone = members
     try:
-        with grouped_lora(model, [m.adapters for m in members]):
-            for step in range(steps):
+        for step in range(max(m.steps for m in everyone)):
+            drawn = [(m, [next(m.batches) for _ in range(grad_accumulation)])
+                     for m in everyone if step < m.steps and m.error is None]  # clients with steps left
+            for m, mb in drawn:
+                if sum(supervised_count(b["labels"]) for b in mb) == 0:  # as serially: this client fails
+                    m.error = ValueError(f"local step {step + 1}: its {grad_accumulation} micro-batch(es) hold no "
+                                         f"supervised target (every label is {IGNORE_INDEX}); check "
+                                         f"training.max_seq_len and the template")
+            members = [m for m, _ in drawn if m.error is None]
+            micro = [mb for m, mb in drawn if m.error is None]
+            if not members:
+                continue
+            with grouped_lora(model, [m.adapters for m in members]):
                 for m in members:
                     m.optimizer.zero_grad(set_to_none=True)
-                micro = [[next(m.batches) for _ in range(grad_accumulation)] for m in members]
                 counts = [[supervised_count(b["labels"]) for b in mb] for mb in micro]
                 totals = [sum(c) for c in counts]
-                for k, total in enumerate(totals):
-                    if total == 0:
-                        raise ValueError(f"local step {step + 1} of client {members[k].plan.client_id}: its "
-                                         f"{grad_accumulation} micro-batch(es) hold no supervised target")
                 step_losses = [torch.zeros((), device=device) for _ in members]
                 for j in range(grad_accumulation):
                     batches = [micro[k][j] for k in range(len(members))]
@@ -138,13 +154,16 @@ def train_group(model: torch.nn.Module, members: Sequence[GroupMember], *, steps
     model.eval()
     seconds = time.perf_counter() - start
     out: dict[int, tuple[TrainResult, list[float]] | Exception] = {}
-    for k, m in enumerate(members):
+    for k, m in enumerate(everyone):
+        if m.error is not None:
+            out[k] = m.error
+            continue
         losses = torch.stack(m.losses).tolist()
         bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
         if bad is not None:
             out[k] = FloatingPointError(f"local loss became {losses[bad]} at step {bad + 1}")
             continue
-        out[k] = (TrainResult(steps=steps, examples_seen=m.seen, num_examples=m.num_examples,
-                              mean_loss=sum(losses) / len(losses), last_loss=losses[-1], lr=lr, seconds=seconds,
+        out[k] = (TrainResult(steps=m.steps, examples_seen=m.seen, num_examples=m.num_examples,
+                              mean_loss=sum(losses) / len(losses), last_loss=losses[-1], lr=m.lr, seconds=seconds,
                               tokens=m.tokens), losses)
     return out
