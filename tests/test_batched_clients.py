@@ -179,6 +179,9 @@ def test_dropout_makes_the_engine_train_serially(tmp_path, caplog):
         engine._setup()
     assert engine.transport.grouped is None
     assert "dropout" in caplog.text and "one after another" in caplog.text
+    # a method not known to have data-only client hooks is refused by name
+    from types import SimpleNamespace
+    assert "'my_method' is not known" in batching_refusal(engine.model, SimpleNamespace(name="my_method"), cfg)
 
 
 # --- kill and resume with C > 1 ---------------------------------------------------------------------------
