@@ -17,6 +17,7 @@ refused with the reason before any worker starts.
 from __future__ import annotations
 
 import logging
+import pickle
 import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -78,6 +79,16 @@ def spread(n_plans: int, workers: int) -> list[range]:
     return out
 
 
+def _send(conn, message: Any) -> None:
+    """Plain pickle through the pipe: tensors travel by value (small adapter states), not through shared
+    memory and file-descriptor passing, so no resource-sharer thread or temp socket outlives a run."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
 def _worker(config_json: dict, device: str, conn) -> None:
     """A worker's life: build the model and client side on ``device``, then answer train requests."""
     try:
@@ -89,12 +100,12 @@ def _worker(config_json: dict, device: str, conn) -> None:
         strategy.prepare_model(model)
         runner = ClientRunner(model, strategy, cfg, prepare_client_data(cfg, data, loaded.tokenizer), None)
         grouped = GroupedRunner.build(runner)
-        conn.send(("ready", None))
+        _send(conn, ("ready", None))
     except Exception:
-        conn.send(("error", traceback.format_exc()))
+        _send(conn, ("error", traceback.format_exc()))
         return
     while True:
-        msg = conn.recv()
+        msg = _recv(conn)
         if msg[0] == "stop":
             return
         _, round_idx, plans, global_state, lr, base = msg
@@ -113,7 +124,7 @@ def _worker(config_json: dict, device: str, conn) -> None:
                     out.append(runner.run(round_idx, plan, global_state, lr))
                 except Exception as exc:
                     out.append(exc)
-        conn.send(("done", [RuntimeError(f"{type(x).__name__}: {x}") if isinstance(x, Exception) else x for x in out]))
+        _send(conn, ("done", [RuntimeError(f"{type(x).__name__}: {x}") if isinstance(x, Exception) else x for x in out]))
 
 
 class DeviceTransport(Transport):
@@ -134,7 +145,7 @@ class DeviceTransport(Transport):
             self.workers.append((proc, parent))
         for (proc, conn), device in zip(self.workers, devices):
             try:
-                kind, detail = conn.recv()
+                kind, detail = _recv(conn)
             except EOFError:  # it exited before answering (e.g. a spawned child could not import __main__)
                 proc.join(timeout=10)
                 kind, detail = "error", f"exit code {proc.exitcode} before it was ready"
@@ -165,13 +176,13 @@ class DeviceTransport(Transport):
         chunks = spread(len(plans), len(self.workers))
         for (proc, conn), chunk in zip(self.workers, chunks):
             if len(chunk):
-                conn.send(("train", round_idx, [plans[i] for i in chunk], global_state, lr, base))
+                _send(conn, ("train", round_idx, [plans[i] for i in chunk], global_state, lr, base))
         out: list[Any] = []
         for (proc, conn), chunk, device in zip(self.workers, chunks, self.devices):
             if not len(chunk):
                 continue
             try:
-                kind, replies = conn.recv()
+                kind, replies = _recv(conn)
             except EOFError:
                 raise RuntimeError(f"federation.devices: the worker on {device} died (exit code {proc.exitcode})")
             out.extend(replies)
@@ -180,7 +191,7 @@ class DeviceTransport(Transport):
     def close(self) -> None:
         for proc, conn in self.workers:
             try:
-                conn.send(("stop",))
+                _send(conn, ("stop",))
             except (BrokenPipeError, OSError):
                 pass
         for proc, _ in self.workers:
