@@ -62,7 +62,8 @@ def successive_halving(trials: Sequence[int], objective: Callable[[int, int], fl
     for k, rounds in enumerate(result.rounds):
         scores = {t: objective(t, rounds) for t in alive}
         result.rungs.append(scores)
-        alive = promote(scores, eta, lower_is_better)
+        promoted = promote(scores, eta, lower_is_better)
+        alive = sorted(promoted)  # the next rung runs in trial order
         if k == len(result.rounds) - 1:
-            result.best = alive[0]
+            result.best = promoted[0]
     return result

@@ -127,7 +127,7 @@ def check_space_keys(space: dict[str, Any], base_data: dict[str, Any]) -> None:
         except ConfigError as exc:
             if "unknown key" in str(exc):
                 raise ConfigError(f"space: '{key}' is not a config key\n{exc}") from None
-            raise
+            # other errors (a value out of range) are reported per trial, with the trial's point
 
 
 def load_sweep(path: str | Path, extra_overrides: list[str] | None = None) -> Sweep:
