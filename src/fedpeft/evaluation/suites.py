@@ -13,6 +13,7 @@ prompts and grades the answers, exactly as in per-round evaluation: there is one
 | glue (FL-TAC's five: sst2, mrpc, qqp, qnli, rte) | validation | verbaliser multiple choice (lm-eval prompts), acc | – |
 | dolly (global_test) | test | LM loss / perplexity of the response | generate, ROUGE-L F1 |
 | mt_bench (80 questions) | test | – | two-turn answers, judge scores 1-10 (see ``judge.py``) |
+| FlowerTune tracks: finance (fpb, fiqa, tfns), medical (pubmedqa, medmcqa, medqa, careqa), general (mmlu_stem, mmlu_social_sciences, mmlu_humanities) | test | – | the leaderboard's prompts, greedy generation, its answer mapping, accuracy (``flowertune.py``) |
 | humaneval, mbpp (suite ``code``) | test | – | continue the prompt (through the chat template with ``template=chat``), run prompt + completion + tests in the sandbox, pass@1 (``code_eval.py``) |
 
 ``mode="auto"`` runs the generation evaluator where the seeds' numbers come from generation (gsm8k,
@@ -44,7 +45,7 @@ from fedpeft.data.builtin import make_task
 from fedpeft.data.encoding import format_prompt
 from fedpeft.data.sources import DataError
 from fedpeft.data.tasks import CommonsenseTask, Task, mmlu_category
-from fedpeft.evaluation import code_eval
+from fedpeft.evaluation import code_eval, flowertune
 from fedpeft.evaluation.generation import generation_eval
 from fedpeft.evaluation.loglik import MultipleChoiceItem, evaluate_lm_loss, evaluate_multiple_choice
 from fedpeft.evaluation.suite_table import (COMMONSENSE8, LM_EVAL_PREFIX, SUITES, TASKS, SuiteEntry, SuiteTask,
@@ -232,6 +233,8 @@ def _run_task(model, tokenizer, entry: SuiteEntry, evaluator: str, options: Eval
         return _run_mt_bench(model, tokenizer, entry, options)
     if evaluator == "pass_at_k":
         return _run_code(model, tokenizer, entry, options)
+    if evaluator == "flowertune":
+        return _run_flowertune(model, tokenizer, entry, options)
     task = suite_task(spec, options)
     records = suite_records(spec, entry.split, task, options)
     result = TaskResult(entry.suite, entry.task, evaluator, split=entry.split, num_examples=len(records))
@@ -277,6 +280,15 @@ def _run_code(model, tokenizer, entry: SuiteEntry, options: EvalOptions) -> Task
     return TaskResult(entry.suite, entry.task, "pass_at_k", result.metrics, result.num_problems,
                       result.generation_seconds + result.execution_seconds, split=entry.split,
                       extra={"execution_seconds": result.execution_seconds})
+
+
+def _run_flowertune(model, tokenizer, entry: SuiteEntry, options: EvalOptions) -> TaskResult:
+    """A FlowerTune leaderboard set with the leaderboard's prompts and scoring (``flowertune.py``)."""
+    out = flowertune.run_set(model, tokenizer, entry.task, options.data_dir, limit=options.limit, seed=options.seed,
+                             batch_size=options.batch_size, max_new_tokens=options.max_new_tokens)
+    return TaskResult(entry.suite, entry.task, "flowertune", out["metrics"], out["examples"], out["seconds"],
+                      split=entry.split, extra={"samples": out["samples"][:options.samples_to_keep],
+                                                "scores": out["scores"]})
 
 
 def _run_mt_bench(model, tokenizer, entry: SuiteEntry, options: EvalOptions) -> TaskResult:
@@ -374,7 +386,7 @@ def flat_metrics(results: Sequence[TaskResult]) -> dict[str, float]:
         for key, value in r.metrics.items():
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 out[f"{prefix}/{key}"] = float(value)
-        if r.metrics.get("acc") is not None and r.evaluator in ("multiple_choice", "generate"):
+        if r.metrics.get("acc") is not None and r.evaluator in ("multiple_choice", "generate", "flowertune"):
             suite_acc[(r.suite, r.evaluator)].append((r.split, float(r.metrics["acc"])))
     for (suite, evaluator), values in suite_acc.items():
         if suite in SUITES and len(SUITES[suite]) > 1 and len(values) > 1:
