@@ -175,3 +175,39 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     rows = list(itertools.islice((out / "results.csv").read_text().splitlines(), 1, None))
     assert [r.split(",")[0] for r in rows] == ["t000", "t001", "t002"]
     assert all(math.isfinite(float(r.split(",")[3])) for r in rows)  # a validation loss per trial
+
+
+def test_stopped_trial_is_reported_and_not_retried_and_one_sweep_per_directory(tmp_path):
+    from fedpeft.federation.run_dir import RunDirError
+    from fedpeft.federation.transport import RunStopped
+
+    spec = _spec(tmp_path, strategy="grid", space={"training.lr": [0.01, 0.02]})
+    ran = []
+
+    def trial(config, run_dir):
+        ran.append(config.training.lr)
+        if config.training.lr == 0.01:
+            raise RunStopped("round 1: no client update was accepted")
+        return {"final_metrics": {"exact_match": 0.5}, "seconds": 0.0, "val_loss": 2.0}
+
+    runner = SweepRunner(load_sweep(spec), tmp_path / "sw", trial)
+    with pytest.raises(RunDirError, match="in use"):
+        SweepRunner(load_sweep(spec), tmp_path / "sw", trial)
+    result = runner.run()
+    assert [(r["trial"], r["status"], r["metric"]) for r in result["rows"]] == [("t000", "stopped", None),
+                                                                               ("t001", "finished", 0.5)]
+    assert result["best"]["trial"] == "t001"
+    SweepRunner(load_sweep(spec), tmp_path / "sw", trial).run()  # the lock was released; nothing reruns
+    assert ran == [0.01, 0.02]
+
+
+def test_cli_refuses_an_unknown_space_key_before_any_trial(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedpeft.cli import app
+
+    spec = _spec(tmp_path, strategy="grid", space={"training.lrr": [0.1]})
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--dir", str(tmp_path / "sw")])
+    assert result.exit_code == 2
+    assert "training.lrr" in result.output and "did you mean 'training.lr'" in result.output
+    assert not (tmp_path / "sw").exists()

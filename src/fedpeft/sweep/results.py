@@ -45,7 +45,7 @@ def _fmt(value: Any) -> str:
 
 
 def table_columns(keys: list[str]) -> list[str]:
-    return ["trial", *keys, "rounds", "val_loss", "metric", "seconds", "run_dir"]
+    return ["trial", *keys, "rounds", "val_loss", "metric", "seconds", "status", "run_dir"]
 
 
 def write_results(rows: list[dict], keys: list[str], metric_name: str, out_dir: Path, select_by: str,

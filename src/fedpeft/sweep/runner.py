@@ -12,6 +12,8 @@ Trial names are deterministic: ``t<index>`` (the index of the point in the grid 
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import math
@@ -25,7 +27,8 @@ from typing import Any
 from fedpeft.config import ConfigError, ExperimentConfig
 from fedpeft.federation.durable import replace_durable
 from fedpeft.federation.engine import run_experiment
-from fedpeft.federation.run_dir import RunDirectory
+from fedpeft.federation.run_dir import RunDirectory, RunDirError
+from fedpeft.federation.transport import RunStopped
 from fedpeft.report.plots import lower_is_better, primary_metric
 from fedpeft.sweep.halving import successive_halving
 from fedpeft.sweep.results import write_results
@@ -35,6 +38,9 @@ from fedpeft.sweep.val_loss import validation_loss
 log = logging.getLogger(__name__)
 
 STATE_FILE = "sweep_state.json"
+LOCK_FILE = ".sweep.lock"
+DONE = ("finished", "stopped")
+"""Trial states that are final: a stopped trial (no client update accepted in a round) is reported, not retried."""
 KILL_ENV = "FEDPEFT_SWEEP_KILL_AT"
 """Testing aid: ``after:<trial name>`` makes the process SIGKILL itself once that trial is recorded."""
 
@@ -55,7 +61,25 @@ class SweepRunner:
     def __init__(self, sweep: Sweep, out_dir: str | Path, trial_fn: TrialFn = run_trial) -> None:
         self.sweep, self.out_dir, self.trial_fn = sweep, Path(out_dir), trial_fn
         self.state_path = self.out_dir / STATE_FILE
+        self._lock = self._take_lock()
         self.state = self._load_state()
+
+    def _take_lock(self):
+        """One sweep process per directory (the kernel drops the flock when the process dies, kill -9 too)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.out_dir / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirError(f"sweep directory {self.out_dir} is in use by another fedpeft sweep") from None
+            raise
+        return handle
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            self._lock.close()
 
     # --- state ---------------------------------------------------------------------------------------
     def _load_state(self) -> dict[str, Any]:
@@ -88,20 +112,27 @@ class SweepRunner:
         """The record of trial ``index`` (at a rung's ``rounds``): from the state when finished, else run now."""
         name = self.trial_name(index, rounds)
         done = self.state["trials"].get(name)
-        if done is not None and done.get("status") == "finished":
+        if done is not None and done.get("status") in DONE:
             return done
         point = self.sweep.points[index]
         config = self.sweep.configs[index] if rounds is None else self.sweep.config_for(point, rounds)
         run_dir = self.out_dir / "trials" / name
         log.info("sweep trial %s: %s", name, point)
         start = time.perf_counter()
-        result = self.trial_fn(config, run_dir)
-        metric_name = self.metric_name(result["final_metrics"])
-        self.state["metric_name"] = metric_name
         record = {"trial": name, "index": index, "params": point, "rounds": config.federation.rounds,
-                  "status": "finished", "run_dir": str(run_dir), "metric": result["final_metrics"].get(metric_name),
-                  "val_loss": result["val_loss"], "final_metrics": result["final_metrics"],
-                  "seconds": round(float(result.get("seconds", time.perf_counter() - start)), 2)}
+                  "run_dir": str(run_dir)}
+        try:
+            result = self.trial_fn(config, run_dir)
+        except RunStopped as exc:  # the run cannot go on (no update accepted): report it, go on with the others
+            log.warning("sweep trial %s stopped: %s", name, exc)
+            record.update(status="stopped", error=str(exc), metric=None, val_loss=None, final_metrics={},
+                          seconds=round(time.perf_counter() - start, 2))
+        else:
+            metric_name = self.metric_name(result["final_metrics"])
+            self.state["metric_name"] = metric_name
+            record.update(status="finished", metric=result["final_metrics"].get(metric_name),
+                          val_loss=result["val_loss"], final_metrics=result["final_metrics"],
+                          seconds=round(float(result.get("seconds", time.perf_counter() - start)), 2))
         self.state["trials"][name] = record
         self._save_state()
         if os.environ.get(KILL_ENV) == f"after:{name}":
@@ -117,6 +148,12 @@ class SweepRunner:
 
     # --- the sweep -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict[str, Any]:
         self._save_state()
         spec = self.sweep.spec
         indices = list(range(len(self.sweep.points)))
@@ -143,7 +180,7 @@ class SweepRunner:
     def write(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         keys = list(self.sweep.spec.space)
         rows = [{"trial": r["trial"], **{k: r["params"].get(k) for k in keys}, "rounds": r["rounds"],
-                 "val_loss": r["val_loss"], "metric": r["metric"], "seconds": r["seconds"],
+                 "val_loss": r["val_loss"], "metric": r["metric"], "seconds": r["seconds"], "status": r["status"],
                  "run_dir": os.path.relpath(r["run_dir"], self.out_dir)} for r in records]
         metric_name = self.state.get("metric_name", "metric")
         summary = write_results(rows, keys, metric_name, self.out_dir, self.sweep.spec.select_by,
