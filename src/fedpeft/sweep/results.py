@@ -76,13 +76,13 @@ def write_results(rows: list[dict], keys: list[str], metric_name: str, out_dir: 
               "", f"Best by {'the task metric' if sel_key == 'metric' else 'validation loss'}: "
               + (f"{best['trial']} ({', '.join(f'{k}={best[k]}' for k in keys)})" if best else "none finished")]
     replace_durable(out_dir / "results.md", ("\n".join(lines) + "\n").encode())
-    plot = plot_results(rows, metric_name, out_dir / "sweep.png")
+    plot = plot_results(rows, metric_name, out_dir / "sweep.png", select_by=sel_key)
     return {"spearman": rho, "best": best, "plot": plot}
 
 
-def plot_results(rows: list[dict], metric_name: str, path: Path) -> Path | None:
+def plot_results(rows: list[dict], metric_name: str, path: Path, select_by: str = "metric") -> Path | None:
     """Left: validation loss against the task metric, one labelled point per trial (first budget).
-    Right (several budgets): each trial's metric against its rounds."""
+    Right (several budgets): each trial's ranking quantity (``select_by``) against its rounds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,9 +109,9 @@ def plot_results(rows: list[dict], metric_name: str, path: Path) -> Path | None:
             by_trial.setdefault(r["trial"].split("-")[0], []).append(r)
         for name, series in sorted(by_trial.items()):
             series.sort(key=lambda r: r["rounds"])
-            ax2.plot([r["rounds"] for r in series], [r["metric"] for r in series], marker="o", label=name)
+            ax2.plot([r["rounds"] for r in series], [r[select_by] for r in series], marker="o", label=name)
         ax2.set_xlabel("rounds (rung budget)")
-        ax2.set_ylabel(metric_name)
+        ax2.set_ylabel(metric_name if select_by == "metric" else "validation loss")
         ax2.set_title("successive halving")
         ax2.legend(fontsize=7)
     fig.tight_layout()
