@@ -62,7 +62,11 @@ class SweepRunner:
         self.sweep, self.out_dir, self.trial_fn = sweep, Path(out_dir), trial_fn
         self.state_path = self.out_dir / STATE_FILE
         self._lock = self._take_lock()
-        self.state = self._load_state()
+        try:
+            self.state = self._load_state()
+        except BaseException:
+            self.close()
+            raise
 
     def _take_lock(self):
         """One sweep process per directory (the kernel drops the flock when the process dies, kill -9 too)."""
