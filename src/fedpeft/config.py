@@ -19,6 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from fedpeft.alignment.names import DEFAULT_BETA, DEFAULT_REWARD_LOSS, OBJECTIVES, REWARD_LOSS_PARAMS
 from fedpeft.metering.schemes import SCHEMES
 
 from fedpeft.evaluation.suite_table import resolve_suite
@@ -265,12 +266,53 @@ class TrainingConfig(_Section):
         "it is sampled, per local adapter, in its client store (so a resumed run continues it exactly); false: a "
         "fresh optimizer every round.")
 
+    objective: Literal[OBJECTIVES] = Field(
+        "sft", description="sft: the model's own language-modelling loss; reward: a scalar-head reward model "
+        "(model.head=classification) trained on preference pairs with training.loss; dpo / ipo: the LoRA policy "
+        "against the frozen base (adapters disabled) as reference, with training.beta. reward/dpo/ipo read "
+        "preference records (prompt, chosen, rejected; see docs/alignment.md).")
+    loss: str | None = Field(None, description=f"objective=reward: the pairwise loss ({', '.join(REWARD_LOSS_PARAMS)}); "
+                             f"default {DEFAULT_REWARD_LOSS}.")
+    loss_params: dict[str, float] = Field(default_factory=dict, description="objective=reward: the loss's parameters, "
+                                          "e.g. {margin: 0.5} (see docs/alignment.md for each loss's parameters).")
+    beta: float | None = Field(None, gt=0, description=f"objective=dpo/ipo: strength of the pull towards the reference "
+                               f"(default {DEFAULT_BETA}).")
+
     @model_validator(mode="after")
     def _lr_min_le_lr(self) -> "TrainingConfig":
         if self.schedule == "cosine" and self.lr_min > self.lr:
             raise ValueError(f"training.lr_min={self.lr_min} exceeds training.lr={self.lr}: the cosine schedule "
                              "decays from lr to lr_min")
         return self
+
+    @model_validator(mode="after")
+    def _objective_keys(self) -> "TrainingConfig":
+        """training.loss / loss_params belong to objective=reward, training.beta to dpo/ipo; a loss name or
+        parameter that does not exist is refused with the valid ones."""
+        if self.objective != "reward" and (self.loss is not None or self.loss_params):
+            raise ValueError(f"training.loss / training.loss_params select the reward-model loss; they need "
+                             f"training.objective=reward (got objective={self.objective})")
+        if self.objective not in ("dpo", "ipo") and self.beta is not None:
+            raise ValueError(f"training.beta is DPO/IPO's strength; it needs training.objective=dpo or ipo "
+                             f"(got objective={self.objective})")
+        if self.loss is not None and self.loss not in REWARD_LOSS_PARAMS:
+            raise ValueError(f"training.loss={self.loss!r} is not a reward loss; valid: {', '.join(REWARD_LOSS_PARAMS)}")
+        valid = REWARD_LOSS_PARAMS[self.reward_loss]
+        for key in self.loss_params:
+            if key not in valid:
+                raise ValueError(f"training.loss_params: {key!r} is not a parameter of loss {self.reward_loss!r}; "
+                                 f"valid: {', '.join(valid) or 'none (it has no parameters)'}")
+        return self
+
+    @property
+    def reward_loss(self) -> str:
+        """The reward loss in effect (``training.loss`` or its default)."""
+        return self.loss or DEFAULT_REWARD_LOSS
+
+    @property
+    def preference_beta(self) -> float:
+        """DPO/IPO's beta in effect (``training.beta`` or its default)."""
+        return self.beta if self.beta is not None else DEFAULT_BETA
 
 
 class EvaluationConfig(_Section):
@@ -325,6 +367,19 @@ class ExperimentConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _objective_head(self) -> "ExperimentConfig":
+        """A reward model is a scalar head (model.head=classification with one output); DPO/IPO train the
+        causal LM itself."""
+        objective, head = self.training.objective, self.model.head
+        if objective == "reward" and head != "classification":
+            raise ValueError("training.objective=reward trains a scalar-head reward model: set model.head=classification "
+                             f"(got model.head={head})")
+        if objective in ("dpo", "ipo") and head != "causal_lm":
+            raise ValueError(f"training.objective={objective} trains the language model itself: set model.head=causal_lm "
+                             f"(got model.head={head})")
+        return self
 
     @model_validator(mode="after")
     def _method_section(self, info: ValidationInfo) -> "ExperimentConfig":

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fedpeft.alignment.dpo import batch_preference_loss
+from fedpeft.alignment.names import OBJECTIVES
 from fedpeft.alignment.reward_losses import reward_loss
-
-OBJECTIVES = ("sft", "reward", "dpo", "ipo")
 
 
 def pair_rewards(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedpeft.alignment.experiment import encode_preference_records, is_preference, load_preference_data
 from fedpeft.data.builtin import load_for_experiment
 from fedpeft.data.encoding import encode_records
 from fedpeft.data.experiment import ExperimentData
@@ -12,7 +13,10 @@ __all__ = ["ExperimentData", "encode_for_experiment", "evaluation_group", "load_
 
 def encode_for_experiment(config, data: ExperimentData, records, tokenizer):
     """``encode_records`` as the model's head needs: prompt + target tokens (causal LM), or text + class
-    index (classification). Returns (encoded or None per record, number dropped)."""
+    index (classification), or (chosen, rejected) pairs for a preference objective (training.objective).
+    Returns (encoded or None per record, number dropped)."""
+    if is_preference(config):
+        return encode_preference_records(config, records, tokenizer)
     classes = data.classes() if config.model.head == "classification" else None
     return encode_records(records, tokenizer, config.data.template, config.training.max_seq_len, classes=classes)
 
@@ -47,7 +51,7 @@ def sample_evaluation(records: list[dict], max_examples: int | None, seed: int, 
 def load_experiment_data(config) -> ExperimentData:
     """Resolve ``config.data`` to records; raises before any model is loaded when the data is bad.
     ``evaluation.max_examples`` keeps a seeded sample of the evaluation records (``sample_evaluation``)."""
-    loaded = _load(config)
+    loaded = load_preference_data(config) if is_preference(config) else _load(config)
     evaluation = getattr(config, "evaluation", None)
     cap = getattr(evaluation, "max_examples", None)
     if cap is not None:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from fedpeft.adapters import AdapterState, adapter_parameters, get_adapter_state, set_adapter_state, set_trainable
+from fedpeft.alignment.dpo import collate_pairs
+from fedpeft.alignment.experiment import is_preference, objective_from_config
 from fedpeft.data.dataset import encode_for_experiment
 from fedpeft.data.encoding import EncodedExample, collate
 from fedpeft.data.partition import partition
@@ -42,6 +45,8 @@ class ClientData:
     """Per client, the indices of its (encodable) training records."""
     pad_id: int
     batch_size: int
+    collate_fn: Callable = collate
+    """Batch maker: ``collate`` (examples), or ``dpo.collate_pairs`` (preference pairs, training.objective)."""
 
     def examples(self, client_id: int, data_key: str | None = None) -> list[int]:
         idx = self.indices[client_id]
@@ -55,7 +60,7 @@ class ClientData:
         """Endless batches over ``indices`` in a seeded order (epochs without replacement)."""
         stream = index_stream(indices, seed)
         while True:
-            yield collate([self.encoded[next(stream)] for _ in range(self.batch_size)], self.pad_id)
+            yield self.collate_fn([self.encoded[next(stream)] for _ in range(self.batch_size)], self.pad_id)
 
 
 def prepare_client_data(config, data, tokenizer) -> ClientData:
@@ -70,7 +75,8 @@ def prepare_client_data(config, data, tokenizer) -> ClientData:
         log.warning("dropped %d of %d training examples whose target does not fit in training.max_seq_len=%d",
                     dropped, len(encoded), config.training.max_seq_len)
     indices = [[i for i in idx if encoded[i] is not None] for idx in indices]
-    return ClientData(encoded, labels, indices, tokenizer.pad_token_id, config.federation.batch_size)
+    return ClientData(encoded, labels, indices, tokenizer.pad_token_id, config.federation.batch_size,
+                      collate_fn=collate_pairs if is_preference(config) else collate)
 
 
 @contextlib.contextmanager
@@ -98,6 +104,8 @@ class ClientRunner:
         self.config = config
         self.data = data
         self.store = store
+        self.objective = objective_from_config(config)
+        """The local loss of a preference objective (training.objective); None: the model's own loss."""
 
     def run(self, round_idx: int, plan: ClientPlan, start_state: AdapterState | None, lr: float,
             on_start=None, on_step=None) -> LocalResult:
@@ -146,7 +154,7 @@ class ClientRunner:
                 steps=cfg.federation.local_steps, grad_accumulation=cfg.federation.grad_accumulation, lr=lr,
                 optimizer_name=cfg.training.optimizer, weight_decay=cfg.training.weight_decay,
                 max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
-                num_examples=len(examples), on_step=on_step, optimizer=optimizer,
+                num_examples=len(examples), on_step=on_step, optimizer=optimizer, loss_fn=self.objective,
             )
         # Private state is staged, not written: the caller commits it once the update is accepted.
         staged = StagedStore(self.store, plan.client_id)

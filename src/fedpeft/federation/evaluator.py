@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from fedpeft.adapters import AdapterState, set_adapter_state
+from fedpeft.alignment.experiment import objective_from_config, preference_eval
 from fedpeft.evaluation.classification import classification_eval
 from fedpeft.evaluation.generation import generation_eval
 from fedpeft.evaluation.suites import EvalOptions, flat_metrics, run_suite
@@ -39,6 +40,8 @@ class Evaluator:
         """Where the clients' state is elsewhere: ``(round, global, clients) -> client -> score`` (None:
         that transport cannot evaluate there)."""
         self.headline_metric: str | None = None
+        self.objective = objective_from_config(config)
+        """A preference objective's loss (training.objective): held-out pairs are scored with it."""
         # The partition label (data.partition.by, else the task) of every evaluation record.
         self.eval_labels = [str(r.get(data.label_field, r.get("task"))) for r in data.evaluation]
 
@@ -49,6 +52,8 @@ class Evaluator:
         for them and every evaluation, the final one included, scores the same records."""
         ecfg = self.config.evaluation
         cap = None if final else ecfg.max_examples
+        if self.objective is not None:  # reward / DPO / IPO: pairwise accuracy and margin on held-out pairs
+            return preference_eval(self.model, self.tokenizer, self.objective, records, self.config, max_examples=cap)
         if self.config.model.head == "classification":
             return classification_eval(self.model, self.tokenizer, records, self.data.classes(),
                                        max_len=self.config.training.max_seq_len, batch_size=ecfg.batch_size,

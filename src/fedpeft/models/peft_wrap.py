@@ -53,6 +53,14 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     base.enable_input_require_grads()
 
 
+def _num_labels(cfg, data) -> int | None:
+    """Outputs of a classification head: one per class of the data, or one (the scalar reward) for
+    ``training.objective=reward``; None for a causal LM."""
+    if cfg.model.head != "classification":
+        return None
+    return 1 if cfg.training.objective == "reward" else len(data.classes())
+
+
 def load_experiment_model(cfg, data, device: torch.device | None = None):
     """The base model of an experiment config, with the head its data needs (a classifier gets one
     output per class of ``data``), on its device, quantised and checkpointed as configured, wrapped
@@ -63,8 +71,9 @@ def load_experiment_model(cfg, data, device: torch.device | None = None):
     head = cfg.model.head
     device = device if device is not None else resolve_device(cfg.model.device)
     loaded = registry.load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
-                                      gguf_file=cfg.model.gguf_file, head=head,
-                                      num_labels=len(data.classes()) if head == "classification" else None,
+                                      gguf_file=cfg.model.gguf_file,
+                                      head="reward" if cfg.training.objective == "reward" else head,
+                                      num_labels=_num_labels(cfg, data),
                                       device=device, quantization=cfg.model.quantization,
                                       attention=cfg.model.attention)
     base = loaded.model

