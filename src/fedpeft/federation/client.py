@@ -130,6 +130,7 @@ class ClientRunner:
         # Client side first: hooks and client-private state (e.g. a personal B merged into init_state)
         # come from this client's own store, wherever it runs.
         self.strategy.attach_client_hooks(round_idx, plan, self.store)
+        self.strategy.bind_received_state(round_idx, plan, {**(start_state or {}), **plan.downlink})
         if start_state is not None:
             set_adapter_state(self.model, start_state)
         if plan.init_state is not None or plan.downlink:

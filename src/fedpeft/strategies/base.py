@@ -185,6 +185,11 @@ class Strategy:
         so it may also merge client-private tensors from ``store`` into ``plan.init_state``.
         Default: nothing."""
 
+    def bind_received_state(self, round_idx: int, plan: ClientPlan, received: AdapterState) -> None:
+        """Runs on the client after ``attach_client_hooks``, with the global state this job received
+        (the start state the engine or Flower sent, overlaid with ``plan.downlink``): for hooks that
+        need it (Ditto's pull of the personal adapter towards the global one). Default: nothing."""
+
     def client_update(
         self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any
     ) -> ClientUpdate:
