@@ -20,7 +20,9 @@ from fedpeft.strategies import build_experiment_strategy
 from fedpeft.strategies.base import ClientUpdate
 from fedpeft.strategies.ditto import PERSONAL_NAME
 
-from strategy_fakes import MemoryStore, adapter, make
+from fedpeft.strategies.fedper import personal_keys
+
+from strategy_fakes import HEAD, MemoryStore, adapter, make, run_round
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -79,3 +81,46 @@ def test_ditto_aggregates_only_the_global_jobs():
     result = ditto.aggregate(1, g, updates).global_state
     for k in g:
         torch.testing.assert_close(result[k], 0.25 * a[k] + 0.75 * b[k])
+
+
+# --- FedPer ----------------------------------------------------------------------------------------------
+def test_fedper_selects_keys_by_substring_and_by_last_layers():
+    keys = list(adapter(2, seed=0))  # layers 0 (q, v) and 1 (q), and a head
+    assert personal_keys(keys, [], 1) == {k for k in keys if ".layers.1." in k}
+    assert personal_keys(keys, ["score"], 0) == {HEAD}
+    assert personal_keys(keys, ["v_proj"], 1) == {k for k in keys if ".layers.1." in k or "v_proj" in k}
+
+
+def test_fedper_keeps_personal_tensors_on_the_client_and_averages_the_rest():
+    fedper = make("fedper", personal_modules=["score"], personal_last_layers=1)
+    g = adapter(2, seed=0)
+    store = MemoryStore()
+    sizes = {0: 10, 1: 30}
+    plans, updates, agg = run_round(fedper, 1, [0, 1], g, store, sizes)
+    personal = personal_keys(list(g), ["score"], 1)
+    for plan, up in zip(plans, updates):
+        assert set(plan.downlink) == set(up.tensors) == set(g) - personal  # personal keys never travel
+        kept = store.get(plan.client_id, "fedper_personal")
+        assert set(kept) - {"__num_examples__"} == personal
+    for k in g:
+        if k in personal:
+            assert torch.equal(agg.global_state[k], g[k])  # not aggregated
+        else:
+            torch.testing.assert_close(agg.global_state[k], 0.25 * updates[0].tensors[k] + 0.75 * updates[1].tensors[k])
+    # Round 2: a client starts from its own personal tensors, merged on the client from its store.
+    plans2 = fedper.configure_round(2, [1], agg.global_state, store)
+    fedper.attach_client_hooks(2, plans2[0], store)
+    for k in personal:
+        assert torch.equal(plans2[0].init_state[k], store.get(1, "fedper_personal")[k])
+    # An upload carrying a personal tensor is refused (the engine drops that client).
+    bad = ClientUpdate(0, {**updates[0].tensors, HEAD: g[HEAD]}, 10)
+    with pytest.raises(ValueError, match="personal layers stay on the client"):
+        fedper.check_update(g, bad)
+
+
+def test_fedper_options_must_select_a_strict_part():
+    with pytest.raises(Exception, match="needs a personal part"):
+        make("fedper")
+    fedper = make("fedper", personal_modules=["lora_"], personal_last_layers=0)
+    with pytest.raises(ValueError, match="select every adapter tensor"):
+        fedper.configure_round(1, [0], adapter(2, seed=0, head=False), MemoryStore())
