@@ -327,6 +327,12 @@ class EvaluationConfig(_Section):
     personal_max_clients: int | None = Field(
         None, ge=1, description="Personalised methods (FedSA-LoRA, local-only): evaluate at most this many clients' "
         "own adapters at the end, a seeded sample (None: every client).")
+    finetune_steps: int = Field(0, ge=0, description="Local fine-tuning after federation: at the end, each evaluated "
+                                "client (all, or evaluation.personal_max_clients of them) fine-tunes the final global "
+                                "adapter this many steps on its own data and is scored on the evaluation records of its "
+                                "labels; reported as finetuned/mean, std, min, max beside the global model (0: off).")
+    finetune_lr: float | None = Field(None, gt=0, description="Learning rate of that fine-tuning (default: the last "
+                                      "round's client learning rate).")
     suites: list[str] = Field(default_factory=list, description="Benchmark suites (commonsense8, mmlu, gsm8k, ...) run on "
                               "the final global model; 'mmlu:validation' picks a split (MMLU's default is test).")
     suite_limit: int | None = Field(None, ge=1, description="Examples per suite task, a seeded sample stratified by "

@@ -165,3 +165,25 @@ class ClientRunner:
             update.private[OPTIMIZER_NAME + plan.job] = optimizer_tensors(optimizer, params)
         update.metrics.setdefault("loss", result.mean_loss)
         return LocalResult(update, result, losses, peak_cuda_mb=peak_cuda_mb(device))
+
+    def finetune(self, client_id: int, state: AdapterState, steps: int, lr: float) -> tuple[AdapterState, float]:
+        """Local fine-tuning after federation (evaluation.finetune_steps): ``state`` loaded, every adapter
+        tensor trained ``steps`` steps on the client's own records (a fresh optimizer, the run's loss or
+        preference objective, seeded by the client), nothing uploaded or stored. Returns the fine-tuned
+        adapter and the mean loss."""
+        cfg = self.config
+        examples = self.data.examples(client_id)
+        if not examples:
+            raise ValueError(f"client {client_id} has no training examples to fine-tune on")
+        set_adapter_state(self.model, state)
+        set_trainable(self.model, None)
+        params = {n: p for n, p in adapter_parameters(self.model).items() if p.requires_grad}
+        torch.manual_seed(derive_seed(cfg.seed, "finetune_dropout", client_id))
+        batches = self.data.batches(examples, derive_seed(cfg.seed, "finetune", client_id))
+        result, _ = train_local(
+            self.model, params, batches, ClientPlan(client_id=client_id, downlink={}, job="finetune"),
+            steps=steps, grad_accumulation=cfg.federation.grad_accumulation, lr=lr,
+            optimizer_name=cfg.training.optimizer, weight_decay=cfg.training.weight_decay,
+            max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
+            num_examples=len(examples), loss_fn=self.objective)
+        return get_adapter_state(self.model), result.mean_loss

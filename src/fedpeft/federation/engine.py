@@ -133,7 +133,15 @@ class Engine:
         self.evaluator = Evaluator(self.model, self.tokenizer, cfg, self.data, self.strategy, self.store, self.metrics,
                                    self.client_indices, self.labels,
                                    personal_on_server=self.transport.personal_state_on_server,
-                                   remote_personal=self.transport.evaluate_personal)
+                                   remote_personal=self.transport.evaluate_personal, finetune=self._finetune)
+
+    def _finetune(self, client_id: int, state: AdapterState) -> AdapterState:
+        """evaluation.finetune_steps: the client fine-tunes ``state`` on its own data (the last round's lr
+        unless evaluation.finetune_lr is set)."""
+        cfg = self.config
+        lr = cfg.evaluation.finetune_lr or round_lr(cfg.federation.rounds, cfg.federation.rounds, cfg.training.lr,
+                                                    cfg.training.lr_min, cfg.training.schedule)
+        return self.runner.finetune(client_id, state, cfg.evaluation.finetune_steps, lr)[0]
 
     # --- the run --------------------------------------------------------------------------------
     def run(self) -> RunSummary:

@@ -23,6 +23,9 @@ from fedpeft.evaluation.generation import generation_eval
 from fedpeft.evaluation.suites import EvalOptions, flat_metrics, run_suite
 from fedpeft.seeding import derive_seed
 
+FINETUNE_OFF_SERVER = ("local fine-tuning after federation needs the clients' data, which this transport keeps "
+                       "where they train")
+
 PERSONAL_OFF_SERVER = ("the clients' private state (personal adapters) lives where they train, not on the "
                        "server, and this transport cannot evaluate there")
 
@@ -30,8 +33,8 @@ PERSONAL_OFF_SERVER = ("the clients' private state (personal adapters) lives whe
 class Evaluator:
     def __init__(self, model, tokenizer, config, data, strategy, store, metrics, client_indices: list[list[int]],
                  labels: list[str], personal_on_server: bool = True,
-                 remote_personal: Callable[[int, AdapterState, list[int]], dict[int, float] | None] | None = None
-                 ) -> None:
+                 remote_personal: Callable[[int, AdapterState, list[int]], dict[int, float] | None] | None = None,
+                 finetune: Callable[[int, AdapterState], AdapterState] | None = None) -> None:
         self.model, self.tokenizer, self.config, self.data = model, tokenizer, config, data
         self.strategy, self.store, self.metrics = strategy, store, metrics
         self.client_indices, self.labels = client_indices, labels
@@ -39,6 +42,8 @@ class Evaluator:
         self.remote_personal = remote_personal
         """Where the clients' state is elsewhere: ``(round, global, clients) -> client -> score`` (None:
         that transport cannot evaluate there)."""
+        self.finetune = finetune
+        """``(client, adapter) -> that adapter fine-tuned on the client's data`` (evaluation.finetune_steps)."""
         self.headline_metric: str | None = None
         self.objective = objective_from_config(config)
         """A preference objective's loss (training.objective): held-out pairs are scored with it."""
@@ -82,6 +87,8 @@ class Evaluator:
         metrics: dict[str, float] = {}
         if self.strategy.personalized:
             metrics.update(self.personal(global_state, round_idx))
+        if self.config.evaluation.finetune_steps:
+            metrics.update(self.finetuned(global_state, round_idx))
         if self.config.evaluation.suites:
             metrics.update(self.suites(global_state, round_idx))
         return metrics
@@ -120,6 +127,11 @@ class Evaluator:
             clients = sorted(int(c) for c in rng.choice(len(clients), size=cap, replace=False))
         return clients
 
+    def client_records(self, client_id: int) -> list[dict]:
+        """The evaluation records of the labels client ``client_id`` holds (its own distribution)."""
+        held = {self.labels[i] for i in self.client_indices[client_id]}
+        return [r for r, label in zip(self.data.evaluation, self.eval_labels) if label in held]
+
     def personal_scores(self, global_state: AdapterState, clients: list[int]) -> dict[int, float]:
         """Each client's own adapter (``strategy.personal_state`` from this process's client store) on
         the evaluation records of the labels it holds: client -> headline score. Runs wherever the
@@ -127,13 +139,13 @@ class Evaluator:
         scores = {}
         for client_id in clients:
             state = self.strategy.personal_state(client_id, global_state, self.store)
-            held = {self.labels[i] for i in self.client_indices[client_id]}
-            records = [r for r, label in zip(self.data.evaluation, self.eval_labels) if label in held]
+            records = self.client_records(client_id)
             if state is None or not records:
                 continue
             set_adapter_state(self.model, state)
             result = self._score(records, final=False)
             scores[client_id] = result["metrics"][result["headline"]]
+            self.headline_metric = self.headline_metric or result["headline"]
         return scores
 
     def personal(self, global_state: AdapterState, round_idx: int) -> dict[str, float]:
@@ -152,12 +164,40 @@ class Evaluator:
                 return {}
         if not per_client:
             return {}
-        values = np.array(list(per_client.values()))
-        metrics = {"personal/mean": float(values.mean()), "personal/std": float(values.std()),
-                   "personal/min": float(values.min()), "personal/max": float(values.max())}
+        metrics = spread("personal", per_client)
         self.metrics.log("eval", round=round_idx, split="personal", metrics=metrics,
                          per_client={str(k): v for k, v in sorted(per_client.items())}, examples=len(per_client),
                          clients_sampled=len(clients), clients_total=len(self.client_indices), scored_on=where,
+                         headline=self.headline_metric,
+                         seconds=time.perf_counter() - start)
+        return metrics
+
+    def finetuned(self, global_state: AdapterState, round_idx: int) -> dict[str, float]:
+        """Local fine-tuning after federation: each evaluated client fine-tunes the final global adapter
+        (``evaluation_state``) on its own data, then scores it on the evaluation records of its labels;
+        the mean and spread over clients, as ``finetuned/*``."""
+        start = time.perf_counter()
+        if not self.personal_on_server or self.finetune is None:
+            self.metrics.log("eval", round=round_idx, split="finetuned", metrics={}, skipped=FINETUNE_OFF_SERVER)
+            return {}
+        clients = self.personal_clients()
+        start_state = self.strategy.evaluation_state(global_state, self.store)
+        per_client: dict[int, float] = {}
+        for client_id in clients:
+            records = self.client_records(client_id)
+            if not records or not self.client_indices[client_id]:
+                continue
+            set_adapter_state(self.model, self.finetune(client_id, start_state))
+            result = self._score(records, final=False)
+            per_client[client_id] = result["metrics"][result["headline"]]
+            self.headline_metric = self.headline_metric or result["headline"]
+        if not per_client:
+            return {}
+        metrics = spread("finetuned", per_client)
+        self.metrics.log("eval", round=round_idx, split="finetuned", metrics=metrics,
+                         per_client={str(k): v for k, v in sorted(per_client.items())}, examples=len(per_client),
+                         clients_sampled=len(clients), clients_total=len(self.client_indices),
+                         steps=self.config.evaluation.finetune_steps, headline=self.headline_metric,
                          seconds=time.perf_counter() - start)
         return metrics
 
@@ -176,3 +216,9 @@ class Evaluator:
                          seconds=time.perf_counter() - start)
         return metrics
 
+
+def spread(prefix: str, per_client: dict[int, float]) -> dict[str, float]:
+    """Mean, (population) standard deviation, min and max over clients of their scores."""
+    values = np.array(list(per_client.values()), dtype=float)
+    return {f"{prefix}/mean": float(values.mean()), f"{prefix}/std": float(values.std()),
+            f"{prefix}/min": float(values.min()), f"{prefix}/max": float(values.max())}

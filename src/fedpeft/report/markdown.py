@@ -152,6 +152,38 @@ def _final_metrics(run: RunLog) -> list[str]:
             *(line for warning in warnings for line in (warning, "")), *([*skipped, ""] if skipped else [])]
 
 
+PERSONAL_SPLITS = {"personal": "each client's own adapter", "finetuned": "local fine-tuning of the global adapter"}
+
+
+def _personalised(run: RunLog) -> list[str]:
+    """Per-client scores (personalised methods' own adapters, local fine-tuning after federation) as
+    mean ± std over clients, next to the global model's score on the same metric."""
+    events = [e for e in run.of("eval") if str(e.get("split")) in PERSONAL_SPLITS and e.get("metrics")]
+    if not events:
+        return []
+    last = {}
+    for e in events:
+        last[str(e["split"])] = e  # the last one of each split
+    headline = next((e.get("headline") for e in last.values() if e.get("headline")), None)
+    rows = []
+    round_idx = max(int(e.get("round", 0)) for e in last.values())
+    global_eval = _global_eval(run, round_idx)
+    if headline and global_eval and headline in (global_eval.get("metrics") or {}):
+        rows.append([f"global model (round {round_idx})", fmt(global_eval["metrics"][headline]), "all evaluation records"])
+    for split, what in PERSONAL_SPLITS.items():
+        e = last.get(split)
+        if e is None:
+            continue
+        m = e["metrics"]
+        steps = f", {e['steps']} steps" if e.get("steps") else ""
+        rows.append([f"{split}: {what}{steps}",
+                     f"{fmt(m.get(f'{split}/mean'))} ± {fmt(m.get(f'{split}/std'))} "
+                     f"(min {fmt(m.get(f'{split}/min'))}, max {fmt(m.get(f'{split}/max'))})",
+                     f"{e.get('examples')} of {e.get('clients_total')} clients, each on the records of its labels"])
+    return ["## Personalised evaluation", "", *table(["model", headline or "score", "scored on"], rows), "",
+            "± is the standard deviation over clients.", ""]
+
+
 def _global_eval(run: RunLog, round_idx: int | None) -> dict[str, Any] | None:
     """The global-model ``eval`` event of a round (None when that round has none)."""
     if round_idx is None:
@@ -292,6 +324,7 @@ def render_report(run: RunLog, out_dir: Path) -> str:
                   "memory only, never quality.**", ""]
     lines += _section("Status", lambda: _status(run))
     lines += _section("Final metrics", lambda: _final_metrics(run))
+    lines += _section("Personalised evaluation", lambda: _personalised(run))
     lines += _section("Costs", lambda: _costs(run))
     lines += _section("Setup", lambda: _setup(run))
 
