@@ -124,3 +124,47 @@ def test_fedper_options_must_select_a_strict_part():
     fedper = make("fedper", personal_modules=["lora_"], personal_last_layers=0)
     with pytest.raises(ValueError, match="select every adapter tensor"):
         fedper.configure_round(1, [0], adapter(2, seed=0, head=False), MemoryStore())
+
+
+# --- local fine-tuning after federation, and the report ----------------------------------------------------
+def test_finetune_is_sgd_on_the_clients_own_data_from_the_given_adapter():
+    lr = 0.05
+    cfg = load_config(TINY, ["training.optimizer=sgd", "training.max_grad_norm=null", "evaluation.finetune_steps=1"])
+    data = load_experiment_data(cfg)
+    _, model = load_experiment_model(cfg, data, device=torch.device("cpu"))
+    client_data = prepare_client_data(cfg, data, tiny_tokenizer())
+    start = _randomised(get_adapter_state(model), seed=4)
+    set_adapter_state(model, start)
+    params = adapter_parameters(model)
+    batch = next(client_data.batches(client_data.examples(2), derive_seed(cfg.seed, "finetune", 2)))
+    model.train()
+    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    runner = ClientRunner(model, build_experiment_strategy(cfg), cfg, client_data, MemoryStore())
+    tuned, mean_loss = runner.finetune(2, start, steps=1, lr=lr)
+    assert mean_loss == pytest.approx(float(loss.detach()), rel=1e-5)
+    for k in start:
+        torch.testing.assert_close(tuned[k], start[k] - lr * grads[k], rtol=1e-4, atol=1e-6)
+    assert runner.store.data == {}  # nothing kept
+
+
+def test_ditto_run_reports_personal_and_finetuned_spread_beside_the_global_model(tmp_path):
+    reward = Path(__file__).resolve().parents[1] / "configs" / "alignment" / "reward_tiny.yaml"
+    summary = run_experiment(reward, ["method.name=ditto", "federation.rounds=2", "evaluation.every_rounds=0",
+                                      "evaluation.before_training=false", "evaluation.finetune_steps=2"],
+                             run_dir=tmp_path / "run")
+    evals = {e.get("split", "global"): e for e in _events(summary.run_dir, "eval")}
+    assert set(evals) == {"global", "personal", "finetuned"}
+    for split in ("personal", "finetuned"):
+        scores = list(evals[split]["per_client"].values())
+        assert evals[split]["headline"] == "pairwise_accuracy"
+        assert evals[split]["metrics"][f"{split}/mean"] == pytest.approx(sum(scores) / len(scores))
+        assert evals[split]["metrics"][f"{split}/std"] == pytest.approx(float(torch.tensor(scores).std(unbiased=False)))
+    # Ditto's personal jobs upload nothing; its global jobs upload the whole adapter.
+    train = _events(summary.run_dir, "client_train")
+    assert {e["job"] for e in train} == {"global", "personal"}
+    assert all(e["uplink_bytes"] == 0 for e in train if e["job"] == "personal")
+    report = (summary.run_dir / "report" / "report.md").read_text()
+    section = report[report.index("## Personalised evaluation"):report.index("## Costs")]
+    assert f"| global model (round 2) | {evals['global']['metrics']['pairwise_accuracy']:.4g} |" in section
+    assert "personal: each client's own adapter" in section and "finetuned: local fine-tuning" in section
