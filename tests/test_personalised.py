@@ -120,7 +120,7 @@ def test_fedper_keeps_personal_tensors_on_the_client_and_averages_the_rest():
 
 def test_fedper_options_must_select_a_strict_part():
     with pytest.raises(Exception, match="needs a personal part"):
-        make("fedper")
+        make("fedper", personal_last_layers=0)
     fedper = make("fedper", personal_modules=["lora_"], personal_last_layers=0)
     with pytest.raises(ValueError, match="select every adapter tensor"):
         fedper.configure_round(1, [0], adapter(2, seed=0, head=False), MemoryStore())

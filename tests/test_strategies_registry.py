@@ -16,6 +16,7 @@ R = 4
 SIZES = {0: 10, 1: 30, 2: 20, 3: 40}
 HETERO = {"flora", "zero_padding", "hetlora", "flexlora"}
 SELECTIVE = ["fltac", "fedls", "fedgpl"]  # tested against their own rules in test_fltac/fedls/fedgpl.py
+PERSONALISED = ["ditto", "fedper"]  # tested against their own rules in test_personalised.py
 FEDERATED = ["fedit", "fedprox", "scaffold", "ffa_lora", "flora", "fedex_lora", "fedsa_lora", "zero_padding", "hetlora", "flexlora"]
 BASELINES = ["centralized", "local_only", "zero_shot"]
 REFUSE_SERVER_OPTIMIZER = {"flora", "fedex_lora", "flexlora", *BASELINES}
@@ -50,7 +51,7 @@ def effective_model(strategy, name, rounds=2, clients=(0, 1, 2)):
 
 
 def test_names_map_to_distinct_classes():
-    assert sorted(STRATEGIES) == sorted(FEDERATED + BASELINES + SELECTIVE)
+    assert sorted(STRATEGIES) == sorted(FEDERATED + BASELINES + SELECTIVE + PERSONALISED)
     assert len(set(STRATEGIES.values())) == len(STRATEGIES)
     for name, cls in STRATEGIES.items():
         assert cls.name == name

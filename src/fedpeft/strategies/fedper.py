@@ -4,7 +4,8 @@ the rest are averaged as FedAvg.
 FedPer keeps the top layers (the head) personal and federates the base. Here the personal part is a
 set of adapter keys chosen by the options: ``personal_modules`` (substrings of the adapter key, e.g.
 ``score`` for a classifier head, ``layers.1.`` for one layer, ``v_proj``) and/or ``personal_last_layers``
-(the LoRA tensors of the last n transformer layers, found by their ``layers.<i>.`` index). Which keys
+(the LoRA tensors of the last n transformer layers, found by their ``layers.<i>.`` index; default 1:
+FedPer's personal top layer). Which keys
 that selects is checked when the model is built, before round 1: selecting none (nothing personal) or
 every key (nothing federated) is an error naming the option.
 
@@ -38,8 +39,8 @@ class FedPerOptions(MethodOptions):
     personal_modules: list[str] = Field(default_factory=list, description="Adapter keys containing any of these "
                                         "substrings stay on the client (e.g. [score] for a classifier head, "
                                         "[layers.1.] for a layer).")
-    personal_last_layers: int = Field(0, ge=0, description="The adapter tensors of the last n transformer layers "
-                                      "stay on the client (FedPer's personal top layers).")
+    personal_last_layers: int = Field(1, ge=0, description="The adapter tensors of the last n transformer layers "
+                                      "stay on the client (FedPer's personal top layers; default the last one).")
 
     @model_validator(mode="after")
     def _something_personal(self) -> "FedPerOptions":
