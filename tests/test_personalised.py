@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedpeft.adapters import adapter_parameters, get_adapter_state, set_adapter_state
 from fedpeft.config import load_config
@@ -168,3 +169,18 @@ def test_ditto_run_reports_personal_and_finetuned_spread_beside_the_global_model
     section = report[report.index("## Personalised evaluation"):report.index("## Costs")]
     assert f"| global model (round 2) | {evals['global']['metrics']['pairwise_accuracy']:.4g} |" in section
     assert "personal: each client's own adapter" in section and "finetuned: local fine-tuning" in section
+
+
+def test_fedper_run_keeps_the_reward_head_on_the_clients(tmp_path):
+    reward = Path(__file__).resolve().parents[1] / "configs" / "alignment" / "reward_tiny.yaml"
+    summary = run_experiment(reward, ["method.name=fedper", "method.options.personal_modules=[score]",
+                                      "method.options.personal_last_layers=0", "federation.rounds=2",
+                                      "evaluation.every_rounds=0", "evaluation.before_training=false"],
+                             run_dir=tmp_path / "run")
+    start = _events(summary.run_dir, "run_start")[0]
+    saved = load_file(str(summary.run_dir / "final" / "adapter_model.safetensors"))
+    head = sum(v.numel() * v.element_size() for k, v in saved.items() if "score" in k)
+    assert head > 0
+    for e in _events(summary.run_dir, "client_train"):
+        assert e["uplink_bytes"] == start["adapter_bytes"] - head  # everything but the personal head
+    assert "personal/mean" in summary.final_metrics
