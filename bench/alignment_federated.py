@@ -1,6 +1,7 @@
 """Federated preference objectives through the engine (``training.objective``): reward-model pairwise
 accuracy per reward loss, and DPO/IPO before/after, on the generated preference set (SmolLM2-135M,
-small budget: 4 clients, 2 per round, 3 rounds of 4 local steps; 24 held-out pairs, so one pair is 0.042).
+small budget: 4 clients, 2 per round, 2 rounds of 3 local steps of 4 pairs; 24 held-out pairs, so one
+pair is 0.042).
 
     python bench/alignment_federated.py --json bench/results/alignment_federated.json
     python bench/alignment_federated.py --losses logsigmoid hinge --skip-dpo     # a subset
@@ -8,7 +9,8 @@ small budget: 4 clients, 2 per round, 3 rounds of 4 local steps; 24 held-out pai
 Each row is one ``fedpeft run`` of configs/alignment/reward_smollm2.yaml (``training.loss=<name>``) or
 configs/alignment/dpo_smollm2.yaml (``training.objective=dpo|ipo``); "before" is the round-0 evaluation
 (reward: the new random head; DPO/IPO: policy = reference, every implicit reward 0, so 0.0), "after" the
-final one.
+final one. The round-0 evaluation runs once per config (every reward loss starts from the same seeded
+head, every DPO/IPO run from policy = reference), the later runs reuse it.
 """
 
 from __future__ import annotations
@@ -40,13 +42,18 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for loss in args.losses:
-            r = one(CONFIGS / "reward_smollm2.yaml", [f"training.loss={loss}"], Path(tmp) / f"reward-{loss}")
+        before: dict = {}
+        for i, loss in enumerate(args.losses):
+            again = [] if i == 0 else ["evaluation.before_training=false"]
+            r = one(CONFIGS / "reward_smollm2.yaml", [f"training.loss={loss}", *again], Path(tmp) / f"reward-{loss}")
+            before = r["before"] = r["before"] or before
             rows.append({"name": f"reward/{loss}", "metric": "pairwise_accuracy", **r})
             print(json.dumps(rows[-1]), flush=True)
         if not args.skip_dpo:
-            for kind in ("dpo", "ipo"):
-                r = one(CONFIGS / "dpo_smollm2.yaml", [f"training.objective={kind}"], Path(tmp) / kind)
+            for i, kind in enumerate(("dpo", "ipo")):
+                again = [] if i == 0 else ["evaluation.before_training=false"]
+                r = one(CONFIGS / "dpo_smollm2.yaml", [f"training.objective={kind}", *again], Path(tmp) / kind)
+                before = r["before"] = r["before"] or (before if i else {})
                 rows.append({"name": f"{kind} (beta 0.1)", "metric": "preference_accuracy", **r})
                 print(json.dumps(rows[-1]), flush=True)
     print("\n| run | accuracy before | accuracy after | reward margin after | seconds |\n|---|---|---|---|---|")

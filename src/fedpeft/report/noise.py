@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 Z = 2.0
-PROPORTIONS = ("accuracy", "exact_match", "acc")
+PROPORTIONS = ("accuracy", "exact_match", "acc", "pairwise_accuracy", "preference_accuracy")
 
 
 def is_proportion(metric: str) -> bool:
