@@ -4,7 +4,7 @@ small budget: 4 clients, 2 per round, 2 rounds of 3 local steps of 4 pairs; 24 h
 pair is 0.042).
 
     python bench/alignment_federated.py --json bench/results/alignment_federated.json
-    python bench/alignment_federated.py --losses logsigmoid hinge --skip-dpo     # a subset
+    python bench/alignment_federated.py --losses logsigmoid hinge --kinds dpo     # a subset
 
 Each row is one ``fedpeft run`` of configs/alignment/reward_smollm2.yaml (``training.loss=<name>``) or
 configs/alignment/dpo_smollm2.yaml (``training.objective=dpo|ipo``); "before" is the round-0 evaluation
@@ -37,7 +37,7 @@ def one(config: Path, overrides: list[str], out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--losses", nargs="*", default=list(REWARD_LOSS_PARAMS))
-    parser.add_argument("--skip-dpo", action="store_true")
+    parser.add_argument("--kinds", nargs="*", default=["dpo", "ipo"], help="preference objectives to run after the reward losses")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
@@ -49,8 +49,8 @@ def main() -> None:
             before = r["before"] = r["before"] or before
             rows.append({"name": f"reward/{loss}", "metric": "pairwise_accuracy", **r})
             print(json.dumps(rows[-1]), flush=True)
-        if not args.skip_dpo:
-            for i, kind in enumerate(("dpo", "ipo")):
+        if args.kinds:
+            for i, kind in enumerate(args.kinds):
                 again = [] if i == 0 else ["evaluation.before_training=false"]
                 r = one(CONFIGS / "dpo_smollm2.yaml", [f"training.objective={kind}", *again], Path(tmp) / kind)
                 before = r["before"] = r["before"] or (before if i else {})
