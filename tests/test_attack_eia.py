@@ -1,6 +1,7 @@
 """EIA on tiny-llama (and tiny-bert) recovers a known input far above chance, and drops under
 activation noise. Chance for a token is 1/259 (the tiny byte-level vocabulary) ≈ 0.004, so the
-threshold 0.5 is over 100× chance; the defended run must fall below 0.3."""
+threshold 0.5 is over 100× chance; with noise five times the activations' spread it must fall
+below 0.3."""
 
 from __future__ import annotations
 
