@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class _StopForward(Exception):
@@ -116,6 +117,12 @@ def cut_hook(model: nn.Module, cut: int, replace: torch.Tensor | None = None) ->
         yield seen
     finally:
         handle.remove()
+
+
+def second_order_attention():
+    """Context for attacks that differentiate a gradient: scaled-dot-product attention on its math
+    kernel (the fused CPU/flash kernels have no double backward)."""
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
