@@ -1,0 +1,140 @@
+"""Method 'sfl' through the engine: the trunk average is the weighted-mean equation, a split run with no
+defence is the plain FedIT run, crossings are metered per client and round, bad cuts are named."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedpeft.adapters import get_adapter_state
+from fedpeft.models.peft_wrap import wrap_lora
+from fedpeft.models.registry import tiny_bert, tiny_llama
+from fedpeft.strategies import build_strategy
+from fedpeft.strategies.base import ClientUpdate
+from fedpeft.strategies.registry import MethodOptionsError
+from fedpeft.strategies.sfl import CLIENT_PARTS_NAME, TRUNK_NAME
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _strategy(model, **options):
+    method = SimpleNamespace(name="sfl", options={"seed": 0, "num_clients": 4, **options},
+                             server_optimizer=SimpleNamespace(name="none", lr=None, beta1=None, beta2=None, tau=None))
+    strategy = build_strategy(method)
+    strategy.prepare_model(model)
+    return strategy
+
+
+def _model(kind="decoder", layers=4):
+    if kind == "decoder":
+        model, _ = tiny_llama(layers=layers)
+        cfg, head = SimpleNamespace(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"], rslora=False), "causal_lm"
+    else:
+        model, _ = tiny_bert(layers=layers)
+        cfg, head = SimpleNamespace(r=2, alpha=4, dropout=0.0, target_modules=["query", "value"], rslora=False), "classification"
+    return wrap_lora(model, cfg, seed=0, head=head)
+
+
+def _random_like(state, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("aggregate_client_parts", [True, False])
+def test_trunk_average_is_the_sample_weighted_mean(aggregate_client_parts):
+    model = _model("encoder", layers=4)
+    strategy = _strategy(model, cut="1-3", aggregate_client_parts=aggregate_client_parts)
+    global_state = _random_like(get_adapter_state(model), 0)
+    plan = strategy.configure_client(1, 0, global_state, None)
+    trunk = [k for k in global_state if ".layer.1." in k or ".layer.2." in k]
+    client = [k for k in global_state if k not in trunk]
+    assert sorted(plan.upload) == sorted(trunk + (client if aggregate_client_parts else []))
+    sizes = [3, 5, 12]
+    uploads = [_random_like({k: global_state[k] for k in plan.upload}, 10 + i) for i in range(3)]
+    updates = [ClientUpdate(client_id=i, tensors=t, num_examples=n) for i, (t, n) in enumerate(zip(uploads, sizes))]
+    new = strategy.aggregate(1, global_state, updates).global_state
+    for key in plan.upload:  # theta <- sum_k n_k theta_k / sum_k n_k
+        expected = sum(n * t[key] for n, t in zip(sizes, uploads)) / sum(sizes)
+        assert torch.allclose(new[key], expected, atol=1e-6), key
+    for key in set(global_state) - set(plan.upload):
+        assert torch.equal(new[key], global_state[key]), key
+
+
+def test_per_client_trunk_and_client_parts_come_from_the_store():
+    model = _model("decoder", layers=4)
+    strategy = _strategy(model, cut="1-3", trunk="per_client", aggregate_client_parts=False, lora_parts=["trunk", "top"])
+    global_state = get_adapter_state(model)
+    trunk = [k for k in global_state if ".layers.1." in k or ".layers.2." in k]
+    kept_trunk = _random_like({k: global_state[k] for k in trunk}, 3)
+    kept_parts = _random_like({k: v for k, v in global_state.items() if k not in trunk}, 4)
+    store = {(2, TRUNK_NAME): kept_trunk, (2, CLIENT_PARTS_NAME): kept_parts}
+    store_api = SimpleNamespace(get=lambda cid, name: store.get((cid, name)))
+    plan = strategy.configure_client(1, 2, global_state, store_api)
+    assert sorted(plan.downlink) == sorted(trunk)  # client parts are not sent: the client keeps its own
+    for key in trunk:
+        assert torch.equal(plan.downlink[key], kept_trunk[key])
+    assert all(".layers.0." not in k for k in plan.trainable)  # bottom not in lora_parts
+    strategy.attach_client_hooks(1, plan, store_api)
+    for key, value in kept_parts.items():
+        assert torch.equal(plan.init_state[key], value)
+    other = strategy.configure_client(1, 0, global_state, store_api)  # no kept trunk yet: the global one
+    for key in trunk:
+        assert torch.equal(other.downlink[key], global_state[key])
+
+
+def test_bad_options_name_the_setting():
+    model = _model("decoder", layers=2)
+    for options, text in [({"cut": "3"}, "method.options.cut: '3' is not a cut"),
+                          ({"cut": "2-1"}, "method.options.cut: '2-1' has a >= b"),
+                          ({"cut": "0-1", "lora_parts": []}, "method.options.lora_parts"),
+                          ({"cut": "0-1", "base": "scaffold"}, "method.options.base"),
+                          ({"cut": "0-1", "activation_noise": -1}, "method.options.activation_noise")]:
+        with pytest.raises(MethodOptionsError, match=text):
+            _strategy(model, **options)
+    with pytest.raises(ValueError, match="method.options.cut: '1-3' is outside the model's layers: it has 2 blocks"):
+        _strategy(model, cut="1-3")
+
+
+def _run(run_dir, *overrides):
+    proc = subprocess.run([sys.executable, "-m", "fedpeft", "run", "--config", str(TINY), "--run-dir", str(run_dir),
+                           "federation.rounds=2", "evaluation.every_rounds=0", "evaluation.before_training=false",
+                           *overrides], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_split_run_without_defence_is_the_plain_fedit_run(tmp_path):
+    split_events = _run(tmp_path / "sfl", "method.name=sfl", "method.options.cut=1-2")
+    plain_events = _run(tmp_path / "fedit", "method.name=fedit")
+    split, plain = load_file(str(tmp_path / "sfl/final/adapter_model.safetensors")), \
+        load_file(str(tmp_path / "fedit/final/adapter_model.safetensors"))
+    assert split.keys() == plain.keys()
+    for key in split:
+        assert torch.allclose(split[key], plain[key], rtol=1e-5, atol=1e-6), key
+    losses = lambda events: [e["loss"] for e in events if e["event"] == "client_train"]  # noqa: E731
+    assert losses(split_events) == pytest.approx(losses(plain_events), rel=1e-5)
+    # Every crossing is metered per client and round: with a 64-wide float32 model each of the four
+    # crossings of a micro-batch is batch * seq * 64 * 4 bytes, so the four totals are equal and divisible.
+    for agg in (e for e in split_events if e["event"] == "aggregate"):
+        assert agg["split_crossing_bytes"] == sum(c["crossing_bytes"] for c in agg["split_clients"].values()) > 0
+        for row in agg["split_clients"].values():
+            assert row["act_up"] == row["act_down"] == row["grad_up"] == row["grad_down"]
+            assert row["act_up"] % (4 * 64 * 4) == 0  # batch_size 4, hidden 64, float32
+            assert row["crossing_bytes"] == 4 * row["act_up"] and row["bytes_per_step"] == row["crossing_bytes"] / 2
+            assert row["wire_bytes"] == row["crossing_bytes"] + row["client_adapter_bytes"]
+
+
+@pytest.mark.parametrize("path", sorted((TINY.parent / "split").glob("*.yaml")), ids=lambda p: p.stem)
+def test_split_configs_validate_offline(path, monkeypatch):
+    import fedpeft.models.registry as registry
+    from fedpeft.config import load_config
+    from fedpeft.strategies import build_experiment_strategy
+
+    monkeypatch.setattr(registry, "load_base_model", lambda *a, **k: pytest.fail("no model may load"))
+    strategy = build_experiment_strategy(load_config(path))
+    assert strategy.name == "sfl"
