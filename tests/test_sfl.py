@@ -138,3 +138,20 @@ def test_split_configs_validate_offline(path, monkeypatch):
     monkeypatch.setattr(registry, "load_base_model", lambda *a, **k: pytest.fail("no model may load"))
     strategy = build_experiment_strategy(load_config(path))
     assert strategy.name == "sfl"
+
+
+def test_defence_options_reach_the_cut():
+    model = _model("decoder", layers=2)
+    strategy = _strategy(model, cut="1-2", activation_noise=0.25, dchi_epsilon=50.0, nopeek_alpha=0.1)
+    d = strategy.split.defences
+    assert (d.activation_sigma, d.dchi_epsilon, d.nopeek_alpha) == (0.25, 50.0, 0.1)
+    plan = strategy.configure_client(1, 0, get_adapter_state(model), None)
+    strategy.attach_client_hooks(1, plan, None)
+    gen = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(5, 200, (3, 6), generator=gen), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    batch["labels"] = batch["input_ids"].clone()
+    model.train()
+    model(**batch).loss.backward()
+    result = SimpleNamespace(num_examples=3, steps=1, mean_loss=0.0)
+    update = strategy.client_update(1, plan, get_adapter_state(model), result, None)
+    assert update.metrics["split/act_up_bytes"] == 3 * 6 * 64 * 4 and 0 < update.metrics["split/nopeek_loss"] <= 0.1

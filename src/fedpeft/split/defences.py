@@ -49,8 +49,9 @@ def distance_correlation(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     if n < 2:
         return z.sum() * 0.0
-    a = _centred_distances(x.reshape(n, -1).float())
-    b = _centred_distances(z.reshape(n, -1).float())
+    dtype = torch.promote_types(torch.promote_types(x.dtype, z.dtype), torch.float32)  # at least float32
+    a = _centred_distances(x.reshape(n, -1).to(dtype))
+    b = _centred_distances(z.reshape(n, -1).to(dtype))
     dcov_xz = (a * b).mean()
     dvar = (a * a).mean() * (b * b).mean()
     return torch.sqrt(dcov_xz.clamp_min(0.0) / torch.sqrt(dvar).clamp_min(1e-24) + 1e-12)

@@ -198,6 +198,7 @@ class SplitFederated(MethodStrategy):
                 **{name: int(u.metrics.get(f"split/{name}_bytes", 0)) for name in CROSSINGS},
                 "crossing_bytes": crossing, "bytes_per_step": u.metrics.get("split/bytes_per_step", 0.0),
                 "client_adapter_bytes": adapters, "wire_bytes": crossing + adapters,
+                **({"nopeek_loss": u.metrics["split/nopeek_loss"]} if "split/nopeek_loss" in u.metrics else {}),
             }
         rows = per_client.values()
         return {
