@@ -155,3 +155,18 @@ def test_defence_options_reach_the_cut():
     result = SimpleNamespace(num_examples=3, steps=1, mean_loss=0.0)
     update = strategy.client_update(1, plan, get_adapter_state(model), result, None)
     assert update.metrics["split/act_up_bytes"] == 3 * 6 * 64 * 4 and 0 < update.metrics["split/nopeek_loss"] <= 0.1
+
+
+def test_report_section_compares_split_bytes_with_plain_fl(tmp_path):
+    from fedpeft.split.report import split_byte_rows, split_report_section
+
+    events = [{"event": "run_start", "adapter_bytes": 1000},
+              {"event": "aggregate", "round": 1, "split_clients": {"0": {}, "3": {}}, "split_crossing_bytes": 500,
+               "split_client_adapter_bytes": 300, "split_wire_bytes": 800},
+              {"event": "aggregate", "round": 2, "clients": [1]}]  # not a split round: no row
+    rows = split_byte_rows(events)
+    assert rows == [{"round": 1, "clients": 2, "crossing_bytes": 500, "client_adapter_bytes": 300,
+                     "wire_bytes": 800, "plain_fl_bytes": 2 * 1000 * 2}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
+    text = "\n".join(split_report_section(tmp_path, tmp_path))
+    assert "| 1 | 2 | 0.001 | 0.000 | 0.001 | 0.004 | 0.20 |" in text

@@ -37,6 +37,7 @@ from fedpeft.adapters import AdapterState, state_bytes
 from fedpeft.seeding import derive_seed
 from fedpeft.split.crossings import CROSSINGS, Defences, SplitModel
 from fedpeft.split.layout import Layout, find_layout
+from fedpeft.split.report import split_report_section
 from fedpeft.split.spec import CUT_SETTING, CutSpec, check_cut, parse_cut, split_keys
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, Strategy, TrainResult
 from fedpeft.strategies.common import MethodStrategy
@@ -105,6 +106,7 @@ class SplitFederated(MethodStrategy):
     summary = "split federated learning: bottom/top on the client, trunk on the server, cut crossings metered"
     Options = SFLOptions
     secure_mean = False  # the trunk is the server's: nothing for SecAgg+ to hide it from
+    report_section = staticmethod(split_report_section)
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
