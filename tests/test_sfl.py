@@ -170,3 +170,26 @@ def test_report_section_compares_split_bytes_with_plain_fl(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(e) for e in events) + "\n")
     text = "\n".join(split_report_section(tmp_path, tmp_path))
     assert "| 1 | 2 | 0.001 | 0.000 | 0.001 | 0.004 | 0.20 |" in text
+
+
+def test_encoder_classifier_trains_split_with_private_client_parts(tmp_path):
+    """tiny-bert with its classifier head in the top part: the client parts (head included) stay with each
+    client, only the trunk is uploaded and averaged."""
+    from fedpeft.federation.engine import run_experiment
+
+    overrides = ["model.name=tiny-bert", "model.head=classification", "peft.target_modules=[query,value]",
+                 "data.tasks=[sentiment,parity]", "data.train_examples_per_task=20", "data.eval_examples_per_task=4",
+                 "federation.num_clients=2", "federation.clients_per_round=2", "federation.rounds=2",
+                 "federation.local_steps=2", "federation.batch_size=4", "training.max_seq_len=48",
+                 "evaluation.before_training=false", "output.progress=false", "output.report=false",
+                 "method.name=sfl", "method.options.cut=1-2", "method.options.aggregate_client_parts=false"]
+    run_experiment(str(TINY), overrides, run_dir=tmp_path / "run")
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    aggs = [e for e in events if e["event"] == "aggregate"]
+    assert len(aggs) == 2 and all(row["client_adapter_bytes"] == 0 for a in aggs for row in a["split_clients"].values())
+    assert any(e["event"] == "eval" and "accuracy" in e["metrics"] for e in events)
+    kept = list((tmp_path / "run" / "client_store").glob("*/sfl_client_parts*"))
+    assert len(kept) >= 2
+    parts = load_file(str(kept[0]))
+    assert any("classifier" in k for k in parts) and any(".layer.0." in k for k in parts)
+    assert not any(".layer.1." in k for k in parts)  # the trunk is the server's
