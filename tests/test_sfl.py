@@ -126,6 +126,7 @@ def test_split_run_without_defence_is_the_plain_fedit_run(tmp_path):
             assert row["act_up"] == row["act_down"] == row["grad_up"] == row["grad_down"]
             assert row["act_up"] % (4 * 64 * 4) == 0  # batch_size 4, hidden 64, float32
             assert row["crossing_bytes"] == 4 * row["act_up"] and row["bytes_per_step"] == row["crossing_bytes"] / 2
+            assert len(row["step_bytes"]) == 2 and sum(row["step_bytes"]) == row["crossing_bytes"]
             assert row["wire_bytes"] == row["crossing_bytes"] + row["client_adapter_bytes"]
 
 

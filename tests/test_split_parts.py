@@ -135,6 +135,8 @@ def test_crossing_bytes_are_batch_seq_hidden_dtype(dtype):
     assert all(c.nbytes == expected for c in step.crossings)
     assert dict(split.meter.bytes) == {n: expected for n in ("act_up", "act_down", "grad_up", "grad_down")}
     assert split.meter.total == 4 * expected and split.meter.forwards == 1
+    client_step(split, _batch("decoder", batch=2, seq=5))  # a second step of another shape
+    assert split.meter.step_bytes(2) == [4 * expected, 4 * 2 * 5 * hidden * expected // (3 * 7 * hidden)]
 
 
 def test_nothing_crosses_or_is_defended_in_evaluation_mode():

@@ -68,7 +68,16 @@ class CutMeter:
 
     bytes: Counter = field(default_factory=Counter)
     forwards: int = 0
+    forward_bytes: list[int] = field(default_factory=list)
+    """Bytes of all four crossings of each micro-batch, in order."""
     nopeek: list[torch.Tensor] = field(default_factory=list)
+
+    def step_bytes(self, steps: int) -> list[int]:
+        """Bytes per optimizer step: the micro-batches grouped evenly over ``steps``."""
+        if steps <= 0 or len(self.forward_bytes) % steps:
+            return []
+        per = len(self.forward_bytes) // steps
+        return [sum(self.forward_bytes[i * per:(i + 1) * per]) for i in range(steps)]
 
     @property
     def total(self) -> int:
@@ -193,6 +202,9 @@ class SplitModel:
         self.meter.bytes[name] += nbytes
         if name == "act_up":
             self.meter.forwards += 1
+            self.meter.forward_bytes.append(0)
+        if self.meter.forward_bytes:
+            self.meter.forward_bytes[-1] += nbytes
         if self._recording:
             self.records.append(Crossing(name, cut, tuple(t.shape), t.dtype, nbytes,
                                          t.detach().clone() if self.keep_tensors else None))

@@ -100,6 +100,13 @@ def _without_count(state: AdapterState) -> tuple[AdapterState, int]:
     return state, n
 
 
+def _step_bytes(metrics: dict[str, float]) -> list[int]:
+    """The per-step crossing bytes of a client's metrics (``split/step_bytes/<step>``), in step order."""
+    prefix = "split/step_bytes/"
+    steps = sorted((int(k[len(prefix):]), v) for k, v in metrics.items() if k.startswith(prefix))
+    return [int(v) for _, v in steps]
+
+
 @register_method
 class SplitFederated(MethodStrategy):
     name = "sfl"
@@ -177,6 +184,8 @@ class SplitFederated(MethodStrategy):
             update.metrics["split/crossing_bytes"] = float(total)
             update.metrics["split/forwards"] = float(meter.forwards)
             update.metrics["split/bytes_per_step"] = total / max(result.steps, 1)
+            for i, n in enumerate(meter.step_bytes(result.steps), 1):
+                update.metrics[f"split/step_bytes/{i}"] = float(n)
             if meter.nopeek:
                 update.metrics["split/nopeek_loss"] = float(torch.stack(meter.nopeek).mean())
         return update
@@ -199,6 +208,7 @@ class SplitFederated(MethodStrategy):
             per_client[str(u.client_id)] = {
                 **{name: int(u.metrics.get(f"split/{name}_bytes", 0)) for name in CROSSINGS},
                 "crossing_bytes": crossing, "bytes_per_step": u.metrics.get("split/bytes_per_step", 0.0),
+                "step_bytes": _step_bytes(u.metrics),
                 "client_adapter_bytes": adapters, "wire_bytes": crossing + adapters,
                 **({"nopeek_loss": u.metrics["split/nopeek_loss"]} if "split/nopeek_loss" in u.metrics else {}),
             }
