@@ -46,7 +46,10 @@ def run(config: str, run_dir: Path, overrides: list[str]) -> dict:
     final = evals[-1]["metrics"] if evals else {}
     headline = next((k for k in ("exact_match", "accuracy") if k in final), next(iter(final), None))
     split = [a["split_wire_bytes"] for a in aggs if "split_wire_bytes" in a]
+    last = max((e["round"] for e in events if e["event"] == "client_train"), default=None)
+    last_losses = [e["loss"] for e in events if e["event"] == "client_train" and e["round"] == last]
     return {
+        "last_round_loss": sum(last_losses) / len(last_losses) if last_losses else None,
         "metric": headline, "value": final.get(headline),
         "engine_bytes_per_round": sum(e["uplink_bytes"] + e["downlink_bytes"] for e in ends) / max(len(ends), 1),
         "split_bytes_per_round": sum(split) / len(split) if split else None,
@@ -64,13 +67,15 @@ def main() -> None:
     if args.defences:
         variants += DEFENCES
     print(f"config {args.config}, overrides {' '.join(overrides) or '(none)'}")
-    print("| variant | final metric | engine up+down per round (MB) | split wire per round (MB) | seconds |")
-    print("|---|---|---|---|---|")
+    print("| variant | final metric | last-round train loss | engine up+down per round (MB) | split wire per round (MB) | seconds |")
+    print("|---|---|---|---|---|---|")
     for name, extra in variants:
         r = run(args.config, args.out / name.replace(" ", "_").replace("=", ""), [*overrides, *extra])
         split = f"{r['split_bytes_per_round'] / 1e6:.3f}" if r["split_bytes_per_round"] is not None else "-"
         value = f"{r['metric']} {r['value']:.3f}" if r["value"] is not None else "-"
-        print(f"| {name} | {value} | {r['engine_bytes_per_round'] / 1e6:.3f} | {split} | {r['seconds']:.0f} |", flush=True)
+        loss = f"{r['last_round_loss']:.3f}" if r["last_round_loss"] is not None else "-"
+        print(f"| {name} | {value} | {loss} | {r['engine_bytes_per_round'] / 1e6:.3f} | {split} | {r['seconds']:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
