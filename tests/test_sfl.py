@@ -194,3 +194,32 @@ def test_encoder_classifier_trains_split_with_private_client_parts(tmp_path):
     parts = load_file(str(kept[0]))
     assert any("classifier" in k for k in parts) and any(".layer.0." in k for k in parts)
     assert not any(".layer.1." in k for k in parts)  # the trunk is the server's
+
+
+def test_saved_crossings_are_what_crossed_for_the_true_inputs(tmp_path):
+    """save_crossings: the first micro-batches of every job, with the inputs they came from; the first
+    micro-batch of round 1 crossed before any step, so its act_up is the initial bottom's map of its inputs."""
+    from safetensors import safe_open
+
+    from fedpeft.federation.engine import run_experiment
+    from fedpeft.split.parts import bottom_forward
+
+    run_experiment(str(TINY), ["federation.rounds=1", "evaluation.every_rounds=0", "evaluation.before_training=false",
+                               "output.report=false", "method.name=sfl", "method.options.cut=1-2",
+                               "method.options.save_crossings=1"], run_dir=tmp_path / "run")
+    files = sorted((tmp_path / "run" / "split_crossings" / "round_0001").glob("*.safetensors"))
+    assert len(files) == 2  # clients_per_round
+    with safe_open(str(files[0]), "pt") as f:
+        meta, saved = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["cut"] == "1-2" and meta["activation_sigma"] == "0.0"
+    assert sorted(saved) == sorted(f"0/{k}" for k in ("act_up", "act_down", "grad_up", "grad_down", "input_ids",
+                                                        "attention_mask", "labels"))
+    ids, mask = saved["0/input_ids"], saved["0/attention_mask"]
+    assert saved["0/act_up"].shape == (*ids.shape, 64) == saved["0/grad_up"].shape
+    model, _ = tiny_llama()
+    wrapped = wrap_lora(model, SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                               rslora=False), seed=0)
+    wrapped.eval()
+    with torch.no_grad():
+        h = bottom_forward(wrapped, "1-2", input_ids=ids, attention_mask=mask)
+    assert torch.allclose(h, saved["0/act_up"], atol=1e-5)

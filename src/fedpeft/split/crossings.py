@@ -150,12 +150,16 @@ class SplitModel:
         self.keep_tensors = False
         self._recording = False
         self.records: list[Crossing] = []
+        self.batches: list[dict[str, torch.Tensor]] = []
+        """While recording with tensors: each training forward's inputs (input_ids, attention_mask, labels),
+        the ground truth an attack is scored against."""
         self.inputs: torch.Tensor | None = None
         self._seed = 0
         self._generators: dict[str, torch.Generator] = {}
         self._sites = (_Site(self, 1), _Site(self, 2))
         blocks = self.layout.blocks
         self._handles = [
+            model.register_forward_pre_hook(self._on_model_inputs, with_kwargs=True),
             self.layout.embeddings.register_forward_hook(self._on_embeddings),
             blocks[self.cut.first].register_forward_pre_hook(self._pre_hook(0), with_kwargs=True),
         ]
@@ -182,11 +186,18 @@ class SplitModel:
     @contextmanager
     def recording(self, keep_tensors: bool = True) -> Iterator[list[Crossing]]:
         """Collect every crossing (with its values when ``keep_tensors``) inside the block."""
-        self.records, self.keep_tensors, self._recording = [], keep_tensors, True
+        self.start_recording(keep_tensors)
         try:
             yield self.records
         finally:
-            self.keep_tensors = self._recording = False
+            self.stop_recording()
+
+    def start_recording(self, keep_tensors: bool = True) -> None:
+        self.records, self.batches, self.keep_tensors, self._recording = [], [], keep_tensors, True
+
+    def stop_recording(self) -> list[Crossing]:
+        self.keep_tensors = self._recording = False
+        return self.records
 
     def generator_for(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -210,6 +221,12 @@ class SplitModel:
                                          t.detach().clone() if self.keep_tensors else None))
 
     # --- hooks ----------------------------------------------------------------------------------------
+    def _on_model_inputs(self, module, args, kwargs):
+        if self._recording and self.keep_tensors and self._active(module):
+            self.batches.append({k: kwargs[k].detach().clone() for k in ("input_ids", "attention_mask", "labels")
+                                 if torch.is_tensor(kwargs.get(k))})
+        return None
+
     def _on_embeddings(self, module, args, output):
         if not self._active(module):
             return None

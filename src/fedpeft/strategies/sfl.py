@@ -28,10 +28,12 @@ distance-correlation loss). The simulation runs in one process: ``sfl`` is not f
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
+from safetensors.torch import save_file
 
 from fedpeft.adapters import AdapterState, state_bytes
 from fedpeft.seeding import derive_seed
@@ -39,7 +41,7 @@ from fedpeft.split.crossings import CROSSINGS, Defences, SplitModel
 from fedpeft.split.layout import Layout, find_layout
 from fedpeft.split.report import split_report_section
 from fedpeft.split.spec import CUT_SETTING, CutSpec, check_cut, parse_cut, split_keys
-from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, Strategy, TrainResult
+from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, ServerContext, Strategy, TrainResult
 from fedpeft.strategies.common import MethodStrategy
 from fedpeft.strategies.registry import MethodOptions, capabilities, method_class, register_method
 
@@ -63,6 +65,8 @@ class SFLOptions(MethodOptions):
     activation_noise: float = Field(0.0, ge=0, description="Std of Gaussian noise on the activations sent up at cut 1.")
     dchi_epsilon: float | None = Field(None, gt=0, description="d_chi-privacy epsilon on the input embeddings (None: off).")
     nopeek_alpha: float = Field(0.0, ge=0, description="Weight of NoPeek's distance-correlation loss at cut 1.")
+    save_crossings: int = Field(0, ge=0, description="Micro-batches per client job whose crossings (and true inputs) "
+                                                     "are saved under <run>/split_crossings/ for attacks (0: none).")
 
     @field_validator("cut", mode="before")
     @classmethod
@@ -100,6 +104,33 @@ def _without_count(state: AdapterState) -> tuple[AdapterState, int]:
     return state, n
 
 
+CROSSINGS_DIR = "split_crossings"
+
+
+def save_crossings(run_dir: Path, round_idx: int, plan: ClientPlan, split: SplitModel, limit: int) -> Path:
+    """The first ``limit`` micro-batches' crossings of a client job and its true inputs, as safetensors:
+    ``<i>/act_up``, ``<i>/act_down``, ``<i>/grad_up``, ``<i>/grad_down`` (those that crossed) and
+    ``<i>/input_ids``, ``<i>/attention_mask``, ``<i>/labels`` (the ground truth, never sent); metadata: the
+    cut and the defences. Rewritten when a resumed run repeats the round."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(split.batches[:limit]):
+        tensors.update({f"{i}/{k}": v.cpu().contiguous() for k, v in batch.items()})
+    forward = -1
+    for crossing in split.records:
+        forward += crossing.name == "act_up"
+        if 0 <= forward < limit and crossing.tensor is not None:
+            tensors[f"{forward}/{crossing.name}"] = crossing.tensor.cpu().contiguous()
+    d = split.defences
+    meta = {"cut": str(split.cut), "round": str(round_idx), "client": str(plan.client_id), "job": plan.job,
+            "activation_sigma": str(d.activation_sigma), "dchi_epsilon": str(d.dchi_epsilon),
+            "nopeek_alpha": str(d.nopeek_alpha)}
+    path = Path(run_dir) / CROSSINGS_DIR / f"round_{round_idx:04d}" / f"client_{plan.client_id}_{plan.job}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    split.records, split.batches = [], []
+    return path
+
+
 def _step_bytes(metrics: dict[str, float]) -> list[int]:
     """The per-step crossing bytes of a client's metrics (``split/step_bytes/<step>``), in step order."""
     prefix = "split/step_bytes/"
@@ -122,6 +153,7 @@ class SplitFederated(MethodStrategy):
         self.base: Strategy = method_class(self.opts.base)(options=common, server_optimizer=server_optimizer)
         self.split: SplitModel | None = None
         self.layout: Layout | None = None
+        self.run_dir: Path | None = None
 
     # --- set-up -------------------------------------------------------------------------------------
     def prepare_model(self, model: torch.nn.Module) -> None:
@@ -130,6 +162,9 @@ class SplitFederated(MethodStrategy):
         self.layout = find_layout(model)
         check_cut(self.cut, self.layout.num_blocks)
         self.split = SplitModel(model, self.cut, self.opts.defences(), layout=self.layout)
+
+    def begin_round(self, round_idx: int, server: ServerContext) -> None:
+        self.run_dir = server.run_dir  # where save_crossings writes
 
     def parts(self, keys) -> dict[str, list[str]]:
         if self.layout is None:
@@ -162,6 +197,8 @@ class SplitFederated(MethodStrategy):
         if self.split is not None:  # defence noise seeded per job; this job's crossings metered from zero
             self.split.reseed(derive_seed(self.options.get("seed"), "sfl-defences", round_idx, plan.client_id, plan.job))
             self.split.reset_meter()
+            if self.opts.save_crossings:
+                self.split.start_recording(keep_tensors=True)
         if not self.opts.aggregate_client_parts and store is not None:
             kept = store.get(plan.client_id, CLIENT_PARTS_NAME)  # the client's own bottom and top
             if kept is not None:
@@ -177,6 +214,10 @@ class SplitFederated(MethodStrategy):
         if not self.opts.aggregate_client_parts:
             update.private[CLIENT_PARTS_NAME] = {
                 **{k: trained[k].detach().float().clone() for k in self._client_keys(parts)}, **count}
+        if self.split is not None and self.opts.save_crossings:
+            self.split.stop_recording()
+            if self.run_dir is not None:
+                save_crossings(self.run_dir, round_idx, plan, self.split, self.opts.save_crossings)
         if self.split is not None:
             meter = self.split.reset_meter()
             total = meter.total
