@@ -225,7 +225,6 @@ class SplitModel:
         if self._recording and self.keep_tensors and self._active(module):
             self.batches.append({k: kwargs[k].detach().clone() for k in ("input_ids", "attention_mask", "labels")
                                  if torch.is_tensor(kwargs.get(k))})
-        return None
 
     def _on_embeddings(self, module, args, output):
         if not self._active(module):

@@ -43,10 +43,10 @@ def split_report_section(run_dir: Path, out_dir: Path) -> list[str]:
     rows = split_byte_rows(events)
     if not rows:
         return []
-    lines = ["## Split learning: bytes per round", "",
-             "What a split deployment sends per round (activations and gradients at both cuts, plus the client "
+    intro = ("What a split deployment sends per round (activations and gradients at both cuts, plus the client "
              "parts' adapters when they are averaged) against plain FL (FedIT: the whole adapter down and up per "
-             "client) on the same model and clients.", "",
+             "client) on the same model and clients.")
+    lines = ["## Split learning: bytes per round", "", intro, "",
              "| round | clients | cut crossings (MB) | client adapters (MB) | split total (MB) | plain FL (MB) | split / plain |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
