@@ -62,10 +62,14 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="an sfl config (configs/split/smollm2_sfl.yaml)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--defences", action="store_true", help="also each defence at two strengths")
+    parser.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     args, overrides = parser.parse_known_args()
     variants = [("fedit", ["method.name=fedit", "method.options={}"]), ("sfl", [])]
     if args.defences:
         variants += DEFENCES
+    if args.only:
+        wanted = {v.strip() for v in args.only.split(",")}
+        variants = [v for v in variants if v[0] in wanted]
     print(f"config {args.config}, overrides {' '.join(overrides) or '(none)'}")
     print("| variant | final metric | last-round train loss | engine up+down per round (MB) | split wire per round (MB) | seconds |")
     print("|---|---|---|---|---|---|")
