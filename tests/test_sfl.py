@@ -93,7 +93,8 @@ def test_bad_options_name_the_setting():
                           ({"cut": "2-1"}, "method.options.cut: '2-1' has a >= b"),
                           ({"cut": "0-1", "lora_parts": []}, "method.options.lora_parts"),
                           ({"cut": "0-1", "base": "scaffold"}, "method.options.base"),
-                          ({"cut": "0-1", "activation_noise": -1}, "method.options.activation_noise")]:
+                          ({"cut": "0-1", "activation_noise": -1}, "method.options.activation_noise"),
+                          ({"cut": "0-1", "lora_parts": ["top"], "aggregate_client_parts": False}, "nothing to upload")]:
         with pytest.raises(MethodOptionsError, match=text):
             _strategy(model, **options)
     with pytest.raises(ValueError, match="method.options.cut: '1-3' is outside the model's layers: it has 2 blocks"):

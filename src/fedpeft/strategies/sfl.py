@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from safetensors.torch import save_file
 
 from fedpeft.adapters import AdapterState, state_bytes
@@ -92,6 +92,13 @@ class SFLOptions(MethodOptions):
             raise ValueError(f"'{value}' is not an averaging rule sfl can apply to the trunk; expected a registered "
                              "method whose server step is a weighted mean of the uploads (e.g. fedit)")
         return base.name
+
+    @model_validator(mode="after")
+    def _something_to_average(self) -> SFLOptions:
+        if "trunk" not in self.lora_parts and not self.aggregate_client_parts:
+            raise ValueError("lora_parts without 'trunk' and aggregate_client_parts=false leave nothing to upload or "
+                             "average; train the trunk or average the client parts")
+        return self
 
     def defences(self) -> Defences:
         return Defences(activation_sigma=self.activation_noise, dchi_epsilon=self.dchi_epsilon,
