@@ -15,7 +15,7 @@ from strategy_fakes import ALPHA, MODULES, MemoryStore, adapter, base_weights, m
 R = 4
 SIZES = {0: 10, 1: 30, 2: 20, 3: 40}
 HETERO = {"flora", "zero_padding", "hetlora", "flexlora"}
-SELECTIVE = ["fltac", "fedls", "fedgpl"]  # tested against their own rules in test_fltac/fedls/fedgpl.py
+SELECTIVE = ["fltac", "fedls", "fedgpl", "sfl"]  # tested against their own rules in test_fltac/fedls/fedgpl/sfl.py
 PERSONALISED = ["ditto", "fedper"]  # tested against their own rules in test_personalised.py
 FEDERATED = ["fedit", "fedprox", "scaffold", "ffa_lora", "flora", "fedex_lora", "fedsa_lora", "zero_padding", "hetlora", "flexlora"]
 BASELINES = ["centralized", "local_only", "zero_shot"]
@@ -32,6 +32,8 @@ def options_for(name):
         opts["prune"] = True
     if name == "centralized":
         opts["num_clients"] = 1
+    if name == "sfl":
+        opts["cut"] = "1-2"
     return opts
 
 
