@@ -19,7 +19,7 @@ SELECTIVE = ["fltac", "fedls", "fedgpl"]  # tested against their own rules in te
 PERSONALISED = ["ditto", "fedper"]  # tested against their own rules in test_personalised.py
 FEDERATED = ["fedit", "fedprox", "scaffold", "ffa_lora", "flora", "fedex_lora", "fedsa_lora", "zero_padding", "hetlora", "flexlora"]
 BASELINES = ["centralized", "local_only", "zero_shot"]
-MODEL_BOUND = ["fedot"]  # need the model (emulator, replay): tested in test_fedot.py / test_fedkseed.py
+MODEL_BOUND = ["fedot", "fedkseed"]  # need the model (emulator, replay): tested in test_fedot.py / test_fedkseed.py
 REFUSE_SERVER_OPTIMIZER = {"flora", "fedex_lora", "flexlora", *BASELINES}
 
 

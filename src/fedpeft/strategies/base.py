@@ -115,6 +115,8 @@ class ServerContext:
     """Partition label of every training record."""
     run_dir: Path | None = None
     """Where a strategy may write its own artifacts (FL-TAC's cluster assignments)."""
+    lr: float | None = None
+    """The clients' learning rate this round (``training.lr`` on its schedule; FedKSeed's server replay)."""
 
 
 @dataclass
