@@ -239,3 +239,12 @@ def test_kill_and_resume_rebuilds_the_replayed_model_exactly(tmp_path):
     losses = lambda d: [(e["round"], e["client"], e["losses"]) for e in _events(d, "client_train")]
     assert losses(ref) == losses(killed)
     assert [e["metrics"] for e in _events(ref, "eval")] == [e["metrics"] for e in _events(killed, "eval")]
+
+
+def test_a_process_whose_model_missed_rounds_refuses_to_train():
+    model, _ = _model()
+    node = _strategy(model)  # e.g. a Flower node: it never replayed round 1
+    plan = node.configure_client(2, 0, get_adapter_state(model), None)
+    with pytest.raises(ValueError, match="holds round 1's global model, not round 2's"):
+        node.attach_client_hooks(2, plan, None)
+    node.attach_client_hooks(1, node.configure_client(1, 1, get_adapter_state(model), None), None)  # round 1: w0

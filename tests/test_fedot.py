@@ -301,3 +301,12 @@ def test_kill_and_resume_with_a_distilled_emulator_is_bit_identical(tmp_path, si
     assert down(ref) == down(killed)
     metrics = lambda d: [e["metrics"] for e in _events(d, "eval")]
     assert metrics(ref) == metrics(killed)
+
+
+def test_a_process_without_the_distilled_emulator_refuses_to_train():
+    model, _ = _wrapped(6)
+    node = _strategy(model, a=1, b=1, drop_ratio=0.5)
+    plan = node.configure_client(1, 0, get_adapter_state(model), None)
+    plan.info["distilled"] = True  # as the server's plan says after its distillation
+    with pytest.raises(ValueError, match="distilled the emulator"):
+        node.client_view(plan)

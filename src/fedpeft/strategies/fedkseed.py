@@ -226,6 +226,14 @@ class FedKSeed(MethodStrategy):
                           trainable=None if self.opts.params == "adapter" else [],
                           upload=[INDEX_KEY, G_KEY], info={"round": round_idx})
 
+    def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        """The client must hold the round's global model. In process it is the server's own, moved by every
+        replay so far; elsewhere (a Flower node) replaying the catch-up list is not built, so refuse there
+        rather than train a stale model."""
+        if self.opts.params == "all" and len(self.history) != round_idx - 1:
+            raise ValueError(f"fedkseed: this process's model holds round {len(self.history) + 1}'s global model, "
+                             f"not round {round_idx}'s (FedKSeed runs in process only; see docs/fedkseed.md)")
+
     @contextlib.contextmanager
     def client_view(self, plan: ClientPlan):
         """In process the clients train the server's model: its tuned tensors are put back as they were

@@ -113,7 +113,8 @@ class FedOT(MethodStrategy):
             self.shipped.add(client_id)
         downlink = {} if self.opts.local_ot else {k: global_state[k] for k in keys}
         return ClientPlan(client_id=client_id, downlink=downlink, trainable=keys,
-                          upload=[] if self.opts.local_ot else keys, control=control, info={"view": "emulator"})
+                          upload=[] if self.opts.local_ot else keys, control=control,
+                          info={"view": "emulator", "distilled": bool(self.emulator.distilled)})
 
     def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
         if self.opts.local_ot:
@@ -122,6 +123,9 @@ class FedOT(MethodStrategy):
                 plan.init_state = dict(stored)
 
     def client_view(self, plan: ClientPlan):
+        if plan.info.get("distilled") and not self.emulator.distilled:  # e.g. a Flower node: its own plain drop
+            raise ValueError("fedot: the server distilled the emulator but this process holds only the plain "
+                             "layer drop (shipping the distilled blocks to other processes is not built)")
         return self.emulator.active()
 
     def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult,
