@@ -310,3 +310,14 @@ def test_a_process_without_the_distilled_emulator_refuses_to_train():
     plan.info["distilled"] = True  # as the server's plan says after its distillation
     with pytest.raises(ValueError, match="distilled the emulator"):
         node.client_view(plan)
+
+
+def test_report_shows_what_left_the_owner(tmp_path, six_block_model):
+    summary = run_experiment("configs/tiny.yaml", [f"model.name={six_block_model}", "method.name=fedot",
+                                                   "method.options.a=1", "method.options.b=1", "federation.rounds=1",
+                                                   "output.report=true"], run_dir=tmp_path / "run")
+    aggregate = _events(tmp_path / "run", "aggregate")[0]
+    report = summary.report_path.read_text()
+    assert "## Offsite tuning (FedOT)" in report
+    assert f"{aggregate['shipped_once_bytes'] / 1e6:.2f} MB of the full model's {aggregate['owner_model_bytes'] / 1e6:.2f} MB" in report
+    assert "| exact_match |" in report

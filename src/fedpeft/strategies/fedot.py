@@ -23,7 +23,9 @@ headline metric) and through the emulator (``emulator/<metric>``, the ``evaluati
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,11 +61,47 @@ class FedOTOptions(MethodOptions):
         return value
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def offsite_report_section(run_dir: Path, out_dir: Path) -> list[str]:
+    """The run report's section: what left the model owner against the full model, and the final
+    scores plugged into the full model and through the emulator."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    aggregates = [e for e in events if e.get("event") == "aggregate" and "owner_model_bytes" in e]
+    if not aggregates:
+        return []
+    first, last = aggregates[0], aggregates[-1]
+    lines = ["## Offsite tuning (FedOT)", "",
+             f"- Emulator: {first['emulator_blocks']} of the {first['middle_blocks']} middle blocks kept.",
+             f"- Left the owner, once per client: {_mb(first['shipped_once_bytes'])} of the full model's "
+             f"{_mb(first['owner_model_bytes'])} ({100 * first['shipped_share']:.1f}%); "
+             f"{last['clients_with_emulator']} clients received it "
+             f"({_mb(last['clients_with_emulator'] * first['shipped_once_bytes'])} in all)."]
+    if "distill_loss_first" in first:
+        lines.append(f"- Distillation: {first['distill_steps']} steps, normalised MSE "
+                     f"{first['distill_loss_first']:.4f} -> {first['distill_loss_last']:.4f}.")
+    evals = [e for e in events if e.get("event") == "eval" and e.get("round", 0) > 0]
+    full = [e for e in evals if "split" not in e]
+    emulator = [e for e in evals if e.get("split") == "emulator"]
+    if full and emulator:
+        lines += ["", "| final score | adapter in the full model | adapter on the emulator |", "|---|---|---|"]
+        for key, value in full[-1]["metrics"].items():
+            if "/" not in key and key in emulator[-1]["metrics"]:
+                lines.append(f"| {key} | {value:.3f} | {emulator[-1]['metrics'][key]:.3f} |")
+    return lines + [""]
+
+
 @register_method
 class FedOT(MethodStrategy):
     name = "fedot"
     summary = "offsite tuning: clients train the first a / last b blocks on a layer-dropped emulator; FedAvg"
     Options = FedOTOptions
+    report_section = staticmethod(offsite_report_section)
     secure_mean = False  # not run under Flower/SecAgg yet (docs/fedot.md)
 
     def __init__(self, options: Mapping[str, Any] | None = None, server_optimizer: Any | None = None) -> None:
