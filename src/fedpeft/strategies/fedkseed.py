@@ -205,6 +205,9 @@ class FedKSeed(MethodStrategy):
         if cfg.federation.robust.rule != "none" or cfg.federation.robust.clip_norm is not None:
             refusals.append("federation.robust: the robust rules act on tensors, FedKSeed's uploads are scalar lists; "
                             "use rule none without clip_norm")
+        if cfg.model.quantization != "none" and self.opts.params == "all":
+            refusals.append(f"model.quantization={cfg.model.quantization}: method.options.params=all moves every base "
+                            "weight, which a quantised base cannot hold; use params=adapter or no quantisation")
         if cfg.training.keep_optimizer:
             refusals.append("training.keep_optimizer=true: FedKSeed has no optimizer state to keep")
         if refusals:
