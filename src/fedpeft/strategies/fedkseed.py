@@ -134,19 +134,20 @@ def batch_loss(model, micro: list[dict[str, torch.Tensor]], device, cast) -> tor
 
 def zo_train(model, tensors: list[torch.Tensor], seeds: Sequence[int], picks: np.random.Generator, batches, *,
              steps: int, grad_accumulation: int, lr: float, eps: float, precision: str = "fp32",
-             on_step=None) -> tuple[torch.Tensor, torch.Tensor, list[float], int]:
+             on_step=None) -> tuple[torch.Tensor, torch.Tensor, list[float], int, int]:
     """``steps`` zeroth-order steps on ``tensors`` (in place). Returns (seed indices, g as float32, losses:
-    the mean of the two perturbed losses per step, examples seen)."""
+    the mean of the two perturbed losses per step, examples seen, tokens seen)."""
     device = model_device(model)
     cast = autocast(device, precision)
     backup = [t.detach().clone() for t in tensors]
     indices, grads, losses = [], [], []
-    seen = 0
+    seen = tokens = 0
     model.eval()  # no dropout: both evaluations see the same function
     with torch.no_grad():
         for step in range(steps):
             micro = [next(batches) for _ in range(grad_accumulation)]
             seen += sum(int(b["input_ids"].shape[0]) for b in micro)
+            tokens += sum(int(b["attention_mask"].sum()) for b in micro)
             j = int(picks.integers(len(seeds)))
             for b, t in zip(backup, tensors):
                 b.copy_(t)
@@ -168,7 +169,7 @@ def zo_train(model, tensors: list[torch.Tensor], seeds: Sequence[int], picks: np
             losses.append((plus + minus) / 2)
             if on_step is not None:
                 on_step(step + 1, torch.tensor(losses[-1]))
-    return torch.tensor(indices, dtype=torch.int64), torch.tensor(grads, dtype=torch.float32), losses, seen
+    return torch.tensor(indices, dtype=torch.int64), torch.tensor(grads, dtype=torch.float32), losses, seen, tokens
 
 
 @register_method
@@ -260,12 +261,12 @@ class FedKSeed(MethodStrategy):
         start = time.perf_counter()
         picks = np.random.default_rng(derive_seed(self.opts.seed or 0, "fedkseed_pick", plan.info.get("round"),
                                                   plan.client_id, plan.job))
-        indices, grads, losses, seen = zo_train(model, tuned_tensors(model, self.opts.params), self.seeds, picks, batches,
+        indices, grads, losses, seen, tokens = zo_train(model, tuned_tensors(model, self.opts.params), self.seeds, picks, batches,
                                           steps=steps, grad_accumulation=grad_accumulation, lr=lr,
                                           eps=self.opts.eps, precision=precision, on_step=on_step)
         result = TrainResult(steps=steps, examples_seen=seen, num_examples=num_examples,
                              mean_loss=sum(losses) / len(losses), last_loss=losses[-1], lr=lr,
-                             seconds=time.perf_counter() - start,
+                             seconds=time.perf_counter() - start, tokens=tokens,
                              extra={"seed_index": indices.to(self.index_dtype), "g": grads})
         return result, losses
 
