@@ -35,6 +35,8 @@ ROWS = {
     "fedit": ("fedit", []),
     "fedot0.2": ("fedot", ["method.options.drop_ratio=0.2"]),
     "fedot0.5": ("fedot", ["method.options.drop_ratio=0.5"]),
+    "fedot0.5+distill": ("fedot", ["method.options.drop_ratio=0.5", "method.options.distill_steps=20",
+                                   "method.options.distill_lr=5e-4"]),
     "localot0.2": ("fedot", ["method.options.drop_ratio=0.2", "method.options.local_ot=true"]),
     "fedkseed": ("fedkseed", ["method.options.k=4096"]),
 }
