@@ -206,6 +206,9 @@ class FedKSeed(MethodStrategy):
         if cfg.federation.robust.rule != "none" or cfg.federation.robust.clip_norm is not None:
             refusals.append("federation.robust: the robust rules act on tensors, FedKSeed's uploads are scalar lists; "
                             "use rule none without clip_norm")
+        if cfg.training.objective != "sft":
+            refusals.append(f"training.objective={cfg.training.objective}: FedKSeed's zeroth-order steps use the "
+                            "language-modelling loss only; use sft")
         if cfg.model.quantization != "none" and self.opts.params == "all":
             refusals.append(f"model.quantization={cfg.model.quantization}: method.options.params=all moves every base "
                             "weight, which a quantised base cannot hold; use params=adapter or no quantisation")
