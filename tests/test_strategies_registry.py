@@ -19,6 +19,7 @@ SELECTIVE = ["fltac", "fedls", "fedgpl", "sfl"]  # tested against their own rule
 PERSONALISED = ["ditto", "fedper"]  # tested against their own rules in test_personalised.py
 FEDERATED = ["fedit", "fedprox", "scaffold", "ffa_lora", "flora", "fedex_lora", "fedsa_lora", "zero_padding", "hetlora", "flexlora"]
 BASELINES = ["centralized", "local_only", "zero_shot"]
+MODEL_BOUND = ["fedot", "fedkseed"]  # need the model (emulator, replay): tested in test_fedot.py / test_fedkseed.py
 REFUSE_SERVER_OPTIMIZER = {"flora", "fedex_lora", "flexlora", *BASELINES}
 
 
@@ -53,7 +54,7 @@ def effective_model(strategy, name, rounds=2, clients=(0, 1, 2)):
 
 
 def test_names_map_to_distinct_classes():
-    assert sorted(STRATEGIES) == sorted(FEDERATED + BASELINES + SELECTIVE + PERSONALISED)
+    assert sorted(STRATEGIES) == sorted(FEDERATED + BASELINES + SELECTIVE + PERSONALISED + MODEL_BOUND)
     assert len(set(STRATEGIES.values())) == len(STRATEGIES)
     for name, cls in STRATEGIES.items():
         assert cls.name == name

@@ -149,8 +149,9 @@ class ClientRunner:
             on_start(plan.client_id, cfg.federation.local_steps)
         device = model_device(self.model)
         reset_peak_cuda(device)  # this job's peak, not the process's
-        with scaled_lora(self.model, plan.scaling):
-            result, losses = train_local(
+        trainer = self.strategy.local_trainer() or train_local  # FedKSeed brings its own (zeroth-order) loop
+        with scaled_lora(self.model, plan.scaling), self.strategy.client_view(plan):
+            result, losses = trainer(
                 self.model, params, batches, plan,
                 steps=cfg.federation.local_steps, grad_accumulation=cfg.federation.grad_accumulation, lr=lr,
                 optimizer_name=cfg.training.optimizer, weight_decay=cfg.training.weight_decay,

@@ -212,7 +212,7 @@ class Engine:
         sampled = sample_clients(cfg.seed, round_idx, fed.num_clients, fed.clients_per_round)
         self.strategy.begin_round(round_idx, ServerContext(
             self.model, self.tokenizer, cfg, self.data, self.client_data.batches,
-            client_indices=self.client_indices, labels=self.labels, run_dir=self.run_dir))
+            client_indices=self.client_indices, labels=self.labels, run_dir=self.run_dir, lr=lr))
         plans = self.strategy.configure_round(round_idx, sampled, state.global_state, self.store)
         progress.start_round(round_idx, len(plans))
 

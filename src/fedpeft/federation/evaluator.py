@@ -77,6 +77,12 @@ class Evaluator:
         self.metrics.log("eval", round=round_idx, metrics=result["metrics"], examples=result["examples"],
                          seconds=result["seconds"], samples=result["samples"])
         metrics = dict(result["metrics"])
+        for view, enter in self.strategy.evaluation_views().items():  # FedOT: also through the emulator
+            with enter():
+                seen = self._score(self.data.evaluation, final)
+            self.metrics.log("eval", round=round_idx, split=view, metrics=seen["metrics"], examples=seen["examples"],
+                             seconds=seen["seconds"])
+            metrics.update({f"{view}/{k}": v for k, v in seen["metrics"].items()})
         per_task = self.strategy.task_evaluation_states(global_state, self.store)
         if per_task:
             metrics.update(self.task_adapters(per_task, global_state, round_idx, final))

@@ -19,6 +19,7 @@ ClientStore (on disk); what ``client_update`` keeps for a client goes in ``Clien
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,9 @@ class TrainResult:
     lr: float
     seconds: float
     tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    """What a method's own local trainer (``Strategy.local_trainer``) hands to its ``client_update``
+    (FedKSeed's (seed index, projected gradient) pairs). Empty for the standard loop."""
 
 
 @dataclass
@@ -111,6 +115,8 @@ class ServerContext:
     """Partition label of every training record."""
     run_dir: Path | None = None
     """Where a strategy may write its own artifacts (FL-TAC's cluster assignments)."""
+    lr: float | None = None
+    """The clients' learning rate this round (``training.lr`` on its schedule; FedKSeed's server replay)."""
 
 
 @dataclass
@@ -190,6 +196,16 @@ class Strategy:
         (the start state the engine or Flower sent, overlaid with ``plan.downlink``): for hooks that
         need it (Ditto's pull of the personal adapter towards the global one). Default: nothing."""
 
+    def client_view(self, plan: ClientPlan) -> AbstractContextManager:
+        """Runs on the client: the context local training runs in (FedOT: the model seen through the
+        emulator, the dropped middle blocks skipped). Default: the model as it is."""
+        return nullcontext()
+
+    def local_trainer(self) -> Callable[..., tuple[TrainResult, list[float]]] | None:
+        """A local loop that replaces ``federation.local_trainer.train_local`` (same arguments, same
+        return value), e.g. FedKSeed's zeroth-order steps. None (default): the standard loop."""
+        return None
+
     def client_update(
         self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult, store: Any
     ) -> ClientUpdate:
@@ -232,6 +248,13 @@ class Strategy:
     def evaluation_state(self, global_state: AdapterState, store: Any) -> AdapterState:
         """The adapter evaluated as "the global model" (FedSA-LoRA: global A with the mean personal B)."""
         return global_state
+
+    def evaluation_views(self) -> dict[str, Callable[[], AbstractContextManager]]:
+        """Extra ways the server scores the global adapter, besides the model as it is: view name ->
+        a context factory (FedOT: ``emulator``, the adapter on the compressed middle the clients
+        trained with). Each is logged as an ``eval`` event with ``split=<view>`` and metrics
+        ``<view>/<metric>``. Default: none."""
+        return {}
 
     def task_evaluation_states(self, global_state: AdapterState, store: Any) -> dict[str, AdapterState] | None:
         """Per-task adapters for evaluation (FL-TAC's cluster adapters): partition label -> the adapter

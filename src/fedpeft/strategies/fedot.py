@@ -1,0 +1,225 @@
+"""FedOT: offsite tuning made federated (Xiao et al. 2023; FederatedScope-LLM, Kuang et al. 2024).
+
+The model owner keeps the full model. The adapter is the first ``a`` and last ``b`` transformer blocks,
+trained with the LoRA of the shared PEFT model on those blocks (``peft.target_modules``; the LoRA of the
+middle blocks is never trained: B = 0 keeps it an identity). The emulator is the middle, compressed by
+uniform layer dropping (``drop_ratio``; ``models/emulator.py``) and optionally aligned by distillation on
+server data (``distill_steps`` > 0, before round 1).
+
+Each client trains the adapter on the emulator-model (``client_view``: the dropped blocks are skipped)
+and uploads the adapter; the server averages it (FedAvg: theta <- sum_k p_k theta_k over the adapter's
+tensors; a server optimizer composes). ``local_ot: true`` is the LocalOT baseline: nothing is averaged,
+each client keeps its own adapter (evaluated per client).
+
+What leaves the owner, metered: the first time a client is sampled its plan carries the frozen tensors
+it needs to run the emulator-model (embeddings, head, norms, the adapter blocks' base weights, the kept
+middle blocks; ``Emulator.shipped_parameters``) as ``plan.control`` (counted as downlink, never
+uploaded); every round the adapter's LoRA tensors go down and up. The ``aggregate`` event reports
+``owner_model_bytes`` (the full model), ``shipped_once_bytes`` (per client) and their ratio.
+
+Evaluation: the server scores the global adapter plugged into the full model (the full middle: the
+headline metric) and through the emulator (``emulator/<metric>``, the ``evaluation_views`` hook).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+
+from fedpeft.adapters import AdapterState, adapter_parameters, state_bytes
+from fedpeft.models.emulator import Emulator, distill
+from fedpeft.seeding import derive_seed
+from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, ServerContext, TrainResult
+from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
+from fedpeft.strategies.registry import MethodOptions, register_method
+from fedpeft.strategies.server_optimizers import is_identity
+
+LOCAL_NAME = "local_ot_adapter"
+"""Client-store name of a LocalOT client's own adapter."""
+
+
+class FedOTOptions(MethodOptions):
+    a: int = Field(2, ge=0, description="Adapter blocks at the bottom (the first a transformer blocks).")
+    b: int = Field(2, ge=0, description="Adapter blocks at the top (the last b transformer blocks).")
+    drop_ratio: float = Field(0.2, description="Share of the middle blocks the emulator drops, in (0, 1) "
+                                               "(FS-LLM uses 0.2 and 0.5).")
+    distill_steps: int = Field(0, ge=0, description="Distillation steps aligning the emulator to the full middle "
+                                                    "on server data before round 1 (0: plain layer drop).")
+    distill_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the distillation.")
+    local_ot: bool = Field(False, description="LocalOT baseline: each client trains its own adapter, nothing averaged.")
+
+    @field_validator("drop_ratio")
+    @classmethod
+    def _open_interval(cls, value: float) -> float:
+        if not 0 < value < 1:
+            raise ValueError(f"drop_ratio must be in (0, 1), got {value}")
+        return value
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def offsite_report_section(run_dir: Path, out_dir: Path) -> list[str]:
+    """The run report's section: what left the model owner against the full model, and the final
+    scores plugged into the full model and through the emulator."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    aggregates = [e for e in events if e.get("event") == "aggregate" and "owner_model_bytes" in e]
+    if not aggregates:
+        return []
+    first, last = aggregates[0], aggregates[-1]
+    lines = ["## Offsite tuning (FedOT)", "",
+             f"- Emulator: {first['emulator_blocks']} of the {first['middle_blocks']} middle blocks kept.",
+             f"- Left the owner, once per client: {_mb(first['shipped_once_bytes'])} of the full model's "
+             f"{_mb(first['owner_model_bytes'])} ({100 * first['shipped_share']:.1f}%); "
+             f"{last['clients_with_emulator']} clients received it "
+             f"({_mb(last['clients_with_emulator'] * first['shipped_once_bytes'])} in all)."]
+    if "distill_loss_first" in first:
+        lines.append(f"- Distillation: {first['distill_steps']} steps, normalised MSE "
+                     f"{first['distill_loss_first']:.4f} -> {first['distill_loss_last']:.4f}.")
+    evals = [e for e in events if e.get("event") == "eval" and e.get("round", 0) > 0]
+    full = [e for e in evals if "split" not in e]
+    emulator = [e for e in evals if e.get("split") == "emulator"]
+    if full and emulator:
+        lines += ["", "| final score | adapter in the full model | adapter on the emulator |", "|---|---|---|"]
+        for key, value in full[-1]["metrics"].items():
+            if "/" not in key and key in emulator[-1]["metrics"]:
+                lines.append(f"| {key} | {value:.3f} | {emulator[-1]['metrics'][key]:.3f} |")
+    return lines + [""]
+
+
+@register_method
+class FedOT(MethodStrategy):
+    name = "fedot"
+    summary = "offsite tuning: clients train the first a / last b blocks on a layer-dropped emulator; FedAvg"
+    Options = FedOTOptions
+    report_section = staticmethod(offsite_report_section)
+    secure_mean = False  # not run under Flower/SecAgg yet (docs/fedot.md)
+
+    def __init__(self, options: Mapping[str, Any] | None = None, server_optimizer: Any | None = None) -> None:
+        super().__init__(options, server_optimizer)
+        if self.opts.a + self.opts.b == 0:
+            raise ValueError("method.options.a=0 and method.options.b=0: the adapter needs at least one block")
+        if self.opts.local_ot:
+            if not is_identity(server_optimizer):
+                raise ValueError("method.options.local_ot=true averages nothing: a server optimizer has nothing to step on")
+            self.personalized = True
+        self.emulator: Emulator | None = None
+        self.model: torch.nn.Module | None = None
+        self.shipped: set[int] = set()
+        """Clients that already received the emulator-model (it is sent once)."""
+        self.distill_losses: list[float] = []
+
+    # --- set-up -------------------------------------------------------------------------------
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.emulator = Emulator.build(model, self.opts.a, self.opts.b, self.opts.drop_ratio)
+        keys = self.adapter_keys(adapter_parameters(model))
+        if not any(self.emulator.block_of(k) is not None for k in keys):
+            raise ValueError(f"FedOT: peft.target_modules put no LoRA tensor in the adapter blocks "
+                             f"{self.emulator.adapter_blocks}")
+
+    def adapter_keys(self, state: Mapping[str, Any]) -> list[str]:
+        """The adapter's tensors: LoRA of the first a / last b blocks, and adapter tensors outside the
+        blocks (a classification head)."""
+        blocks = set(self.emulator.adapter_blocks)
+        return [k for k in state if (block := self.emulator.block_of(k)) is None or block in blocks]
+
+    def begin_round(self, round_idx: int, server: ServerContext) -> None:
+        if self.opts.distill_steps and not self.emulator.distilled:
+            indices = sorted(i for idx in (server.client_indices or []) for i in idx)
+            if not indices:
+                raise ValueError("FedOT distillation needs training records on the server; none were encodable")
+            seed = derive_seed(self.opts.seed or 0, "fedot_distill")
+            self.distill_losses = distill(self.model, self.emulator, server.make_batch(indices, seed),
+                                          self.opts.distill_steps, self.opts.distill_lr, seed)
+
+    # --- a round ------------------------------------------------------------------------------
+    def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
+        keys = self.adapter_keys(global_state)
+        control: AdapterState = {}
+        if client_id not in self.shipped:  # the emulator-model leaves the owner once per client
+            control = {f"emulator/{k}": v for k, v in self.emulator.shipped_parameters(self.model).items()}
+            self.shipped.add(client_id)
+        downlink = {} if self.opts.local_ot else {k: global_state[k] for k in keys}
+        return ClientPlan(client_id=client_id, downlink=downlink, trainable=keys,
+                          upload=[] if self.opts.local_ot else keys, control=control,
+                          info={"view": "emulator", "distilled": bool(self.emulator.distilled)})
+
+    def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        if self.opts.local_ot:
+            stored = store.get(plan.client_id, LOCAL_NAME) if store is not None else None
+            if stored is not None:
+                plan.init_state = dict(stored)
+
+    def client_view(self, plan: ClientPlan):
+        if plan.info.get("distilled") and not self.emulator.distilled:  # e.g. a Flower node: its own plain drop
+            raise ValueError("fedot: the server distilled the emulator but this process holds only the plain "
+                             "layer drop (shipping the distilled blocks to other processes is not built)")
+        return self.emulator.active()
+
+    def client_update(self, round_idx: int, plan: ClientPlan, trained: AdapterState, result: TrainResult,
+                      store: Any) -> ClientUpdate:
+        if not self.opts.local_ot:
+            return super().client_update(round_idx, plan, trained, result, store)
+        store.put(plan.client_id, LOCAL_NAME, {k: trained[k].detach().float().clone() for k in plan.trainable})
+        return ClientUpdate(client_id=plan.client_id, tensors={}, num_examples=result.num_examples, job=plan.job,
+                            metrics={"loss": result.mean_loss})
+
+    def check_update(self, global_state: AdapterState, update: ClientUpdate) -> None:
+        super().check_update(global_state, update)
+        allowed = set(self.adapter_keys(global_state))
+        refuse_uploaded(update, lambda k: k not in allowed, "fedot", "only the adapter blocks' tensors are trained")
+
+    def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        metrics = self.bytes_metrics()
+        if self.distill_losses:  # reported once, with the first aggregate after the distillation
+            metrics.update(distill_loss_first=self.distill_losses[0], distill_loss_last=self.distill_losses[-1],
+                           distill_steps=len(self.distill_losses))
+            self.distill_losses = []
+        if self.opts.local_ot:
+            return AggregateResult(global_state={k: v.clone() for k, v in global_state.items()},
+                                   metrics={**metrics, "clients_trained": len(updates)})
+        averaged = self.average_updates(global_state, updates)
+        return AggregateResult(global_state=self.apply_average(global_state, averaged), metrics=metrics)
+
+    def bytes_metrics(self) -> dict[str, Any]:
+        full = self.emulator.full_model_bytes(self.model)
+        shipped = state_bytes(self.emulator.shipped_parameters(self.model))
+        return {"owner_model_bytes": full, "shipped_once_bytes": shipped, "shipped_share": shipped / full,
+                "emulator_blocks": len(self.emulator.kept), "middle_blocks": len(self.emulator.middle),
+                "clients_with_emulator": len(self.shipped)}
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def evaluation_views(self):
+        return {"emulator": self.emulator.active}
+
+    def personal_state(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState | None:
+        if not self.opts.local_ot:
+            return None
+        stored = store.get(client_id, LOCAL_NAME) if store is not None else None
+        state = dict(global_state)
+        if stored is not None:
+            state.update(stored)
+        return state
+
+    # --- resume -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["shipped"] = sorted(self.shipped)
+        state["distilled"] = self.emulator.distilled_state() if self.emulator is not None else {}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.shipped = set(int(c) for c in state.get("shipped", []))
+        if state.get("distilled"):
+            self.emulator.load_distilled(dict(state["distilled"]))
