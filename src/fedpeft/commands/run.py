@@ -101,4 +101,6 @@ def register(app: typer.Typer) -> None:
             f"uplink {summary.uplink_bytes / 1e6:.2f} MB, downlink {summary.downlink_bytes / 1e6:.2f} MB\n"
             f"final adapter (PEFT format): {summary.final_adapter_dir}\nevents: {summary.run_dir / 'metrics.jsonl'}"
             + (f"\nreport: {summary.report_path}" if summary.report_path else "")
+            + (f"\nprivacy ({summary.privacy['mode']}): epsilon {summary.privacy['epsilon']:.3f} at delta "
+               f"{summary.privacy['delta']:g}" if summary.privacy else "")
         )
