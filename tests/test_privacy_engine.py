@@ -82,3 +82,20 @@ def test_target_epsilon_calibrates_the_noise(tmp_path):
     events = _events(summary.run_dir, "privacy")
     assert events[-1]["epsilon"] <= 8 and events[-1]["epsilon"] == pytest.approx(8, rel=0.01)
     assert events[-1]["noise_multiplier"] == events[0]["noise_multiplier"]
+
+
+def test_dp_sgd_run_accounts_each_client(tmp_path):
+    """Record-level DP through the engine: each client's epsilon composes its local steps at q = batch / n_k."""
+    cfg = load_config("configs/tiny.yaml", BASE + ["privacy.dp_sgd.enabled=true", "privacy.dp_sgd.delta=1e-3",
+                                                   "privacy.dp_sgd.noise_multiplier=1.3"])
+    summary = run_experiment(cfg, run_dir=tmp_path / "run")
+    [partition] = _events(summary.run_dir, "partition")
+    records = {c["client"]: c["examples"] for c in partition["clients"]}
+    steps: dict[int, int] = {}
+    for e in _events(summary.run_dir, "client_train"):
+        steps[e["client"]] = steps.get(e["client"], 0) + e["steps"]
+    expected = {c: _opacus_epsilon(1.3, 4 / records[c], s, 1e-3) for c, s in steps.items()}  # batch_size 4
+    last = _events(summary.run_dir, "privacy")[-1]
+    assert last["dp_sgd_epsilon_max"] == pytest.approx(max(expected.values()), rel=1e-9)
+    assert last["dp_sgd_clients"] == len(expected)
+    assert summary.privacy["dp_sgd_epsilon_max"] == last["dp_sgd_epsilon_max"]

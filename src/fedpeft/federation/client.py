@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,6 +160,7 @@ class ClientRunner:
                 optimizer_name=cfg.training.optimizer, weight_decay=cfg.training.weight_decay,
                 max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
                 num_examples=len(examples), on_step=on_step, optimizer=optimizer, loss_fn=self.objective,
+                dp_sgd=self._dp_sgd(round_idx, plan),
             )
         # Private state is staged, not written: the caller commits it once the update is accepted.
         staged = StagedStore(self.store, plan.client_id)
@@ -199,3 +201,14 @@ class ClientRunner:
             max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
             num_examples=len(examples), loss_fn=self.objective)
         return get_adapter_state(self.model), result.mean_loss
+
+    def _dp_sgd(self, round_idx: int, plan: ClientPlan) -> dict | None:
+        """``train_local``'s DP-SGD settings (privacy.dp_sgd), the noise seeded per (round, client, job)."""
+        cfg = self.config
+        dp = getattr(cfg, "privacy", None)
+        if dp is None or not dp.dp_sgd.enabled:
+            return None
+        seed = (derive_seed(cfg.seed, "dp_sgd", round_idx, plan.client_id, plan.job) if dp.reproducible_noise
+                else secrets.randbits(63))
+        return {"noise_multiplier": dp.dp_sgd.noise_multiplier, "max_grad_norm": dp.dp_sgd.max_grad_norm,
+                "expected_batch_size": cfg.federation.batch_size * cfg.federation.grad_accumulation, "seed": seed}

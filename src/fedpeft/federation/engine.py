@@ -48,7 +48,7 @@ from fedpeft.metering.loggers import make_loggers
 from fedpeft.metering.memory import peak_cuda_mb, peak_rss_mb
 from fedpeft.models.device import check_precision, check_quantization, cuda_device_count, resolve_device
 from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, load_experiment_model
-from fedpeft.privacy.client_dp import ClientLevelDP
+from fedpeft.privacy.run_privacy import RunPrivacy
 from fedpeft.report import write_report
 from fedpeft.seeding import sample_clients
 from fedpeft.strategies import build_experiment_strategy
@@ -113,13 +113,14 @@ class Engine:
         self.data = load_experiment_data(cfg)
         partition_preflight(cfg, self.data.labels())  # a missing field or infeasible partition fails here too
         self.strategy = build_experiment_strategy(cfg)  # an unknown method or bad option too
-        fed = cfg.federation  # client-level DP: sigma calibrated, budget checked, before the model loads
-        self.privacy = (ClientLevelDP(cfg.privacy, fed.num_clients, fed.clients_per_round, fed.rounds, cfg.seed)
-                        if cfg.privacy.client_level else None)
+        # privacy section: sigma calibrated, budget and delta checked, before the model loads
+        self.privacy = RunPrivacy.build(cfg, self.data.labels())
         loaded, self.model = load_experiment_model(cfg, self.data, device=self.device)
         self.model_source, self.model_load_seconds = loaded.source, loaded.load_seconds
         self.tokenizer = loaded.tokenizer
         self.strategy.prepare_model(self.model)
+        if self.privacy is not None:
+            self.privacy.check_model(self.model)  # DP-SGD: every trainable module is one Opacus can handle
         self.client_data = prepare_client_data(cfg, self.data, self.tokenizer)
         self.client_indices, self.labels = self.client_data.indices, self.client_data.labels
         self.store = ClientStore(self.run_dir / "client_store")
@@ -209,8 +210,7 @@ class Engine:
         seconds = state.elapsed_before + time.perf_counter() - t_start
         summary = RunSummary(self.run_dir, rounds_done, seconds, state.initial_metrics, final_metrics, peak_rss_mb(),
                              state.cum_up, state.cum_down, final_dir)
-        privacy = ({"privacy": {"epsilon": self.privacy.epsilon(), "delta": self.privacy.delta, "mode": self.privacy.mode,
-                                "noise_multiplier": self.privacy.noise_multiplier}} if self.privacy is not None else {})
+        privacy = {"privacy": self.privacy.summary()} if self.privacy is not None else {}
         summary.privacy = privacy.get("privacy")
         self.metrics.log("run_end", rounds=rounds_done, seconds=seconds, **privacy, initial_metrics=state.initial_metrics,
                          final_metrics=final_metrics, peak_rss_mb=summary.peak_rss_mb,
@@ -236,8 +236,7 @@ class Engine:
             client_indices=self.client_indices, labels=self.labels, run_dir=self.run_dir))
         plans = self.strategy.configure_round(round_idx, sampled, state.global_state, self.store)
         if self.privacy is not None:  # client-level DP: the clip norm and noise share travel with each plan
-            for plan in plans:
-                plan.info = {**plan.info, "dp": self.privacy.plan_info()}
+            self.privacy.annotate(plans)
         progress.start_round(round_idx, len(plans))
 
         t_train = time.perf_counter()
@@ -250,8 +249,12 @@ class Engine:
         to_aggregate = self.transport.combine(round_idx, state.global_state, updates)
         to_aggregate = apply_robust_rule(fed.robust, state.global_state, to_aggregate)  # federation.robust
         privacy_metrics = None
-        if self.privacy is not None and to_aggregate:  # clip (visible updates), noise the sum, charge the accountant
-            to_aggregate, privacy_metrics = self.privacy.server_step(round_idx, state.global_state, to_aggregate)
+        if self.privacy is not None:  # clip (visible updates), noise the sum, charge the accountants
+            by_job = {(p.client_id, p.job): p for p in plans}
+            trained = [(u.client_id, fed.local_steps, self._client_examples(by_job[(u.client_id, u.job)]))
+                       for u in updates if (u.client_id, u.job) in by_job]
+            to_aggregate, privacy_metrics = self.privacy.server_step(round_idx, state.global_state, to_aggregate,
+                                                                     trained)
             state.privacy = self.privacy.state_dict()
         if plans and not to_aggregate:
             raise RunStopped(f"round {round_idx}: no update could be combined (see the deploy_round events); "
@@ -271,7 +274,7 @@ class Engine:
                          num_updates=len(updates), seconds=phases["aggregate"], **aggregated.metrics)
         if privacy_metrics is not None:
             self.metrics.log("privacy", round=round_idx, **privacy_metrics)
-            progress.set_epsilon(privacy_metrics["epsilon"])
+            progress.set_epsilon(self.privacy.epsilon())
 
         metrics: dict[str, float] = {}
         is_last, every = round_idx == fed.rounds, cfg.evaluation.every_rounds
