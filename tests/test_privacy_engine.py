@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from fedpeft.config import load_config
 from fedpeft.federation.engine import run_experiment
 from fedpeft.privacy.accountant import ORDERS
+from fedpeft.report import write_report
 
 BASE = ["federation.rounds=3", "evaluation.before_training=false", "evaluation.every_rounds=0", "output.report=false"]
 
@@ -41,6 +42,9 @@ def test_central_dp_logs_epsilon_per_round(tmp_path):
     assert summary.privacy["epsilon"] == events[-1]["epsilon"]
     [end] = _events(summary.run_dir, "run_end")
     assert end["privacy"]["epsilon"] == events[-1]["epsilon"]
+    report = write_report(summary.run_dir).read_text()  # epsilon per round, epsilon vs round / metric plot
+    assert "## Differential privacy" in report and f"epsilon = {events[-1]['epsilon']:.4g}" in report
+    assert (summary.run_dir / "report" / "privacy.png").is_file()
 
 
 def test_uploads_are_clipped_and_weighted_equally(tmp_path):
