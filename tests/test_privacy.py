@@ -236,3 +236,15 @@ def test_default_config_has_privacy_off():
 def test_budget_smaller_than_one_round_is_refused_before_training():
     with pytest.raises(ValueError, match="a single round already spends"):
         ClientLevelDP(_privacy("central", 0.5, 1.0, max_epsilon=0.1), 20, 4, 10, seed=0)
+
+
+def test_dp_configs_validate():
+    import fedpeft.strategies  # noqa: F401
+
+    ffa = load_config("configs/dp/ffa_lora_dp.yaml")
+    fedit = load_config("configs/dp/fedit_dp.yaml")
+    assert ffa.method.name == "ffa_lora" and fedit.method.name == "fedit"
+    assert ffa.privacy == fedit.privacy and ffa.privacy.dp_sgd.enabled
+    # the client-level variant the config's header gives
+    load_config("configs/dp/ffa_lora_dp.yaml", ["privacy.dp_sgd.enabled=false", "privacy.mode=central",
+                                                "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5"])

@@ -16,6 +16,7 @@ count and reports its epsilon at ``privacy.dp_sgd.delta``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,6 +28,11 @@ from opacus.optimizers import DPOptimizer
 from fedpeft.privacy.accountant import epsilon_of
 
 IGNORE_INDEX = -100
+
+# Opacus's full backward hooks on the first trainable layer fire on outputs only (its input, the frozen
+# embedding's output, needs no gradient): expected under PEFT, and said once per step by torch.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect "
+                        "to module outputs", category=UserWarning)
 
 
 class DPSGDUnsupported(ValueError):
