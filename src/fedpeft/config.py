@@ -356,6 +356,60 @@ class OutputConfig(_Section):
         default_factory=list, description="Also stream metrics to TensorBoard / Weights & Biases when installed.")
 
 
+class AdaptiveClippingConfig(_Section):
+    """Quantile-based adaptive clipping (Andrew et al. 2021): the clip norm follows a target quantile of
+    the clients' update norms, from a noisy count of unclipped updates."""
+
+    enabled: bool = Field(False, description="Adapt privacy.clip_norm (its value is the initial C) every round.")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="gamma: the fraction of updates that should be unclipped.")
+    lr: float = Field(0.2, gt=0, description="eta_C of the geometric update C <- C exp(-eta_C (b - gamma)).")
+    count_noise_std: float | None = Field(
+        None, gt=0, description="sigma_b, the std of the noise on the count of unclipped updates (null: "
+        "clients_per_round / 20, the paper's choice); must exceed noise_multiplier / 2.")
+
+
+class DPSGDConfig(_Section):
+    """Record-level DP: DP-SGD through Opacus in every client's local training (per-sample gradient
+    clipping and Gaussian noise on the trainable adapter parameters)."""
+
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, gt=0, description="sigma of DP-SGD: noise std / max_grad_norm.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-sample gradient clipping norm.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of each client's record-level guarantee; must be below "
+                         "1 / (records of the largest client).")
+
+
+class PrivacyConfig(_Section):
+    """Differential privacy (docs/privacy.md). ``mode: none`` with ``dp_sgd.enabled: false`` (the default)
+    changes nothing."""
+
+    mode: Literal["none", "central", "distributed", "local"] = Field(
+        "none", description="Client-level DP-FedAvg: central (the server noises the sum of clipped updates), "
+        "distributed (each client adds its share of that noise; with SecAgg+ the server never sees an "
+        "un-noised sum), local (each client noises its own update), or none.")
+    clip_norm: float = Field(1.0, gt=0, description="C: each client's update (trained minus start) is clipped to this L2 norm.")
+    noise_multiplier: float | None = Field(
+        None, gt=0, description="z: the sum's noise std is z C. Null: calibrated from target_epsilon.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) reported; must be below 1 / num_clients.")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="Set z so that the planned rounds spend this epsilon (instead of noise_multiplier).")
+    max_epsilon: float | None = Field(
+        None, gt=0, description="Budget: the run stops (with a message) before a round that would exceed it.")
+    reproducible_noise: bool = Field(
+        True, description="Clients draw their noise from seeds derived from the run seed (runs repeat and resume "
+        "exactly). Whoever knows the seed can remove that noise: set false for a deployment (fresh OS randomness).")
+    adaptive_clipping: AdaptiveClippingConfig = Field(default_factory=AdaptiveClippingConfig)
+    dp_sgd: DPSGDConfig = Field(default_factory=DPSGDConfig)
+
+    @property
+    def client_level(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def enabled(self) -> bool:
+        return self.client_level or self.dp_sgd.enabled
+
+
 METHOD_CHECKS: list[Callable[[Any], None]] = []
 """Checks of the method section run on every validated config. The method registry adds its own when
 ``fedpeft.strategies`` is imported (every command that runs a method imports it; the config does not
@@ -373,6 +427,26 @@ class ExperimentConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @model_validator(mode="after")
+    def _privacy_section(self) -> "ExperimentConfig":
+        """Client-level DP settings that depend on the federation (delta < 1/N, one way to set z)."""
+        p, n = self.privacy, self.federation.num_clients
+        if not p.client_level:
+            return self
+        if p.delta >= 1 / n:
+            raise ValueError(f"privacy.delta={p.delta} must be below 1 / federation.num_clients = {1 / n:.4g} "
+                             "(client-level DP: a delta of 1/N allows one client's data to be released outright)")
+        if (p.noise_multiplier is None) == (p.target_epsilon is None):
+            raise ValueError(f"privacy.mode={p.mode} needs exactly one of privacy.noise_multiplier (got "
+                             f"{p.noise_multiplier}) and privacy.target_epsilon (got {p.target_epsilon})")
+        if p.target_epsilon is not None and p.max_epsilon is not None and p.target_epsilon > p.max_epsilon:
+            raise ValueError(f"privacy.target_epsilon={p.target_epsilon} exceeds privacy.max_epsilon={p.max_epsilon}")
+        if p.adaptive_clipping.enabled and p.mode != "central":
+            raise ValueError(f"privacy.adaptive_clipping.enabled=true needs privacy.mode=central, got {p.mode}: the "
+                             "count of unclipped updates travels in clear, which distributed and local DP do not allow")
+        return self
 
     @model_validator(mode="after")
     def _objective_head(self) -> "ExperimentConfig":

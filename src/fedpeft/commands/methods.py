@@ -15,7 +15,8 @@ from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, rule_default
 def _flags(entry: dict) -> str:
     flags = [name for name, on in (("personalised", entry["personalized"]), ("secure-mean", entry["secure_mean"]),
                                    ("edits base weights", entry["edits_base_weights"])) if on]
-    return ", ".join(flags + ["peft: " + "/".join(entry["peft_types"])])
+    dp = "client DP: " + ("/".join(entry["dp_modes"]) if entry.get("dp_modes") else "no")  # privacy.mode
+    return ", ".join(flags + ["peft: " + "/".join(entry["peft_types"]), dp])
 
 
 def methods_table() -> Table:

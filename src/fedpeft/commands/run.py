@@ -101,4 +101,8 @@ def register(app: typer.Typer) -> None:
             f"uplink {summary.uplink_bytes / 1e6:.2f} MB, downlink {summary.downlink_bytes / 1e6:.2f} MB\n"
             f"final adapter (PEFT format): {summary.final_adapter_dir}\nevents: {summary.run_dir / 'metrics.jsonl'}"
             + (f"\nreport: {summary.report_path}" if summary.report_path else "")
+            + (f"\nprivacy ({summary.privacy['mode']}): epsilon {summary.privacy['epsilon']:.3f} at delta "
+               f"{summary.privacy['delta']:g}" if summary.privacy and "epsilon" in summary.privacy else "")
+            + (f"\nDP-SGD: epsilon per client up to {summary.privacy['dp_sgd_epsilon_max']:.3f} at delta "
+               f"{summary.privacy['dp_sgd_delta']:g}" if summary.privacy and "dp_sgd_delta" in summary.privacy else "")
         )

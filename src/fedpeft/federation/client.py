@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from fedpeft.federation.wire import LocalResult, encode_upload
 from fedpeft.metering.memory import peak_cuda_mb, reset_peak_cuda
 from fedpeft.models.device import model_device
 from fedpeft.models.peft_wrap import lora_modules
+from fedpeft.privacy.client_dp import client_noise_seed, privatize_upload
 from fedpeft.seeding import derive_seed, index_stream
 from fedpeft.strategies.base import ClientPlan, Strategy
 
@@ -137,6 +139,8 @@ class ClientRunner:
             set_adapter_state(self.model, plan.init_state if plan.init_state is not None else plan.downlink)
         set_trainable(self.model, plan.trainable)
         params = {n: p for n, p in adapter_parameters(self.model).items() if p.requires_grad}
+        dp = plan.info.get("dp")  # client-level DP (privacy.mode): the round's clip norm and this client's noise
+        start = get_adapter_state(self.model) if dp else None
         torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, plan.client_id, plan.job))
         batches = self.data.batches(examples, derive_seed(cfg.seed, "batches", round_idx, plan.client_id, plan.job))
         optimizer = None
@@ -157,10 +161,20 @@ class ClientRunner:
                 optimizer_name=cfg.training.optimizer, weight_decay=cfg.training.weight_decay,
                 max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
                 num_examples=len(examples), on_step=on_step, optimizer=optimizer, loss_fn=self.objective,
+                dp_sgd=self._dp_sgd(round_idx, plan),
             )
         # Private state is staged, not written: the caller commits it once the update is accepted.
         staged = StagedStore(self.store, plan.client_id)
-        update = self.strategy.client_update(round_idx, plan, get_adapter_state(self.model), result, staged)
+        trained = get_adapter_state(self.model)
+        dp_metrics: dict[str, float] = {}
+        if dp:  # what leaves the client: start + clipped change (+ its noise share); private keys stay as trained
+            keys = plan.upload if plan.upload is not None else (plan.trainable if plan.trainable is not None else list(trained))
+            trained, dp_metrics = privatize_upload(trained, start, keys, dp, client_noise_seed(
+                cfg.seed, round_idx, plan.client_id, plan.job, bool(dp.get("reproducible", True))))
+        update = self.strategy.client_update(round_idx, plan, trained, result, staged)
+        if dp:
+            update.num_examples = 1  # DP-FedAvg weighs clients equally (the sensitivity of the mean is C / m)
+            update.metrics.update(dp_metrics)
         update.private = {**staged.staged, **update.private}
         if optimizer is not None:  # kept once the update is accepted, like the strategy's private state
             update.private[OPTIMIZER_NAME + plan.job] = optimizer_tensors(optimizer, params)
@@ -188,3 +202,14 @@ class ClientRunner:
             max_grad_norm=cfg.training.max_grad_norm, precision=cfg.training.precision,
             num_examples=len(examples), loss_fn=self.objective)
         return get_adapter_state(self.model), result.mean_loss
+
+    def _dp_sgd(self, round_idx: int, plan: ClientPlan) -> dict | None:
+        """``train_local``'s DP-SGD settings (privacy.dp_sgd), the noise seeded per (round, client, job)."""
+        cfg = self.config
+        dp = getattr(cfg, "privacy", None)
+        if dp is None or not dp.dp_sgd.enabled:
+            return None
+        seed = (derive_seed(cfg.seed, "dp_sgd", round_idx, plan.client_id, plan.job) if dp.reproducible_noise
+                else secrets.randbits(63))
+        return {"noise_multiplier": dp.dp_sgd.noise_multiplier, "max_grad_norm": dp.dp_sgd.max_grad_norm,
+                "expected_batch_size": cfg.federation.batch_size * cfg.federation.grad_accumulation, "seed": seed}

@@ -48,6 +48,7 @@ from fedpeft.metering.loggers import make_loggers
 from fedpeft.metering.memory import peak_cuda_mb, peak_rss_mb
 from fedpeft.models.device import check_precision, check_quantization, cuda_device_count, resolve_device
 from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, load_experiment_model
+from fedpeft.privacy.run_privacy import RunPrivacy
 from fedpeft.report import write_report
 from fedpeft.seeding import sample_clients
 from fedpeft.strategies import build_experiment_strategy
@@ -77,6 +78,8 @@ class RunSummary:
     downlink_bytes: int = 0
     final_adapter_dir: Path | None = None
     report_path: Path | None = None
+    privacy: dict | None = None
+    """Differential privacy spent: mode, epsilon, delta, noise multiplier (None without a privacy section)."""
 
 
 class Engine:
@@ -110,10 +113,14 @@ class Engine:
         self.data = load_experiment_data(cfg)
         partition_preflight(cfg, self.data.labels())  # a missing field or infeasible partition fails here too
         self.strategy = build_experiment_strategy(cfg)  # an unknown method or bad option too
+        # privacy section: sigma calibrated, budget and delta checked, before the model loads
+        self.privacy = RunPrivacy.build(cfg, self.data.labels())
         loaded, self.model = load_experiment_model(cfg, self.data, device=self.device)
         self.model_source, self.model_load_seconds = loaded.source, loaded.load_seconds
         self.tokenizer = loaded.tokenizer
         self.strategy.prepare_model(self.model)
+        if self.privacy is not None:
+            self.privacy.check_model(self.model)  # DP-SGD: every trainable module is one Opacus can handle
         self.client_data = prepare_client_data(cfg, self.data, self.tokenizer)
         self.client_indices, self.labels = self.client_data.indices, self.client_data.labels
         self.store = ClientStore(self.run_dir / "client_store")
@@ -156,7 +163,8 @@ class Engine:
                                   finished.get("seconds", 0.0), finished.get("initial_metrics", {}),
                                   finished.get("final_metrics", {}), finished.get("peak_rss_mb", 0.0),
                                   finished.get("cum_uplink_bytes", 0), finished.get("cum_downlink_bytes", 0),
-                                  self.run_dir / "final", report if report.is_file() else None)
+                                  self.run_dir / "final", report if report.is_file() else None,
+                                  finished.get("privacy"))
             return self._run()
         finally:
             self.rundir.close()
@@ -167,16 +175,27 @@ class Engine:
         self._setup()
         self.state = state = run_state.start(self.run_dir, self.rundir.resume.checkpoint, self.model, self.strategy,
                                              self.store, self.metrics, resuming=self.rundir.resuming)
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state.privacy)  # the accountant continues where the checkpoint left it
         self._log_run_start(state)
         if state.next_round == 1:
             self._log_partition()
             if cfg.evaluation.before_training:
                 state.initial_metrics = self.evaluator.evaluate(state.global_state, 0)
         final_metrics: dict[str, float] = {}
+        rounds_done = fed.rounds
         progress = RunProgress(enabled=cfg.output.progress, rounds=fed.rounds, start_round=state.next_round)
         try:
             with progress:
                 for round_idx in range(state.next_round, fed.rounds + 1):
+                    stop = self.privacy.budget_stop(round_idx) if self.privacy is not None else None
+                    if stop is not None:  # privacy.max_epsilon: end with the rounds done, before exceeding it
+                        log.warning(stop)
+                        self.metrics.log("privacy_budget_stop", round=round_idx, reason=stop,
+                                         epsilon=self.privacy.epsilon())
+                        rounds_done = round_idx - 1
+                        final_metrics = self.evaluator.evaluate(state.global_state, rounds_done, final=True)
+                        break
                     metrics = self.run_round(round_idx, progress, elapsed=lambda: time.perf_counter() - t_start)
                     if round_idx == fed.rounds:
                         final_metrics = metrics
@@ -186,12 +205,14 @@ class Engine:
             raise
         if not final_metrics and state.next_round > fed.rounds:  # resumed a run that had already finished
             final_metrics = self.evaluator.evaluate(state.global_state, fed.rounds, final=True)
-        final_metrics.update(self.evaluator.finish(state.global_state, fed.rounds))
+        final_metrics.update(self.evaluator.finish(state.global_state, rounds_done))
         final_dir = self.save_final(state.global_state)
         seconds = state.elapsed_before + time.perf_counter() - t_start
-        summary = RunSummary(self.run_dir, fed.rounds, seconds, state.initial_metrics, final_metrics, peak_rss_mb(),
+        summary = RunSummary(self.run_dir, rounds_done, seconds, state.initial_metrics, final_metrics, peak_rss_mb(),
                              state.cum_up, state.cum_down, final_dir)
-        self.metrics.log("run_end", rounds=fed.rounds, seconds=seconds, initial_metrics=state.initial_metrics,
+        privacy = {"privacy": self.privacy.summary()} if self.privacy is not None else {}
+        summary.privacy = privacy.get("privacy")
+        self.metrics.log("run_end", rounds=rounds_done, seconds=seconds, **privacy, initial_metrics=state.initial_metrics,
                          final_metrics=final_metrics, peak_rss_mb=summary.peak_rss_mb,
                          cum_uplink_bytes=state.cum_up, cum_downlink_bytes=state.cum_down,
                          peak_cuda_mb=max((v for v in (self.run_peak_cuda, peak_cuda_mb(self.device)) if v is not None),
@@ -214,6 +235,8 @@ class Engine:
             self.model, self.tokenizer, cfg, self.data, self.client_data.batches,
             client_indices=self.client_indices, labels=self.labels, run_dir=self.run_dir, lr=lr))
         plans = self.strategy.configure_round(round_idx, sampled, state.global_state, self.store)
+        if self.privacy is not None:  # client-level DP: the clip norm and noise share travel with each plan
+            self.privacy.annotate(plans)
         progress.start_round(round_idx, len(plans))
 
         t_train = time.perf_counter()
@@ -225,6 +248,14 @@ class Engine:
                              f"fedpeft run --resume {self.run_dir}")
         to_aggregate = self.transport.combine(round_idx, state.global_state, updates)
         to_aggregate = apply_robust_rule(fed.robust, state.global_state, to_aggregate)  # federation.robust
+        privacy_metrics = None
+        if self.privacy is not None:  # clip (visible updates), noise the sum, charge the accountants
+            by_job = {(p.client_id, p.job): p for p in plans}
+            trained = [(u.client_id, fed.local_steps, self._client_examples(by_job[(u.client_id, u.job)]))
+                       for u in updates if (u.client_id, u.job) in by_job]
+            to_aggregate, privacy_metrics = self.privacy.server_step(round_idx, state.global_state, to_aggregate,
+                                                                     trained)
+            state.privacy = self.privacy.state_dict()
         if plans and not to_aggregate:
             raise RunStopped(f"round {round_idx}: no update could be combined (see the deploy_round events); "
                              f"resume with fedpeft run --resume {self.run_dir}")
@@ -241,6 +272,9 @@ class Engine:
         phases["aggregate"] = time.perf_counter() - t_agg
         self.metrics.log("aggregate", round=round_idx, clients=[u.client_id for u in updates],
                          num_updates=len(updates), seconds=phases["aggregate"], **aggregated.metrics)
+        if privacy_metrics is not None:
+            self.metrics.log("privacy", round=round_idx, **privacy_metrics)
+            progress.set_epsilon(self.privacy.epsilon())
 
         metrics: dict[str, float] = {}
         is_last, every = round_idx == fed.rounds, cfg.evaluation.every_rounds

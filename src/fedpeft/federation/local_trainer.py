@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from fedpeft.models.device import autocast, is_out_of_memory, model_device, out_of_memory_error
+from fedpeft.privacy.dp_sgd import DPSGD
 from fedpeft.strategies.base import ClientPlan, TrainResult
 
 IGNORE_INDEX = -100
@@ -98,11 +99,15 @@ def train_local(
     on_step=None,
     optimizer: torch.optim.Optimizer | None = None,
     loss_fn=None,
+    dp_sgd: dict | None = None,
 ) -> tuple[TrainResult, list[float]]:
     """Train ``params`` (already set trainable on ``model``) and return the result and per-step losses.
     ``optimizer`` (over ``params``): continue with it (its learning rate is set to ``lr``); None: a fresh one.
     ``loss_fn(model, batch)`` replaces the model's own loss on ``labels`` (alignment.objectives: reward
-    model, DPO, IPO); each micro-batch then weighs the same."""
+    model, DPO, IPO); each micro-batch then weighs the same.
+    ``dp_sgd`` (``{noise_multiplier, max_grad_norm, expected_batch_size, seed}``): record-level DP through
+    Opacus (``privacy/dp_sgd.py``): each example's loss is its own token mean, its gradient is clipped and
+    the sum noised; ``max_grad_norm`` (batch clipping) is then not applied, and ``loss_fn`` is refused."""
     start = time.perf_counter()
     if optimizer is None:
         optimizer = make_optimizer(list(params.values()), optimizer_name, lr, weight_decay)
@@ -111,12 +116,22 @@ def train_local(
     device = model_device(model)
     cast = autocast(device, precision)
     non_blocking = device.type == "cuda"
+    private = None
+    if dp_sgd is not None:
+        if loss_fn is not None:
+            raise ValueError("privacy.dp_sgd does not support a replaced loss (training objective other than sft)")
+        private = DPSGD(model, optimizer, noise_multiplier=dp_sgd["noise_multiplier"],
+                        max_grad_norm=dp_sgd["max_grad_norm"], expected_batch_size=dp_sgd["expected_batch_size"],
+                        seed=dp_sgd["seed"], device=device)
     model.train()
     step_losses: list[torch.Tensor] = []
     seen = tokens = 0
     try:
         for step in range(steps):
-            optimizer.zero_grad(set_to_none=True)
+            if private is not None:
+                private.zero_grad()
+            else:
+                optimizer.zero_grad(set_to_none=True)
             micro = [next(batches) for _ in range(grad_accumulation)]
             counts = [supervised_count(batch["labels"]) for batch in micro]  # on the CPU copies: no device sync
             total = sum(counts)
@@ -132,18 +147,32 @@ def train_local(
                 batch = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
                          for k, v in batch.items()}
                 with cast:
-                    if loss_fn is not None:
+                    if private is not None:  # per-example losses through Opacus's hooks, mean over the micro-batch
+                        loss = private.loss(batch)
+                    elif loss_fn is not None:
                         loss = loss_fn(model, batch).float() / grad_accumulation
                     else:
                         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     labels=batch["labels"])
                         loss = out.loss.float() * (count / total)  # sum = mean over the step's supervised targets
                 loss.backward()
-                step_loss += loss.detach()
+                # (DP-SGD: each micro-batch's loss is its example mean, unscaled for Opacus; reported as the mean)
+                step_loss += loss.detach() / (grad_accumulation if private is not None else 1)
+            extra_grads = None
             if plan.extra_loss is not None:
                 extra = plan.extra_loss(params)
-                extra.backward()
+                if private is not None:  # data-independent: its gradient is added after DP-SGD's clip and noise
+                    extra_grads = (list(torch.autograd.grad(extra, list(params.values()), allow_unused=True))
+                                   if extra.requires_grad else None)
+                else:
+                    extra.backward()
                 step_loss += extra.detach().to(device)
+            if private is not None:
+                private.step(params, extra_grads, plan.grad_transform)
+                step_losses.append(step_loss)
+                if on_step is not None:
+                    on_step(step + 1, step_loss)
+                continue
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
             if plan.grad_transform is not None:
@@ -157,6 +186,9 @@ def train_local(
             model.eval()
             raise out_of_memory_error(exc, "local training", device) from exc
         raise
+    finally:
+        if private is not None:
+            private.close()  # Opacus's hooks off the shared model
     losses = torch.stack(step_losses).tolist()  # the job's one host sync
     bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
     if bad is not None:

@@ -26,7 +26,8 @@ def format_bytes(count: float | None) -> str:
 
 
 def round_line(round_idx: int, rounds: int, losses: list[float], metric_name: str | None, metric: float | None,
-               seconds: float, uplink_bytes: float | None, downlink_bytes: float | None) -> str:
+               seconds: float, uplink_bytes: float | None, downlink_bytes: float | None,
+               epsilon: float | None = None) -> str:
     """The plain per-round line: ``round 2/6: mean loss 1.234 (2 clients), exact_match 0.520, 30.1 s,
     uplink 7.4 MB, downlink 7.4 MB``."""
     parts = [f"round {round_idx}/{rounds}:"]
@@ -36,6 +37,8 @@ def round_line(round_idx: int, rounds: int, losses: list[float], metric_name: st
         parts.append("no client trained,")
     if metric is not None and metric_name:
         parts.append(f"{metric_name} {metric:.3f},")
+    if epsilon is not None:  # differential privacy: the (epsilon, delta) spent so far
+        parts.append(f"epsilon {epsilon:.3f},")
     parts.append(f"{seconds:.1f} s, uplink {format_bytes(uplink_bytes)}, downlink {format_bytes(downlink_bytes)}")
     return " ".join(parts)
 
@@ -49,6 +52,7 @@ class RunProgress:
         self.loss: float | None = None
         self.metric: float | None = None
         self.metric_name: str | None = None
+        self.epsilon: float | None = None
         self._round_idx = start_round
         self._round_losses: list[float] = []
         self._round_metric: float | None = None
@@ -101,10 +105,17 @@ class RunProgress:
         self.metric_name, self.metric = name, value
         self._round_metric = value
 
+    def set_epsilon(self, value: float | None) -> None:
+        """The privacy spent so far (privacy section), shown beside the metric."""
+        self.epsilon = value
+
     def end_round(self, uplink_bytes: float | None = None, downlink_bytes: float | None = None) -> None:
         if self.enabled:
             info = f"{self.metric_name} {self.metric:.3f}" if self.metric is not None else ""
+            if self.epsilon is not None:
+                info = f"{info} epsilon {self.epsilon:.3f}".strip()
             self._progress.update(self._rounds, advance=1, info=info)
         elif self.plain:
             log.info(round_line(self._round_idx, self.rounds, self._round_losses, self.metric_name, self._round_metric,
-                                time.perf_counter() - self._round_start, uplink_bytes, downlink_bytes))
+                                time.perf_counter() - self._round_start, uplink_bytes, downlink_bytes,
+                                epsilon=self.epsilon))

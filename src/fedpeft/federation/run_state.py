@@ -37,6 +37,8 @@ class RunState:
     """Base modules whose weights the method changed (FLoRA, FedEx-LoRA); checkpointed with the round."""
     base_master: dict[str, torch.Tensor] = field(default_factory=dict)
     """float32 masters of merged lower-precision base weights (``peft_wrap.add_to_base_weight``)."""
+    privacy: dict = field(default_factory=dict)
+    """Differential privacy's server state (clip norm, accountant history; ``privacy/``), JSON."""
 
 
 def start(run_dir: Path, checkpoint: Path | None, model, strategy, store, metrics, resuming: bool = False) -> RunState:
@@ -59,7 +61,8 @@ def start(run_dir: Path, checkpoint: Path | None, model, strategy, store, metric
     log.info("resuming %s after round %d", run_dir, ckpt.round)
     return RunState(ckpt.global_state, ckpt.round + 1, ckpt.state["cum_uplink_bytes"],
                     ckpt.state["cum_downlink_bytes"], ckpt.state.get("elapsed_seconds", 0.0),
-                    ckpt.state.get("initial_metrics", {}), set(ckpt.base_weights), master)
+                    ckpt.state.get("initial_metrics", {}), set(ckpt.base_weights), master,
+                    ckpt.state.get("privacy", {}))
 
 
 def commit(run_dir: Path, round_idx: int, state: RunState, model, strategy, store, metrics, keep: int,
@@ -70,6 +73,8 @@ def commit(run_dir: Path, round_idx: int, state: RunState, model, strategy, stor
         "cum_uplink_bytes": state.cum_up, "cum_downlink_bytes": state.cum_down,
         "initial_metrics": state.initial_metrics, "elapsed_seconds": state.elapsed_before + elapsed,
     }
+    if state.privacy:
+        saved["privacy"] = state.privacy
     touched = base_weights(model, sorted(state.base_touched), state.base_master) if state.base_touched else {}
     save_checkpoint(run_dir / "checkpoints",
                     Checkpoint(round_idx, state.global_state, strategy.state_dict(), touched, saved),

@@ -13,6 +13,7 @@ import pkgutil
 from typing import Any
 
 from fedpeft.config import METHOD_CHECKS
+from fedpeft.privacy.compat import privacy_problems
 
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, ServerContext, Strategy, TrainResult
 from fedpeft.strategies.registry import (
@@ -47,6 +48,8 @@ def method_catalog() -> list[dict[str, Any]]:
             "server_optimizer": caps.server_optimizer_refusal or "composes",
             "personalized": caps.personalized,
             "secure_mean": caps.secure_mean,
+            "dp_modes": [] if caps.dp_refusal else (["central", "distributed", "local"] if caps.dp_mean else ["local"]),
+            "dp_refusal": caps.dp_refusal,
             "edits_base_weights": caps.edits_base_weights,
             "peft_types": list(caps.peft_types),
             "report_section": getattr(cls, "report_section", None) is not None,
@@ -98,6 +101,12 @@ def check_experiment_method(config: Any) -> None:
     its server-optimizer rule lacks are dropped with a warning (configs saved before the per-rule
     defaults set all four). Added to ``config.METHOD_CHECKS`` when this package is imported."""
     check_method_config(config.method, peft_type=config.peft.type)
+    privacy = getattr(config, "privacy", None)
+    if privacy is not None:
+        cls = method_class(config.method.name)
+        lines = privacy_problems(privacy, cls.name, capabilities(cls), config.federation.robust.rule)
+        if lines:
+            raise MethodOptionsError(lines)
     rule = config.method.server_optimizer
     for key in unused_hyperparameters(rule):
         log.warning("method.server_optimizer.%s=%s: the rule '%s' has no %s; ignored", key, getattr(rule, key),

@@ -148,6 +148,12 @@ class Strategy:
     """Why a server optimizer cannot compose with this method; None: it composes."""
     peft_types: tuple[str, ...] = ("lora",)
     """Adapter types (``peft.type``) the method supports."""
+    dp_mean: bool | None = None
+    """Central / distributed client-level DP applies (the server step is a mean of the uploads, so noise on
+    their sum privatises it); None: the same as ``secure_mean``."""
+    dp_refusal: str | None = None
+    """Why client-level DP cannot apply to this method at all (its uploads are not bounded vectors of the
+    round's change); None: local DP at least applies."""
     report_section: ReportSection | None = None
     """Optional (run_dir, out_dir) -> markdown lines for the run report."""
 

@@ -23,6 +23,8 @@ from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
 from fedpeft.strategies.registry import register_method
 
 NO_AGGREGATE = "a baseline without federated aggregation has nothing for a server optimizer to step on"
+NO_CLIENT_DP = ("a baseline without federated aggregation releases no aggregate of clients' updates "
+                "(record-level DP, privacy.dp_sgd, still applies)")
 LOCAL_NAME = "local_adapter"
 
 
@@ -31,6 +33,7 @@ class Centralized(MethodStrategy):
     name = "centralized"
     summary = "baseline: one client holding all the data"
     server_optimizer_refusal = NO_AGGREGATE
+    dp_refusal = NO_CLIENT_DP
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)
@@ -54,6 +57,7 @@ class LocalOnly(MethodStrategy):
     summary = "baseline: each client trains alone, nothing shared (evaluate per client)"
     personalized = True
     server_optimizer_refusal = NO_AGGREGATE
+    dp_refusal = NO_CLIENT_DP
 
     def _local(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState:
         stored = store.get(client_id, LOCAL_NAME) if store is not None else None
@@ -92,6 +96,7 @@ class ZeroShot(MethodStrategy):
     name = "zero_shot"
     summary = "baseline: the base model, no training"
     server_optimizer_refusal = NO_AGGREGATE
+    dp_refusal = NO_CLIENT_DP
 
     def configure_round(self, round_idx: int, clients: Sequence[int], global_state: AdapterState, store: Any) -> list[ClientPlan]:
         return []

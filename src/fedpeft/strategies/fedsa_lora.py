@@ -33,6 +33,7 @@ class FedSALoRA(MethodStrategy):
     name = "fedsa_lora"
     summary = "only A shared and averaged; each client keeps its own B (personalised)"
     personalized = True
+    dp_mean = True  # the shared part (A, a head) is averaged: client-level DP noises that mean; B never leaves
 
     def _personal_b(self, client_id: int, store: Any) -> tuple[AdapterState | None, int]:
         stored = store.get(client_id, PERSONAL_NAME) if store is not None else None

@@ -10,7 +10,8 @@ carries everything the rest of the program needs to know about it:
   mean of the uploads, so SecAgg+ can run it), ``personalized`` (each client keeps its own adapter),
   ``edits_base_weights`` (the aggregate changes the frozen base weights), ``server_optimizer_refusal``
   (None: server optimizers compose; else the reason they cannot), ``peft_types`` (adapter types it
-  supports);
+  supports), ``dp_mean`` (client-level DP's noise on the sum applies: the server step is a mean of the
+  uploads; defaults to ``secure_mean``), ``dp_refusal`` (None, or why no client-level DP applies);
 - ``report_section`` (optional): ``(run_dir, out_dir) -> markdown lines`` added to the run report.
 
 ``fedpeft methods``, config validation of ``method.options``, the SecAgg check and the report all read
@@ -59,6 +60,11 @@ class Capabilities:
     edits_base_weights: bool
     server_optimizer_refusal: str | None
     peft_types: tuple[str, ...]
+    dp_mean: bool = False
+    """Client-level DP with noise on the sum (privacy.mode central / distributed) applies: the server step is
+    a mean of the uploads (default: the ``secure_mean`` flag)."""
+    dp_refusal: str | None = None
+    """Why client-level DP cannot apply to the method at all (None: local DP at least applies)."""
 
     @property
     def composes_with_server_optimizers(self) -> bool:
@@ -124,6 +130,9 @@ def capabilities(cls: type) -> Capabilities:
         edits_base_weights=bool(getattr(cls, "edits_base_weights", False)),
         server_optimizer_refusal=refusal,
         peft_types=peft_types,
+        dp_mean=bool(getattr(cls, "dp_mean", None) if getattr(cls, "dp_mean", None) is not None
+                     else getattr(cls, "secure_mean", False)),
+        dp_refusal=getattr(cls, "dp_refusal", None),
     )
 
 

@@ -87,6 +87,8 @@ class Scaffold(MethodStrategy):
     name = "scaffold"
     Options = ScaffoldOptions
     summary = "control variates correct client drift (option II, or mean gradient for Adam); uplink doubles"
+    dp_refusal = ("SCAFFOLD uploads control variates (a mean of the client's raw gradients) beside the adapter; "
+                  "client-level DP bounds one clipped vector per client, not these unclipped extras")
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)

@@ -151,6 +151,8 @@ class SplitFederated(MethodStrategy):
     summary = "split federated learning: bottom/top on the client, trunk on the server, cut crossings metered"
     Options = SFLOptions
     secure_mean = False  # the trunk is the server's: nothing for SecAgg+ to hide it from
+    dp_refusal = ("split learning sends activations and gradients across the cut at every local step; client-level "
+                  "DP bounds one clipped upload per round, not those")
     report_section = staticmethod(split_report_section)
 
     def __init__(self, options=None, server_optimizer=None) -> None:
