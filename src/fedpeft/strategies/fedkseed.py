@@ -178,6 +178,8 @@ class FedKSeed(MethodStrategy):
     summary = "zeroth-order tuning: clients upload (seed index, projected gradient) pairs, the server replays them"
     Options = FedKSeedOptions
     server_optimizer_refusal = "the server replays scalar steps along seeded directions; there is no averaged tensor to step on"
+    dp_refusal = ("uploads are (seed index, projected gradient) pairs replayed step by step, not a change vector "
+                  "that can be clipped to a norm and noised")
 
     def __init__(self, options: Mapping[str, Any] | None = None, server_optimizer: Any | None = None) -> None:
         super().__init__(options, server_optimizer)
