@@ -10,7 +10,7 @@ carries everything the rest of the program needs to know about it:
   mean of the uploads, so SecAgg+ can run it), ``personalized`` (each client keeps its own adapter),
   ``edits_base_weights`` (the aggregate changes the frozen base weights), ``server_optimizer_refusal``
   (None: server optimizers compose; else the reason they cannot), ``peft_types`` (adapter types it
-  supports);
+  supports) and ``peft_type_refusal`` (why it refuses the others);
 - ``report_section`` (optional): ``(run_dir, out_dir) -> markdown lines`` added to the run report.
 
 ``fedpeft methods``, config validation of ``method.options``, the SecAgg check and the report all read
@@ -59,6 +59,7 @@ class Capabilities:
     edits_base_weights: bool
     server_optimizer_refusal: str | None
     peft_types: tuple[str, ...]
+    peft_type_refusal: str = ""
 
     @property
     def composes_with_server_optimizers(self) -> bool:
@@ -124,6 +125,7 @@ def capabilities(cls: type) -> Capabilities:
         edits_base_weights=bool(getattr(cls, "edits_base_weights", False)),
         server_optimizer_refusal=refusal,
         peft_types=peft_types,
+        peft_type_refusal=str(getattr(cls, "peft_type_refusal", "") or ""),
     )
 
 
