@@ -8,8 +8,8 @@ way), uplink per round = that x clients per round.
 Runs (``--train``): configs/quickstart.yaml (SmolLM2-135M, generated tasks, FedIT) with a smaller budget
 by default (``--rounds``, ``--local-steps``, ``--eval-per-task``); each type with its defaults except
 the learning rate (``--lr-prompt`` for prompt/P-/prefix tuning, which need a larger one). Metric: exact
-match averaged over the tasks at the last evaluation. Seconds per round: the mean ``round_end`` wall
-time. Peak memory: the run's peak RSS (``run_end``).
+match averaged over the tasks at the last evaluation. Seconds per round: the mean of ``round_end``'s
+train + aggregate phases (evaluation left out). Peak memory: the run's peak RSS (``run_end``).
 
     PYTHONPATH=src python bench/peft_types.py --counts --model smollm2-135m-instruct
     PYTHONPATH=src python bench/peft_types.py --counts --model tiny-llama
@@ -65,7 +65,8 @@ def train(types: list[str], rounds: int, local_steps: int, eval_per_task: int, l
         run_end = next(e for e in events if e["event"] == "run_end")
         rows.append({"type": kind, "exact_match": statistics.mean(ems.values()) if ems else float("nan"),
                      "per_task": ems, "uplink_per_round": summary.uplink_bytes / rounds,
-                     "seconds_per_round": statistics.mean(e["seconds"] for e in ends),
+                     "seconds_per_round": statistics.mean(e["phase_seconds"]["train"] + e["phase_seconds"]["aggregate"]
+                                                          for e in ends),
                      "peak_rss_mb": run_end.get("peak_rss_mb")})
     return rows
 
