@@ -153,7 +153,7 @@ class Strategy:
     peft_types: tuple[str, ...] = ("lora",)
     """Adapter types (``peft.type``) the method supports (``ALL_PEFT_TYPES``: any, its math works on any
     adapter tensors)."""
-    peft_type_refusal: str = "its server step is defined on LoRA's A and B factors"
+    peft_type_refusal: str = "the method declares only the types it was written and tested for"
     """Why the other adapter types are refused (named in the config error)."""
     report_section: ReportSection | None = None
     """Optional (run_dir, out_dir) -> markdown lines for the run report."""
