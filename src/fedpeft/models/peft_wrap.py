@@ -15,7 +15,7 @@ def peft_library_config(peft_config, head: str = "causal_lm", total_step: int | 
     (its rank allocation runs inside each job, see :func:`adalora_step_hook`)."""
     import peft
 
-    kind = peft_config.type
+    kind = getattr(peft_config, "type", "lora")  # a section without ``type`` (written before the others) is LoRA
     task_type = "SEQ_CLS" if head == "classification" else "CAUSAL_LM"
     if kind in ("lora", "dora"):
         return peft.LoraConfig(r=peft_config.r, lora_alpha=peft_config.alpha, lora_dropout=peft_config.dropout,
@@ -72,7 +72,7 @@ def wrap_peft(model: torch.nn.Module, peft_config, seed: int, head: str = "causa
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        if peft_config.type == "prompt_tuning" and peft_config.prompt_init == "text":
+        if getattr(peft_config, "type", "lora") == "prompt_tuning" and peft_config.prompt_init == "text":
             wrapped = _prompt_tuning_from_text(model, config, tokenizer)
         else:
             wrapped = get_peft_model(model, config)
