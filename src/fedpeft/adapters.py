@@ -3,7 +3,8 @@
 It is the wire format, the checkpoint format (safetensors) and the unit of aggregation. Keys are the
 names of ``model.named_parameters()`` for the adapter parameters, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``; for a classifier also
-its head, ``base_model.model.classifier.modules_to_save.default.weight``.
+its head, ``base_model.model.classifier.modules_to_save.default.weight``; for the other ``peft.type``
+values their own tensors (``...k_proj.ia3_l.default``, ``prompt_encoder.default.embedding.weight``, ...).
 """
 
 from __future__ import annotations
@@ -15,9 +16,31 @@ import torch
 AdapterState = dict[str, torch.Tensor]
 
 
+ADAPTER_MARKERS = ("lora_", "ia3_", "hada_", "lokr_", ".modules_to_save.")
+"""Name parts of the trained tensors peft adds: LoRA/DoRA/AdaLoRA (``lora_A``, ``lora_B``,
+``lora_magnitude_vector``, ``lora_E``), IA3 (``ia3_l``), LoHa (``hada_w1_a``...), LoKr (``lokr_w1``...),
+and the trained copy of a new head (``modules_to_save``, e.g. a classifier). AdaLoRA's ``ranknum``
+(a constant, never trained) is not adapter state."""
+
+PROMPT_ENCODER_PREFIX = "prompt_encoder."
+"""Prompt, P- and prefix tuning: the virtual tokens (and P-tuning's encoder) live in
+``prompt_encoder.<adapter>.*``, outside the base model."""
+
+
 def is_adapter_param(name: str) -> bool:
-    """LoRA factors, and the trained copy of a new head (peft's ``modules_to_save``, e.g. a classifier)."""
-    return "lora_" in name or ".modules_to_save." in name
+    """A tensor of the adapter state (what trains, travels and is aggregated) for any ``peft.type``."""
+    return name.startswith(PROMPT_ENCODER_PREFIX) or any(marker in name for marker in ADAPTER_MARKERS)
+
+
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """True when ``model`` carries virtual tokens or a key/value prefix (prompt, P- or prefix tuning):
+    its forward prepends them, so a KV cache built outside peft (shared-prefix scoring, cached decoding)
+    would miss or repeat them."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, Mapping):
+        return False
+    config = configs.get(getattr(model, "active_adapter", "default"))
+    return bool(getattr(config, "is_prompt_learning", False))
 
 
 def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

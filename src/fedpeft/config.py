@@ -99,13 +99,137 @@ class ModelConfig(_Section):
         return value
 
 
+PEFT_TYPES = ("lora", "dora", "adalora", "loha", "lokr", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
+"""Adapter types ``peft.type`` selects, each built by the ``peft`` library (models/peft_wrap.py)."""
+
+PROMPT_LEARNING_TYPES = ("prompt_tuning", "p_tuning", "prefix_tuning")
+"""Types that add virtual tokens (or a key/value prefix) instead of changing any base weight."""
+
+_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+PEFT_OPTION_TYPES: dict[str, tuple[str, ...]] = {
+    "r": ("lora", "dora", "loha", "lokr"),
+    "alpha": ("lora", "dora", "adalora", "loha", "lokr"),
+    "dropout": ("lora", "dora", "adalora"),
+    "rslora": ("lora", "dora"),
+    "target_modules": ("lora", "dora", "adalora", "loha", "lokr", "ia3"),
+    "feedforward_modules": ("ia3",),
+    "init_r": ("adalora",),
+    "target_r": ("adalora",),
+    "tinit": ("adalora",),
+    "tfinal": ("adalora",),
+    "delta_t": ("adalora",),
+    "orth_reg_weight": ("adalora",),
+    "decompose_both": ("lokr",),
+    "decompose_factor": ("lokr",),
+    "num_virtual_tokens": PROMPT_LEARNING_TYPES,
+    "prompt_init": ("prompt_tuning",),
+    "prompt_init_text": ("prompt_tuning",),
+    "encoder_hidden_size": ("p_tuning", "prefix_tuning"),
+    "encoder_reparameterization": ("p_tuning",),
+    "encoder_dropout": ("p_tuning",),
+    "prefix_projection": ("prefix_tuning",),
+}
+"""Which ``peft.type`` each option belongs to (``type`` itself belongs to all). An option of another type
+is an error naming the option and its types; an option of this type left out takes its default here."""
+
+_PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "rslora": False, "target_modules": _LORA_TARGETS},
+    "dora": {"r": 8, "alpha": 16.0, "dropout": 0.0, "rslora": False, "target_modules": _LORA_TARGETS},
+    "adalora": {"alpha": 16.0, "dropout": 0.0, "target_modules": _LORA_TARGETS, "init_r": 12, "target_r": 8,
+                "tinit": 0, "tfinal": 0, "delta_t": 1, "orth_reg_weight": 0.5},
+    "loha": {"r": 8, "alpha": 16.0, "target_modules": _LORA_TARGETS},
+    "lokr": {"r": 8, "alpha": 16.0, "target_modules": _LORA_TARGETS, "decompose_both": False, "decompose_factor": -1},
+    "ia3": {},  # target and feed-forward modules: peft's defaults for the architecture unless given
+    "prompt_tuning": {"num_virtual_tokens": 20, "prompt_init": "random"},
+    "p_tuning": {"num_virtual_tokens": 20, "encoder_hidden_size": 128, "encoder_reparameterization": "MLP",
+                 "encoder_dropout": 0.0},
+    "prefix_tuning": {"num_virtual_tokens": 20, "prefix_projection": False},
+}
+
+
 class PeftConfig(_Section):
-    type: Literal["lora"] = "lora"
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)  # finite: every _Section refuses inf and NaN
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    rslora: bool = False
+    """The adapter: ``type`` and that type's options (``PEFT_OPTION_TYPES`` says which type owns which
+    option; ``fedpeft`` passes them to the ``peft`` library's config of that type). An option of another
+    type is refused; an option of this type that is left out (or null) takes the type's default, so a
+    saved ``config.yaml`` (every key, null where unused) loads back as it was."""
+
+    type: Literal["lora", "dora", "adalora", "loha", "lokr", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"] = Field(
+        "lora", description="Adapter type, built by peft: lora, dora (weight-decomposed LoRA), adalora (adaptive "
+        "rank, allocated locally by each client), loha, lokr, ia3, prompt_tuning, p_tuning, prefix_tuning.")
+    r: int | None = Field(None, ge=1, description="Rank (lora, dora, loha, lokr; default 8).")
+    alpha: float | None = Field(None, gt=0, description="Scaling numerator (lora, dora, adalora, loha, lokr; default 16).")
+    dropout: float | None = Field(None, ge=0, lt=1, description="Dropout on the adapter's input (lora, dora, adalora; default 0).")
+    target_modules: list[str] | None = Field(
+        None, description="Modules to adapt (lora, dora, adalora, loha, lokr: default q/k/v/o_proj; ia3: default peft's "
+        "per-architecture list).")
+    rslora: bool | None = Field(None, description="rsLoRA scaling alpha/sqrt(r) (lora, dora; default false).")
+    feedforward_modules: list[str] | None = Field(
+        None, description="ia3: the target modules whose input (not output) is scaled; a subset of target_modules "
+        "(default: peft's for the architecture, or none when target_modules is given).")
+    init_r: int | None = Field(None, ge=1, description="adalora: initial rank of every module (default 12).")
+    target_r: int | None = Field(None, ge=1, description="adalora: average rank after allocation (default 8).")
+    tinit: int | None = Field(None, ge=0, description="adalora: local steps before pruning starts (default 0).")
+    tfinal: int | None = Field(None, ge=0, description="adalora: last local steps at the final budget (default 0).")
+    delta_t: int | None = Field(None, ge=1, description="adalora: local steps between two allocations (default 1).")
+    orth_reg_weight: float | None = Field(None, ge=0, description="adalora: weight of the orthogonality loss (default 0.5).")
+    decompose_both: bool | None = Field(None, description="lokr: also factor the left Kronecker factor (default false).")
+    decompose_factor: int | None = Field(None, description="lokr: Kronecker factor size (-1: peft's choice; default -1).")
+    num_virtual_tokens: int | None = Field(None, ge=1, description="prompt_tuning, p_tuning, prefix_tuning: virtual "
+                                           "tokens (default 20).")
+    prompt_init: Literal["random", "text"] | None = Field(
+        None, description="prompt_tuning: virtual token embeddings drawn at random or from prompt_init_text's tokens.")
+    prompt_init_text: str | None = Field(None, description="prompt_tuning with prompt_init=text: the text.")
+    encoder_hidden_size: int | None = Field(None, ge=1, description="p_tuning: the prompt encoder's hidden size "
+                                            "(default 128); prefix_tuning with prefix_projection: the projection's.")
+    encoder_reparameterization: Literal["MLP", "LSTM"] | None = Field(
+        None, description="p_tuning: the prompt encoder (default MLP).")
+    encoder_dropout: float | None = Field(None, ge=0, lt=1, description="p_tuning: dropout in the prompt encoder (default 0).")
+    prefix_projection: bool | None = Field(None, description="prefix_tuning: reparameterise the prefix through an MLP "
+                                           "(default false).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_of_the_type(cls, data: Any) -> Any:
+        """Refuse options of another type (naming the types they belong to), then fill this type's defaults."""
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("type", "lora")
+        if kind not in PEFT_TYPES:
+            return data  # the Literal's error names the valid types
+        data = dict(data)
+        wrong = [key for key, value in data.items()
+                 if value is not None and key in PEFT_OPTION_TYPES and kind not in PEFT_OPTION_TYPES[key]]
+        if wrong:
+            raise ValueError("; ".join(
+                f"peft.{key} is an option of peft.type {', '.join(PEFT_OPTION_TYPES[key])}, not of '{kind}' "
+                f"(got {data[key]!r}; remove it or change peft.type)" for key in wrong))
+        for key, value in _PEFT_DEFAULTS[kind].items():
+            if data.get(key) is None:
+                data[key] = list(value) if isinstance(value, list) else value
+        if kind == "ia3" and data.get("target_modules") is not None and data.get("feedforward_modules") is None:
+            data["feedforward_modules"] = []
+        if kind == "prefix_tuning" and data.get("prefix_projection") and data.get("encoder_hidden_size") is None:
+            data["encoder_hidden_size"] = 128
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PeftConfig":
+        if self.type == "adalora" and self.target_r > self.init_r:
+            raise ValueError(f"peft.target_r ({self.target_r}) must be at most peft.init_r ({self.init_r})")
+        if self.type == "ia3" and self.target_modules is not None:
+            extra = [m for m in self.feedforward_modules or [] if m not in self.target_modules]
+            if extra:
+                raise ValueError(f"peft.feedforward_modules {extra} must also be in peft.target_modules {self.target_modules}")
+        if self.type == "prefix_tuning" and not self.prefix_projection and self.encoder_hidden_size is not None:
+            raise ValueError("peft.encoder_hidden_size is used by prefix_tuning only with peft.prefix_projection=true")
+        if self.type == "prompt_tuning" and (self.prompt_init == "text") != (self.prompt_init_text is not None):
+            raise ValueError("peft.prompt_init_text is required with peft.prompt_init=text, and only then")
+        return self
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return self.type in PROMPT_LEARNING_TYPES
 
 
 class PartitionConfig(_Section):

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedpeft.strategies import method_catalog, method_class
+from fedpeft.strategies.base import ALL_PEFT_TYPES
 from fedpeft.strategies.registry import option_rows
 from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, rule_defaults
 
@@ -15,8 +16,9 @@ from fedpeft.strategies.server_optimizers import SERVER_OPTIMIZERS, rule_default
 def _flags(entry: dict) -> str:
     flags = [name for name, on in (("personalised", entry["personalized"]), ("secure-mean", entry["secure_mean"]),
                                    ("edits base weights", entry["edits_base_weights"])) if on]
+    types = entry["peft_types"]
     dp = "client DP: " + ("/".join(entry["dp_modes"]) if entry.get("dp_modes") else "no")  # privacy.mode
-    return ", ".join(flags + ["peft: " + "/".join(entry["peft_types"]), dp])
+    return ", ".join(flags + ["peft: " + ("any" if set(types) >= set(ALL_PEFT_TYPES) else "/".join(types)), dp])
 
 
 def methods_table() -> Table:

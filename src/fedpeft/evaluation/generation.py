@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fedpeft.adapters import is_prompt_learning
 from fedpeft.data.encoding import format_prompt
 from fedpeft.data.tasks import ExactMatchTask
 from fedpeft.evaluation.extraction import normalize_answer  # noqa: F401  (re-exported: its old home)
@@ -19,7 +20,13 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
     """Greedy continuations of ``prompts`` (decoded, special tokens removed). Batches are built from
     prompts sorted by length so that little compute goes to padding; results come back in input order.
     Decoding uses the KV cache. ``stop`` strings end a sequence early (``### Instruction`` for the Alpaca
-    template, say) and are cut from the text with whatever follows them."""
+    template, say) and are cut from the text with whatever follows them.
+
+    A prompt-learning adapter (prompt, P- or prefix tuning) is decoded by :func:`_generate_prompt_learning`
+    instead: peft's cached generation with these types does not match the model's own forward under
+    transformers 5 (prefix tuning's prefix is dropped from the cache, P-tuning's continuations differ)."""
+    if is_prompt_learning(model):
+        return _generate_prompt_learning(model, tokenizer, prompts, max_new_tokens, stop)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -45,6 +52,36 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
                 outputs[i] = _cut_at_stop(text, stop) if stop else text
     finally:
         tokenizer.padding_side = previous_side
+        model.train(was_training)
+    return outputs
+
+
+@torch.no_grad()
+def _generate_prompt_learning(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                              stop: Sequence[str] | None) -> list[str]:
+    """Greedy decoding by full forwards of the PEFT model, one prompt at a time (no padding: peft ignores
+    ``position_ids`` for virtual tokens, so a left-padded row would be read at shifted positions). Each
+    new token is the argmax of exactly what the model computes for prompt + tokens so far; the cost is
+    one forward over the whole sequence per new token (no KV cache)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    try:
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+            start = ids.shape[1]
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+                token = logits[:, -1].argmax(dim=-1, keepdim=True)
+                ids = torch.cat([ids, token], dim=1)
+                if int(token) == tokenizer.eos_token_id:
+                    break
+                if stop and any(s in tokenizer.decode(ids[0, start:], skip_special_tokens=True) for s in stop):
+                    break
+            text = tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+            outputs.append(_cut_at_stop(text, stop) if stop else text)
+    finally:
         model.train(was_training)
     return outputs
 

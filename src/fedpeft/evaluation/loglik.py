@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedpeft.adapters import is_prompt_learning
+
 
 @dataclass(frozen=True)
 class ContinuationScore:
@@ -323,6 +325,8 @@ def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], batc
     by_input: dict[tuple[int, ...], list] = {}
     for pair, (ctx, cont) in encoded.items():
         by_input.setdefault(tuple((ctx + cont)[:-1][-max_length:]), []).append((pair, cont))
+    if is_prompt_learning(model):  # the virtual tokens are added by peft's forward: no cache shared outside it
+        share_prefix = False
     groups, alone = prefix_groups(by_input, min_shared) if share_prefix else ([], list(by_input))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _prefix_token(tokenizer)
     device = _device(model)

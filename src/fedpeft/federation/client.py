@@ -28,7 +28,7 @@ from fedpeft.federation.update_checks import StagedStore
 from fedpeft.federation.wire import LocalResult, encode_upload
 from fedpeft.metering.memory import peak_cuda_mb, reset_peak_cuda
 from fedpeft.models.device import model_device
-from fedpeft.models.peft_wrap import lora_modules
+from fedpeft.models.peft_wrap import adalora_step_hook, end_adalora_job, lora_modules
 from fedpeft.privacy.client_dp import client_noise_seed, privatize_upload
 from fedpeft.seeding import derive_seed, index_stream
 from fedpeft.strategies.base import ClientPlan, Strategy
@@ -99,6 +99,15 @@ def scaled_lora(model: torch.nn.Module, scaling: float | None):
             layer.scaling.update(saved[name])
 
 
+def _after(first, then):
+    """An ``on_step`` callback that runs ``first(step, loss)`` and then ``then`` (when given)."""
+    def on_step(step, loss):
+        first(step, loss)
+        if then is not None:
+            then(step, loss)
+    return on_step
+
+
 class ClientRunner:
     def __init__(self, model: torch.nn.Module, strategy: Strategy, config, data: ClientData, store) -> None:
         self.model = model
@@ -153,6 +162,9 @@ class ClientRunner:
             on_start(plan.client_id, cfg.federation.local_steps)
         device = model_device(self.model)
         reset_peak_cuda(device)  # this job's peak, not the process's
+        allocate = adalora_step_hook(self.model)  # AdaLoRA: rank allocation local to this job
+        if allocate is not None:
+            on_step = _after(allocate, on_step)
         trainer = self.strategy.local_trainer() or train_local  # FedKSeed brings its own (zeroth-order) loop
         with scaled_lora(self.model, plan.scaling), self.strategy.client_view(plan):
             result, losses = trainer(
@@ -163,6 +175,7 @@ class ClientRunner:
                 num_examples=len(examples), on_step=on_step, optimizer=optimizer, loss_fn=self.objective,
                 dp_sgd=self._dp_sgd(round_idx, plan),
             )
+        end_adalora_job(self.model)
         # Private state is staged, not written: the caller commits it once the update is accepted.
         staged = StagedStore(self.store, plan.client_id)
         trained = get_adapter_state(self.model)

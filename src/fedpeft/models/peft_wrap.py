@@ -1,4 +1,5 @@
-"""Wrap a base model once with a PEFT LoRA adapter, and edit frozen base weights in place."""
+"""Wrap a base model once with the PEFT adapter of ``peft.type`` (LoRA, DoRA, AdaLoRA, LoHa, LoKr, IA3, prompt,
+P- or prefix tuning, all through the ``peft`` library), and edit frozen base weights in place (LoRA only)."""
 
 from __future__ import annotations
 
@@ -8,32 +9,138 @@ from fedpeft.adapters import adapter_parameters
 from fedpeft.models.device import resolve_device
 
 
-def wrap_lora(model: torch.nn.Module, peft_config, seed: int, head: str = "causal_lm"):
-    """``peft.get_peft_model`` with LoRA; the random init of A is drawn from ``seed`` so that every
-    process (simulation, Flower client, resumed run) builds the same initial adapter.
+def peft_library_config(peft_config, head: str = "causal_lm", total_step: int | None = None):
+    """The ``peft`` library's config of ``peft.type`` with that type's options (config.PeftConfig filled
+    the type's defaults). ``total_step``: AdaLoRA's schedule length, the local steps of one client job
+    (its rank allocation runs inside each job, see :func:`adalora_step_hook`)."""
+    import peft
+
+    kind = getattr(peft_config, "type", "lora")  # a section without ``type`` (written before the others) is LoRA
+    task_type = "SEQ_CLS" if head == "classification" else "CAUSAL_LM"
+    if kind in ("lora", "dora"):
+        return peft.LoraConfig(r=peft_config.r, lora_alpha=peft_config.alpha, lora_dropout=peft_config.dropout,
+                               target_modules=list(peft_config.target_modules), use_rslora=peft_config.rslora,
+                               use_dora=kind == "dora", bias="none", task_type=task_type)
+    if kind == "adalora":
+        if total_step is None:
+            raise ValueError("peft.type=adalora needs the local steps of a client job (its schedule length)")
+        return peft.AdaLoraConfig(init_r=peft_config.init_r, target_r=peft_config.target_r, tinit=peft_config.tinit,
+                                  tfinal=peft_config.tfinal, deltaT=peft_config.delta_t, total_step=total_step,
+                                  orth_reg_weight=peft_config.orth_reg_weight, lora_alpha=peft_config.alpha,
+                                  lora_dropout=peft_config.dropout, target_modules=list(peft_config.target_modules),
+                                  task_type=task_type)
+    if kind == "loha":
+        return peft.LoHaConfig(r=peft_config.r, alpha=peft_config.alpha, target_modules=list(peft_config.target_modules),
+                               task_type=task_type)
+    if kind == "lokr":
+        return peft.LoKrConfig(r=peft_config.r, alpha=peft_config.alpha, target_modules=list(peft_config.target_modules),
+                               decompose_both=peft_config.decompose_both, decompose_factor=peft_config.decompose_factor,
+                               task_type=task_type)
+    if kind == "ia3":
+        targets = None if peft_config.target_modules is None else list(peft_config.target_modules)
+        feedforward = None if peft_config.feedforward_modules is None else list(peft_config.feedforward_modules)
+        return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=task_type)
+    if kind == "prompt_tuning":
+        init = peft.PromptTuningInit.TEXT if peft_config.prompt_init == "text" else peft.PromptTuningInit.RANDOM
+        return peft.PromptTuningConfig(num_virtual_tokens=peft_config.num_virtual_tokens, prompt_tuning_init=init,
+                                       prompt_tuning_init_text=peft_config.prompt_init_text, task_type=task_type)
+    if kind == "p_tuning":
+        return peft.PromptEncoderConfig(num_virtual_tokens=peft_config.num_virtual_tokens,
+                                        encoder_hidden_size=peft_config.encoder_hidden_size,
+                                        encoder_reparameterization_type=peft_config.encoder_reparameterization,
+                                        encoder_dropout=peft_config.encoder_dropout, task_type=task_type)
+    if kind == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=peft_config.num_virtual_tokens,
+                                       prefix_projection=peft_config.prefix_projection,
+                                       encoder_hidden_size=peft_config.encoder_hidden_size or 0, task_type=task_type)
+    raise ValueError(f"peft.type: unknown adapter type '{kind}'")
+
+
+def wrap_peft(model: torch.nn.Module, peft_config, seed: int, head: str = "causal_lm", total_step: int | None = None,
+              tokenizer=None):
+    """``peft.get_peft_model`` with the adapter of ``peft.type``; its random init is drawn from ``seed`` so
+    that every process (simulation, Flower client, resumed run) builds the same initial adapter.
 
     With ``head="classification"`` the task type is SEQ_CLS: peft then also trains the new classifier
-    head (``modules_to_save``), whose copy is part of the adapter state and travels with it."""
-    from peft import LoraConfig, get_peft_model
+    head (``modules_to_save``), whose copy is part of the adapter state and travels with it.
+    ``tokenizer`` is needed only by prompt tuning initialised from text."""
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=peft_config.r,
-        lora_alpha=peft_config.alpha,
-        lora_dropout=peft_config.dropout,
-        target_modules=list(peft_config.target_modules),
-        use_rslora=peft_config.rslora,
-        bias="none",
-        task_type="SEQ_CLS" if head == "classification" else "CAUSAL_LM",
-    )
+    config = peft_library_config(peft_config, head=head, total_step=total_step)
+    if getattr(config, "prompt_tuning_init_text", None) is not None:
+        config.tokenizer_name_or_path = getattr(tokenizer, "name_or_path", None)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        wrapped = get_peft_model(model, config)
+        if getattr(peft_config, "type", "lora") == "prompt_tuning" and peft_config.prompt_init == "text":
+            wrapped = _prompt_tuning_from_text(model, config, tokenizer)
+        else:
+            wrapped = get_peft_model(model, config)
     finally:
         torch.random.set_rng_state(state)
     if not adapter_parameters(wrapped):
         raise ValueError(f"peft.target_modules {peft_config.target_modules} matched no module of the model")
     return wrapped
+
+
+def wrap_lora(model: torch.nn.Module, peft_config, seed: int, head: str = "causal_lm"):
+    """:func:`wrap_peft` (its former name, when LoRA was the only type)."""
+    return wrap_peft(model, peft_config, seed, head=head)
+
+
+def _prompt_tuning_from_text(model, config, tokenizer):
+    """Prompt tuning initialised from text with the run's own tokenizer (peft would load one by name,
+    which the bundled and tiny models do not have on the Hub): random init, then the virtual tokens'
+    embeddings set to the text's token embeddings, repeated to fill ``num_virtual_tokens``."""
+    import peft
+    from peft import get_peft_model
+
+    if tokenizer is None:
+        raise ValueError("peft.prompt_init=text needs the model's tokenizer")
+    text = config.prompt_tuning_init_text
+    config.prompt_tuning_init = peft.PromptTuningInit.RANDOM
+    config.prompt_tuning_init_text = None
+    wrapped = get_peft_model(model, config)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"peft.prompt_init_text {text!r} has no tokens")
+    n = config.num_virtual_tokens
+    ids = torch.tensor((ids * (n // len(ids) + 1))[:n])
+    embedding = wrapped.prompt_encoder[wrapped.active_adapter].embedding
+    with torch.no_grad():
+        embedding.weight.copy_(wrapped.word_embeddings(ids.to(wrapped.word_embeddings.weight.device)).float())
+    return wrapped
+
+
+def adalora_step_hook(model: torch.nn.Module):
+    """For an AdaLoRA model, the start of one client job's local rank allocation: the allocator's
+    importance scores are reset (allocation is local to each job, nothing of another client's scores
+    carries over) and the returned ``hook(step)`` (1-based, called after each optimizer step while the
+    gradients are still there) runs peft's ``update_and_allocate``, which zeroes the singular values E
+    of the least important triplets down to the scheduled budget. None for any other adapter type.
+    The rank pattern peft records in the shared config is cleared at the job's end
+    (:func:`end_adalora_job`): the global adapter keeps every triplet (see docs/peft_types.md)."""
+    base = getattr(model, "base_model", None)
+    allocator = getattr(base, "rankallocator", None)
+    if allocator is None:
+        return None
+    allocator.reset_ipt()
+    for config in base.peft_config.values():
+        config.rank_pattern = None
+
+    def hook(step: int, _loss=None) -> None:
+        base.update_and_allocate(step - 1)
+
+    return hook
+
+
+def end_adalora_job(model: torch.nn.Module) -> None:
+    base = getattr(model, "base_model", None)
+    if getattr(base, "rankallocator", None) is None:
+        return
+    base.rankallocator.reset_ipt()
+    for config in base.peft_config.values():
+        config.rank_pattern = None
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -82,7 +189,8 @@ def load_experiment_model(cfg, data, device: torch.device | None = None):
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    wrapped = wrap_lora(base, cfg.peft, seed=cfg.seed, head=head)
+    wrapped = wrap_peft(base, cfg.peft, seed=cfg.seed, head=head, total_step=cfg.federation.local_steps,
+                        tokenizer=loaded.tokenizer)
     if cfg.training.gradient_checkpointing:
         enable_gradient_checkpointing(wrapped)
     return loaded, wrapped

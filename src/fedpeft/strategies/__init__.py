@@ -81,7 +81,9 @@ def check_method_config(method: Any, peft_type: str | None = None) -> None:
                          f"'{rule.name}': {capabilities(cls).server_optimizer_refusal}")
     supported = capabilities(cls).peft_types
     if peft_type is not None and peft_type not in supported:
-        lines.append(f"peft.type: method '{cls.name}' supports {', '.join(supported)}, not '{peft_type}'")
+        reason = capabilities(cls).peft_type_refusal
+        lines.append(f"peft.type: method '{cls.name}' supports {', '.join(supported)}, not '{peft_type}'"
+                     + (f": {reason}" if reason else ""))
     if lines:
         raise MethodOptionsError(lines)
 

@@ -29,6 +29,10 @@ import torch
 from fedpeft.adapters import AdapterState, validate_update
 from fedpeft.strategies.registry import MethodOptions, ReportSection, parse_options
 
+ALL_PEFT_TYPES = ("lora", "dora", "adalora", "loha", "lokr", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
+"""Every ``peft.type`` (config.PEFT_TYPES): for methods whose math is a function of the adapter tensors
+whatever they are (a weighted mean, a proximal term, control variates)."""
+
 if TYPE_CHECKING:  # types only: the seam does not import the config or data layers
     from fedpeft.config import ExperimentConfig
     from fedpeft.data.experiment import ExperimentData
@@ -147,7 +151,10 @@ class Strategy:
     server_optimizer_refusal: str | None = None
     """Why a server optimizer cannot compose with this method; None: it composes."""
     peft_types: tuple[str, ...] = ("lora",)
-    """Adapter types (``peft.type``) the method supports."""
+    """Adapter types (``peft.type``) the method supports (``ALL_PEFT_TYPES``: any, its math works on any
+    adapter tensors)."""
+    peft_type_refusal: str = "the method declares only the types it was written and tested for"
+    """Why the other adapter types are refused (named in the config error)."""
     dp_mean: bool | None = None
     """Central / distributed client-level DP applies (the server step is a mean of the uploads, so noise on
     their sum privatises it); None: the same as ``secure_mean``."""

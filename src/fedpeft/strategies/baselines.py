@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedpeft.adapters import AdapterState
-from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult
+from fedpeft.strategies.base import ALL_PEFT_TYPES, AggregateResult, ClientPlan, ClientUpdate, TrainResult
 from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
 from fedpeft.strategies.registry import register_method
 
@@ -31,6 +31,7 @@ LOCAL_NAME = "local_adapter"
 @register_method
 class Centralized(MethodStrategy):
     name = "centralized"
+    peft_types = ALL_PEFT_TYPES
     summary = "baseline: one client holding all the data"
     server_optimizer_refusal = NO_AGGREGATE
     dp_refusal = NO_CLIENT_DP
@@ -54,6 +55,7 @@ class Centralized(MethodStrategy):
 @register_method
 class LocalOnly(MethodStrategy):
     name = "local_only"
+    peft_types = ALL_PEFT_TYPES
     summary = "baseline: each client trains alone, nothing shared (evaluate per client)"
     personalized = True
     server_optimizer_refusal = NO_AGGREGATE
@@ -94,6 +96,7 @@ class LocalOnly(MethodStrategy):
 @register_method
 class ZeroShot(MethodStrategy):
     name = "zero_shot"
+    peft_types = ALL_PEFT_TYPES
     summary = "baseline: the base model, no training"
     server_optimizer_refusal = NO_AGGREGATE
     dp_refusal = NO_CLIENT_DP

@@ -83,6 +83,8 @@ def aggregation_gap(updates: Sequence[ClientUpdate], weights: Sequence[float], a
     """How far factor averaging is from the exact average of products, over modules whose A and B were
     uploaded: ||sum_k p_k B_k A_k - B_avg A_avg||_F / ||sum_k p_k B_k A_k||_F (scale-free, so no s)."""
     pairs = lora_pairs(updates[0].tensors) if updates else {}
+    # AdaLoRA's update is B·diag(E)·A, not B·A: the gap of its factors alone would mean nothing.
+    pairs = {m: ab for m, ab in pairs.items() if not any(k.startswith(m + ".lora_E.") for k in updates[0].tensors)}
     gap_sq = exact_sq = 0.0
     for a_key, b_key in pairs.values():
         bs = [u.tensors[b_key] for u in updates]

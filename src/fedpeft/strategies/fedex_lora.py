@@ -38,6 +38,7 @@ class FedExLoRAOptions(MethodOptions):
 @register_method
 class FedExLoRA(MethodStrategy):
     name = "fedex_lora"
+    peft_type_refusal = "it merges the residual of the averaged LoRA product B·A into the base weights"
     summary = "FedIT + the averaging residual merged into the base weights (exact)"
     Options = FedExLoRAOptions
     edits_base_weights = True

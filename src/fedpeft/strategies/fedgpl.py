@@ -29,6 +29,10 @@ FedAdam server optimizer, else FedAdam with ``server_lr`` (5e-4, the seed's), be
 tau 1e-3), ``fedavg`` (the average; a configured server optimizer composes), ``fedprox`` (the proximal term (mu/2)||theta -
 theta_global||^2 with ``mu`` (0.01) over the trained parameters).
 
+With ``peft.type`` p_tuning or prompt_tuning (seed 002's other choices) no adapter tensor belongs to a
+numbered layer: ``fedGradFocus`` then has nothing to select and trains the whole prompt encoder (no
+server gradients are computed); ``fed``, ``local`` and every ``fed_alg`` work as with LoRA.
+
 The score computation leaves the model as it found it: adapter values, ``requires_grad`` flags, ``.grad``
 tensors and train/eval mode are restored. ``begin_round`` has no global state, so it keeps the server
 context and the scores are computed in ``configure_round`` (which has it).
@@ -193,6 +197,8 @@ class FedGPLOptions(MethodOptions):
 class FedGPL(MethodStrategy):
     name = "fedgpl"
     summary = "server-side gradient priority picks the layers whose LoRA trains and is sent each round"
+    peft_types = ("lora", "p_tuning", "prompt_tuning")  # seed 002's --peft choices
+    peft_type_refusal = "seed 002 runs FedGPL with lora, p-tuning or prompt-tuning"
     Options = FedGPLOptions
 
     def __init__(self, options=None, server_optimizer=None) -> None:
@@ -271,7 +277,12 @@ class FedGPL(MethodStrategy):
                     state.update(stored)
                 plans.append(ClientPlan(client_id=cid, downlink={}, init_state=state, upload=[]))
             return plans
-        if self.train_mode == "fedGradFocus":
+        if self.train_mode == "fedGradFocus" and not any(layer_of(k) is not None for k in global_state):
+            # Prompt or P-tuning: the virtual tokens belong to no transformer layer, so there is no layer
+            # to select; every adapter tensor trains (what fedGradFocus trains outside numbered layers).
+            self._selected = None
+            keys = sorted(global_state)
+        elif self.train_mode == "fedGradFocus":
             self._selected = self.select(round_idx, global_state)
             chosen = set(self._selected)
             keys = [k for k in sorted(global_state) if layer_of(k) is None or layer_of(k) in chosen]

@@ -126,6 +126,7 @@ class FedLSOptions(MethodOptions):
 @register_method
 class FedLS(MethodStrategy):
     name = "fedls"
+    peft_type_refusal = "it samples LoRA modules (A and B together) and keeps statistics of their updates"
     summary = "layer sampling by update norm x entropy, one mask per round, server momentum for left-out modules"
     Options = FedLSOptions
 

@@ -31,6 +31,7 @@ NUM_EXAMPLES_KEY = "__num_examples__"
 @register_method
 class FedSALoRA(MethodStrategy):
     name = "fedsa_lora"
+    peft_type_refusal = "it shares LoRA's A and keeps each client's B"
     summary = "only A shared and averaged; each client keeps its own B (personalised)"
     personalized = True
     dp_mean = True  # the shared part (A, a head) is averaged: client-level DP noises that mean; B never leaves

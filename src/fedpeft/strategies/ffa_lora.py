@@ -24,6 +24,7 @@ from fedpeft.strategies.registry import register_method
 @register_method
 class FFALoRA(MethodStrategy):
     name = "ffa_lora"
+    peft_type_refusal = "it freezes LoRA's A and trains and averages only B"
     summary = "A frozen at a shared seed, only B trained and sent (exact, half the traffic)"
     secure_mean = True
 

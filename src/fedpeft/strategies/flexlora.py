@@ -31,6 +31,7 @@ from fedpeft.strategies.lora_math import factored_svd, sliced_rank, stack_factor
 @register_method
 class FlexLoRA(HeterogeneousRankStrategy):
     name = "flexlora"
+    peft_type_refusal = "it rebuilds LoRA factors of each client's rank from an SVD of the averaged product B·A"
     summary = "heterogeneous ranks; sum of client products redistributed by SVD"
     server_optimizer_refusal = (
         "FlexLoRA re-derives the factors by SVD every round, so a server optimizer's per-coordinate moments "

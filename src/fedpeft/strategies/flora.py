@@ -70,6 +70,7 @@ def fresh_lora(template: AdapterState, rank: int, seed: int) -> AdapterState:
 @register_method
 class FLoRA(MethodStrategy):
     name = "flora"
+    peft_type_refusal = "it stacks the clients' LoRA factors A and B and merges their product into the base weights"
     summary = "stacked fresh LoRAs of any rank merged into the base weights (exact)"
     Options = RankOptions
     edits_base_weights = True

@@ -182,6 +182,7 @@ class FLTACOptions(MethodOptions):
 @register_method
 class FLTAC(MethodStrategy):
     name = "fltac"
+    peft_type_refusal = "FL-TAC's per-task adapters are LoRA adapters (seed 001); other types are not checked with it"
     summary = "one adapter per (client, local task); server K-means over adapters, FedAvg within clusters"
     Options = FLTACOptions
     report_section = staticmethod(cluster_report_section)

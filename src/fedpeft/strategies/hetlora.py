@@ -66,6 +66,7 @@ class HeterogeneousRankStrategy(MethodStrategy):
     """Rank-r_k clients inside one rank-r_max model: truncated downlink, sliced uplink, padded upload."""
 
     Options = RankOptions
+    peft_type_refusal = "client ranks are slices of LoRA's A rows and B columns"
 
     def __init__(self, options=None, server_optimizer=None) -> None:
         super().__init__(options, server_optimizer)

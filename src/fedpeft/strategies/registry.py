@@ -10,8 +10,9 @@ carries everything the rest of the program needs to know about it:
   mean of the uploads, so SecAgg+ can run it), ``personalized`` (each client keeps its own adapter),
   ``edits_base_weights`` (the aggregate changes the frozen base weights), ``server_optimizer_refusal``
   (None: server optimizers compose; else the reason they cannot), ``peft_types`` (adapter types it
-  supports), ``dp_mean`` (client-level DP's noise on the sum applies: the server step is a mean of the
-  uploads; defaults to ``secure_mean``), ``dp_refusal`` (None, or why no client-level DP applies);
+  supports) and ``peft_type_refusal`` (why it refuses the others), ``dp_mean`` (client-level DP's noise on
+  the sum applies: the server step is a mean of the uploads; defaults to ``secure_mean``), ``dp_refusal`` (None, or
+  why no client-level DP applies);
 - ``report_section`` (optional): ``(run_dir, out_dir) -> markdown lines`` added to the run report.
 
 ``fedpeft methods``, config validation of ``method.options``, the SecAgg check and the report all read
@@ -65,6 +66,7 @@ class Capabilities:
     a mean of the uploads (default: the ``secure_mean`` flag)."""
     dp_refusal: str | None = None
     """Why client-level DP cannot apply to the method at all (None: local DP at least applies)."""
+    peft_type_refusal: str = ""
 
     @property
     def composes_with_server_optimizers(self) -> bool:
@@ -133,6 +135,7 @@ def capabilities(cls: type) -> Capabilities:
         dp_mean=bool(getattr(cls, "dp_mean", None) if getattr(cls, "dp_mean", None) is not None
                      else getattr(cls, "secure_mean", False)),
         dp_refusal=getattr(cls, "dp_refusal", None),
+        peft_type_refusal=str(getattr(cls, "peft_type_refusal", "") or ""),
     )
 
 

@@ -42,7 +42,7 @@ import torch
 from pydantic import Field
 
 from fedpeft.adapters import AdapterState
-from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
+from fedpeft.strategies.base import ALL_PEFT_TYPES, AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
 from fedpeft.strategies.common import MethodStrategy, aggregation_gap
 from fedpeft.strategies.lora_math import require_option, validate_finite
 from fedpeft.strategies.registry import MethodOptions, register_method
@@ -85,6 +85,7 @@ class ScaffoldOptions(MethodOptions):
 @register_method
 class Scaffold(MethodStrategy):
     name = "scaffold"
+    peft_types = ALL_PEFT_TYPES  # control variates per adapter tensor, whatever the type
     Options = ScaffoldOptions
     summary = "control variates correct client drift (option II, or mean gradient for Adam); uplink doubles"
     dp_refusal = ("SCAFFOLD uploads control variates (a mean of the client's raw gradients) beside the adapter; "
