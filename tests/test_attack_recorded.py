@@ -95,3 +95,16 @@ def test_refusals_name_the_setting(runs, tmp_path):
     assert result.exit_code == 2 and "--aux-source" in result.output
     result = runner.invoke(app, ["attack", "--run", str(runs["clean"]), "--attacks", "tag-split", "--steps", "1"])
     assert result.exit_code == 2 and "method.options.cut" in result.output  # cut 2 after the last block
+
+
+def test_tag_on_the_recorded_top_gradient_recovers_targets_far_above_chance(tmp_path):
+    """Cut 0-1 on the 2-block model leaves block 1 above cut 2, so TAG can match grad_up. Threshold 0.1 is
+    25× chance (1/259); with cut a = 0 act_up is the input embedding itself, so EIA reads it back exactly
+    (nearest embedding rows; tiny-llama's rows are distinct)."""
+    run_experiment(TINY, [*BASE, "method.name=sfl", "method.options.cut=0-1", "method.options.save_crossings=1"],
+                   run_dir=tmp_path / "c01")
+    result = runner.invoke(app, ["attack", "--run", str(tmp_path / "c01"), "--attacks", "eia,tag-split", "--steps", "200"])
+    assert result.exit_code == 0, result.output
+    rows = {r["attack"]: r for r in json.loads((tmp_path / "c01" / "privacy" / "attack.json").read_text())["results"]}
+    assert rows["eia"]["token_accuracy"] == 1.0
+    assert rows["tag-split"]["token_accuracy"] >= 0.1
