@@ -108,3 +108,18 @@ def test_tag_on_the_recorded_top_gradient_recovers_targets_far_above_chance(tmp_
     rows = {r["attack"]: r for r in json.loads((tmp_path / "c01" / "privacy" / "attack.json").read_text())["results"]}
     assert rows["eia"]["token_accuracy"] == 1.0
     assert rows["tag-split"]["token_accuracy"] >= 0.1
+
+
+def test_report_shows_the_privacy_section_and_fedpeft_report_regenerates_it(runs):
+    run = runs["clean"]
+    if not (run / "privacy" / "attack.json").is_file():
+        assert _attack(run).exit_code == 0
+    rows = json.loads((run / "privacy" / "attack.json").read_text())["results"]
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    text = (run / "report" / "report.md").read_text()
+    assert "## Privacy: attack success" in text and "pre-trained base model only" in text
+    row = rows[0]  # the table shows the json's numbers, rounded to 3 places
+    assert f"| eia | none | 8 | {row['rouge_l_f']:.3f} | {row['meteor']:.3f} | {row['token_accuracy']:.3f} |" in text
+    runner.invoke(app, ["report", str(runs["unsaved"])])
+    assert "## Privacy" not in (runs["unsaved"] / "report" / "report.md").read_text()

@@ -39,10 +39,10 @@ from fedpeft.attacks.cut import input_embedding_matrix, nearest_tokens, num_bloc
 from fedpeft.attacks.eia import EIAOptions, eia_attack
 from fedpeft.attacks.gradient_matching import GradientMatchOptions, top_gradient_attack
 from fedpeft.attacks.metrics import meteor_exact, rouge_l_f, token_accuracy
+from fedpeft.attacks.report import ATTACK_FILE, PRIVACY_DIR
 from fedpeft.attacks.sip import InversionModel, sip_logits
 
 CROSSINGS_DIR = "split_crossings"   # strategies/sfl.py writes here (kept equal; test_attack_recorded checks)
-PRIVACY_DIR = "privacy"
 RECORDED_ATTACKS = {
     "eia": "act_up (cut 1 activations, as received)",
     "sip": "act_up (cut 1 activations); auxiliary data",
@@ -200,6 +200,6 @@ def write_privacy(run_dir: Path, payload: dict) -> Path:
     """RUN_DIR/privacy/attack.json and attack.md; returns the json path."""
     out = Path(run_dir) / PRIVACY_DIR
     out.mkdir(parents=True, exist_ok=True)
-    (out / "attack.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / ATTACK_FILE).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "attack.md").write_text(markdown_table(payload["results"]), encoding="utf-8")
-    return out / "attack.json"
+    return out / ATTACK_FILE

@@ -127,6 +127,8 @@ def _run_recorded(run_dir, crossings, attacks, weights, steps, max_batches, aux_
     from fedpeft.attacks.texts import source_texts
     from fedpeft.models.loading import adapter_dir
     from fedpeft.models.registry import load_base_model
+    from fedpeft.report import write_report
+    from fedpeft.report.markdown import REPORT_DIR, REPORT_FILE
 
     try:
         if weights not in WEIGHTS:
@@ -158,3 +160,5 @@ def _run_recorded(run_dir, crossings, attacks, weights, steps, max_batches, aux_
     path = write_privacy(run_dir, payload)
     typer.echo(markdown_table(rows))
     typer.echo(f"saved {path} and {path.with_suffix('.md')}")
+    if (run_dir / REPORT_DIR / REPORT_FILE).is_file():  # the run's report gains its privacy section
+        typer.echo(f"report: {write_report(run_dir)}")
