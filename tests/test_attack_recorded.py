@@ -10,6 +10,7 @@ below 0.2 and at least 0.3 below the clean run's."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,19 @@ def test_report_shows_the_privacy_section_and_fedpeft_report_regenerates_it(runs
     assert f"| eia | none | 8 | {row['rouge_l_f']:.3f} | {row['meteor']:.3f} | {row['token_accuracy']:.3f} |" in text
     runner.invoke(app, ["report", str(runs["unsaved"])])
     assert "## Privacy" not in (runs["unsaved"] / "report" / "report.md").read_text()
+
+
+def test_sip_trained_on_auxiliary_data_inverts_the_recorded_activations(runs, tmp_path):
+    """SIP's inversion model learns on auxiliary tasks the clients do not have (sort_numbers, count_items vs
+    the run's arithmetic, reverse, uppercase). Thresholds: ≥ 0.4 token accuracy clean (100× chance; measured
+    0.74), < 0.2 on the run with activation noise (measured 0.04), which it never saw in training."""
+    args = ["--attacks", "sip", "--aux-source", "generated", "--aux-tasks", "sort_numbers,count_items",
+            "--sip-steps", "200", "--max-tokens", "64"]
+    accuracy = {}
+    for name in ("clean", "noisy"):
+        run = tmp_path / name  # a copy: the other tests' privacy/attack.json stay as they wrote them
+        shutil.copytree(runs[name], run)
+        result = runner.invoke(app, ["attack", "--run", str(run), *args])
+        assert result.exit_code == 0, result.output
+        accuracy[name] = json.loads((run / "privacy" / "attack.json").read_text())["results"][0]["token_accuracy"]
+    assert accuracy["clean"] >= 0.4 and accuracy["noisy"] < 0.2
