@@ -140,3 +140,11 @@ def test_sip_trained_on_auxiliary_data_inverts_the_recorded_activations(runs, tm
         assert result.exit_code == 0, result.output
         accuracy[name] = json.loads((run / "privacy" / "attack.json").read_text())["results"][0]["token_accuracy"]
     assert accuracy["clean"] >= 0.4 and accuracy["noisy"] < 0.2
+
+
+def test_crossings_option_without_recordings_is_refused(runs, tmp_path):
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    result = runner.invoke(app, ["attack", "--run", str(runs["clean"]), "--crossings", str(empty)])
+    assert result.exit_code == 2 and "no recorded crossings in" in result.output
+    assert "method.options.save_crossings" in result.output

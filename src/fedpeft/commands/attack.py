@@ -30,7 +30,10 @@ def register(app: typer.Typer) -> None:
             "METEOR (exact stage) and token accuracy; one row per attack and noise level.\n\n"
             "Example:\n\n"
             "  fedpeft attack --model tiny-llama --attacks eia,sip,bisr,tag-split,tag-fedit "
-            "--aux-source generated --aux-tasks uppercase,sort_numbers --noise 0,1,4 --out runs/attack"
+            "--aux-source generated --aux-tasks uppercase,sort_numbers --noise 0,1,4 --out runs/attack\n\n"
+            "On a split run's recorded crossings (method.name=sfl, method.options.save_crossings=N), written to "
+            "RUN/privacy/ and shown in its report:\n\n"
+            "  fedpeft attack --run runs/sfl --attacks eia,tag-split"
         ),
     )
     def attack_command(
