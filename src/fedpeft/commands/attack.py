@@ -30,7 +30,10 @@ def register(app: typer.Typer) -> None:
             "METEOR (exact stage) and token accuracy; one row per attack and noise level.\n\n"
             "Example:\n\n"
             "  fedpeft attack --model tiny-llama --attacks eia,sip,bisr,tag-split,tag-fedit "
-            "--aux-source generated --aux-tasks uppercase,sort_numbers --noise 0,1,4 --out runs/attack"
+            "--aux-source generated --aux-tasks uppercase,sort_numbers --noise 0,1,4 --out runs/attack\n\n"
+            "On a split run's recorded crossings (method.name=sfl, method.options.save_crossings=N), written to "
+            "RUN/privacy/ and shown in its report:\n\n"
+            "  fedpeft attack --run runs/sfl --attacks eia,tag-split"
         ),
     )
     def attack_command(
@@ -53,8 +56,20 @@ def register(app: typer.Typer) -> None:
         lora_targets: str = typer.Option("q_proj,v_proj", "--lora-targets", help="LoRA target modules (fedit attacks)."),
         seed: int = typer.Option(0, "--seed"),
         out: Path = typer.Option(None, "--out", "-o", help="Directory for attack.json and attack.md."),
+        run: Path = typer.Option(None, "--run", help="A split (sfl) run directory: attack its recorded crossings "
+                                 "(method.options.save_crossings) and write RUN/privacy/attack.json and attack.md."),
+        crossings: Path = typer.Option(None, "--crossings", help="With --run: attack only the crossings under this "
+                                       "directory (e.g. RUN/split_crossings/round_0001)."),
+        weights: str = typer.Option("base", "--weights", help="With --run, what the attacker knows: base (the "
+                                    "pre-trained model) or final (base + the run's final adapter)."),
+        max_batches: int = typer.Option(None, "--max-batches", min=1, help="With --run: micro-batches per job attacked."),
     ) -> None:
         from fedpeft.attacks.runner import AttackSettings
+
+        if run is not None:
+            _run_recorded(run, crossings, _names(attacks), weights, steps, max_batches, aux_source, _names(aux_tasks),
+                          aux_samples, max_tokens, sip_steps, seed)
+            return
 
         try:
             settings = AttackSettings(attacks=_names(attacks), cut=cut, top_cut=top_cut, samples=samples,
@@ -101,3 +116,52 @@ def _run(settings, model_name, source, tasks, aux_source, aux_tasks, aux_samples
         (out / "attack.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (out / "attack.md").write_text(table, encoding="utf-8")
         typer.echo(f"saved {out / 'attack.json'} and {out / 'attack.md'}")
+
+
+def _run_recorded(run_dir, crossings, attacks, weights, steps, max_batches, aux_source, aux_tasks, aux_samples,
+                  max_tokens, sip_steps, seed) -> None:
+    """``--run``: every check before the model loads, then the attacks on what the run recorded."""
+    from peft import PeftModel
+
+    from fedpeft.attacks.recorded import (CROSSINGS_DIR, WEIGHTS, attack_recorded, check_attacks, load_crossings,
+                                          markdown_table, run_config, write_privacy)
+    from fedpeft.attacks.runner import auxiliary_batches
+    from fedpeft.attacks.sip import SIPOptions, train_inversion_model
+    from fedpeft.attacks.texts import source_texts
+    from fedpeft.models.loading import adapter_dir
+    from fedpeft.models.registry import load_base_model
+    from fedpeft.report import write_report
+    from fedpeft.report.markdown import REPORT_DIR, REPORT_FILE
+
+    try:
+        if weights not in WEIGHTS:
+            raise ValueError(f"--weights: '{weights}' is not one of {', '.join(WEIGHTS)}")
+        config = run_config(run_dir)
+        jobs = load_crossings(crossings if crossings is not None else run_dir / CROSSINGS_DIR)
+        attacks = check_attacks(attacks, aux_source is not None)
+        adapter = adapter_dir(run_dir) if weights == "final" else None
+        model_cfg = config.get("model") or {}
+        loaded = load_base_model(model_cfg.get("name"), model_cfg.get("dtype") or "float32",
+                                 seed=int(config.get("seed") or 0), head=model_cfg.get("head") or "causal_lm")
+        model, tokenizer = loaded.model, loaded.tokenizer
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        inversion = None
+        if "sip" in attacks:
+            first = jobs[0].cut[0]
+            texts = source_texts(aux_source, aux_tasks, aux_samples, seed + 1)
+            inversion = train_inversion_model(model, first, auxiliary_batches(tokenizer, texts, max_tokens),
+                                              SIPOptions(steps=sip_steps, seed=seed))
+        rows = attack_recorded(model, tokenizer, jobs, attacks, steps=steps, max_batches=max_batches, seed=seed,
+                               inversion=inversion)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    payload = {"run": str(run_dir), "model": model_cfg.get("name"), "weights": weights,
+               "crossings": [str(j.path) for j in jobs], "aux_source": aux_source, "aux_tasks": aux_tasks,
+               "steps": steps, "seed": seed, "results": rows}
+    path = write_privacy(run_dir, payload)
+    typer.echo(markdown_table(rows))
+    typer.echo(f"saved {path} and {path.with_suffix('.md')}")
+    if (run_dir / REPORT_DIR / REPORT_FILE).is_file():  # the run's report gains its privacy section
+        typer.echo(f"report: {write_report(run_dir)}")

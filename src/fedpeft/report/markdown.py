@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fedpeft.attacks.report import privacy_report_section
 from fedpeft.report.dp_section import privacy_section
 from fedpeft.report.metrics_io import RunLog, load_run, metrics_path
 from fedpeft.report.noise import noise_warnings
@@ -341,6 +342,7 @@ def render_report(run: RunLog, out_dir: Path) -> str:
     lines += _section("Plots", plots)
     lines += _section(f"Method: {run.method}", lambda: _method_section(run, out_dir))
     lines += _section("Differential privacy", lambda: privacy_section(run, out_dir))
+    lines += _section("Privacy", lambda: privacy_report_section(run.run_dir))
     lines += _section("Per round", lambda: _per_round(run))
     lines += _section("Data partition", lambda: _partition(run))
     lines += _section("Failed local jobs", lambda: _failures(run))
