@@ -221,7 +221,9 @@ def encode_result(update: ClientUpdate, result: TrainResult, losses: list[float]
         "metrics": json.dumps(update.metrics, default=float), "manifests": json.dumps(manifests),
         "encoding": encoding,
     })
-    train = {k: (float(v) if isinstance(v, float) else int(v)) for k, v in asdict(result).items()}
+    # TrainResult.extra stays on the client: a method with its own local loop (FedKSeed) turns it into the
+    # upload's tensors in client_update, so the server never needs it.
+    train = {k: (float(v) if isinstance(v, float) else int(v)) for k, v in asdict(result).items() if k != "extra"}
     train["losses"] = [float(x) for x in losses]
     if not train["losses"]:
         del train["losses"]  # a MetricRecord cannot hold an empty list
