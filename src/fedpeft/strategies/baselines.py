@@ -19,7 +19,7 @@ from typing import Any
 
 from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import ALL_PEFT_TYPES, AggregateResult, ClientPlan, ClientUpdate, TrainResult
-from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
+from fedpeft.strategies.common import MethodStrategy, global_with_stored, refuse_uploaded
 from fedpeft.strategies.registry import register_method
 
 NO_AGGREGATE = "a baseline without federated aggregation has nothing for a server optimizer to step on"
@@ -62,11 +62,7 @@ class LocalOnly(MethodStrategy):
     dp_refusal = NO_CLIENT_DP
 
     def _local(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState:
-        stored = store.get(client_id, LOCAL_NAME) if store is not None else None
-        state = dict(global_state)
-        if stored is not None:
-            state.update(stored)
-        return state
+        return global_with_stored(global_state, store, client_id, LOCAL_NAME)
 
     def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
         return ClientPlan(client_id=client_id, downlink={}, upload=[])

@@ -3,7 +3,7 @@ global state, and the FedIT exactness gap."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -55,6 +55,37 @@ class MethodStrategy(Strategy):
         new_global = {k: v.clone() for k, v in global_state.items()}
         new_global.update(new_values)
         return new_global
+
+
+def global_with_stored(global_state: AdapterState, store: Any, client_id: int, name: str) -> AdapterState:
+    """The global state with client ``client_id``'s stored tensors ``name`` laid over it (its local or personal
+    part); the global state alone when the client has none yet."""
+    stored = store.get(client_id, name) if store is not None else None
+    return {**global_state, **(stored or {})}
+
+
+def mean_of_personal_parts(global_state: AdapterState, store: Any, num_clients: int | None,
+                           read: Callable[[int, Any], tuple[AdapterState | None, int]]) -> AdapterState:
+    """The global state with the example-weighted mean of every client's personal part laid over it.
+
+    ``read(client_id, store)`` returns (that client's personal tensors or None, its example count); clients
+    without a personal part are skipped, and a count below 1 weighs 1. Without a store, a client count or any
+    personal part, the global state is returned as it is.
+    """
+    if store is None or num_clients is None:
+        return global_state
+    total, mean = 0.0, {}
+    for client_id in range(int(num_clients)):
+        personal, n = read(client_id, store)
+        if personal is None:
+            continue
+        weight = float(max(n, 1))
+        total += weight
+        for key, value in personal.items():
+            mean[key] = mean.get(key, torch.zeros_like(value, dtype=torch.float32)) + weight * value.float()
+    if total == 0:
+        return global_state
+    return {**global_state, **{k: v / total for k, v in mean.items()}}
 
 
 def average_non_lora(updates: Sequence[ClientUpdate], weights: Sequence[float]) -> AdapterState:

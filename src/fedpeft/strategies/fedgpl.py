@@ -53,7 +53,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from fedpeft.adapters import AdapterState, adapter_parameters, module_name, set_adapter_state, state_bytes
 from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult
-from fedpeft.strategies.common import MethodStrategy
+from fedpeft.strategies.common import MethodStrategy, global_with_stored
 from fedpeft.strategies.fedprox import proximal_term
 from fedpeft.strategies.registry import MethodOptions, register_method
 from fedpeft.strategies.server_optimizers import is_identity, make_server_optimizer
@@ -308,11 +308,7 @@ class FedGPL(MethodStrategy):
     def personal_state(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState | None:
         if self.train_mode != "local":
             return None
-        stored = store.get(client_id, LOCAL_NAME) if store is not None else None
-        state = dict(global_state)
-        if stored is not None:
-            state.update(stored)
-        return state
+        return global_with_stored(global_state, store, client_id, LOCAL_NAME)
 
     # --- server -----------------------------------------------------------------------------------
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:

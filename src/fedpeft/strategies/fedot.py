@@ -35,7 +35,7 @@ from fedpeft.adapters import AdapterState, adapter_parameters, state_bytes
 from fedpeft.models.emulator import Emulator, distill
 from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, ServerContext, TrainResult
-from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
+from fedpeft.strategies.common import MethodStrategy, global_with_stored, refuse_uploaded
 from fedpeft.strategies.registry import MethodOptions, register_method
 from fedpeft.strategies.server_optimizers import is_identity
 
@@ -205,11 +205,7 @@ class FedOT(MethodStrategy):
     def personal_state(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState | None:
         if not self.opts.local_ot:
             return None
-        stored = store.get(client_id, LOCAL_NAME) if store is not None else None
-        state = dict(global_state)
-        if stored is not None:
-            state.update(stored)
-        return state
+        return global_with_stored(global_state, store, client_id, LOCAL_NAME)
 
     # --- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from fedpeft.adapters import AdapterState, adapter_parameters
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
-from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
+from fedpeft.strategies.common import MethodStrategy, mean_of_personal_parts, refuse_uploaded
 from fedpeft.strategies.registry import MethodOptions, register_method
 
 PERSONAL_NAME = "fedper_personal"
@@ -134,18 +134,4 @@ class FedPer(MethodStrategy):
 
     def evaluation_state(self, global_state: AdapterState, store: Any) -> AdapterState:
         """The shared part with the example-weighted mean of the clients' personal parts."""
-        num_clients = self.options.get("num_clients")
-        if store is None or num_clients is None:
-            return global_state
-        total, mean = 0.0, {}
-        for client_id in range(int(num_clients)):
-            personal, n = self._stored(client_id, store)
-            if personal is None:
-                continue
-            weight = float(max(n, 1))
-            total += weight
-            for key, value in personal.items():
-                mean[key] = mean.get(key, torch.zeros_like(value, dtype=torch.float32)) + weight * value.float()
-        if total == 0:
-            return global_state
-        return {**global_state, **{k: v / total for k, v in mean.items()}}
+        return mean_of_personal_parts(global_state, store, self.options.get("num_clients"), self._stored)

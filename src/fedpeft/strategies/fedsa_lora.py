@@ -20,7 +20,7 @@ import torch
 
 from fedpeft.adapters import AdapterState
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
-from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
+from fedpeft.strategies.common import MethodStrategy, mean_of_personal_parts, refuse_uploaded
 from fedpeft.strategies.lora_math import is_b
 from fedpeft.strategies.registry import register_method
 
@@ -87,21 +87,4 @@ class FedSALoRA(MethodStrategy):
 
     def evaluation_state(self, global_state: AdapterState, store: Any) -> AdapterState:
         """Global A with the mean of the personal Bs (weighted by examples) over the clients that have one."""
-        num_clients = self.options.get("num_clients")
-        if store is None or num_clients is None:
-            return global_state
-        total = 0.0
-        mean: AdapterState = {}
-        for client_id in range(int(num_clients)):
-            personal, n = self._personal_b(client_id, store)
-            if personal is None:
-                continue
-            weight = float(max(n, 1))
-            total += weight
-            for key, value in personal.items():
-                mean[key] = mean.get(key, torch.zeros_like(value, dtype=torch.float32)) + weight * value.float()
-        if total == 0:
-            return global_state
-        state = dict(global_state)
-        state.update({k: v / total for k, v in mean.items()})
-        return state
+        return mean_of_personal_parts(global_state, store, self.options.get("num_clients"), self._personal_b)
