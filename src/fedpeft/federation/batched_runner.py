@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fedpeft.adapters import AdapterState, adapter_parameters, set_adapter_state, set_trainable
+from fedpeft.adapters import AdapterState, adapter_parameters, set_adapter_state
 from fedpeft.federation.batched_lora import ClientAdapters, routing_refusal
 from fedpeft.federation.batched_trainer import GroupMember, train_group
 from fedpeft.federation.client import OPTIMIZER_NAME, ClientRunner
@@ -120,17 +120,7 @@ class GroupedRunner:
         """ClientRunner.train's set-up for one plan, into tensors of its own."""
         r = self.runner
         cfg = r.config
-        data_key = r.strategy.local_data_key(plan, r.data.label_counts(plan.client_id))
-        examples = r.data.examples(plan.client_id, data_key)
-        if not examples:
-            raise ValueError(f"client {plan.client_id} has no training examples"
-                             + (f" for '{data_key}'" if data_key else ""))
-        r.strategy.attach_client_hooks(round_idx, plan, r.store)
-        if start_state is not None:
-            set_adapter_state(r.model, start_state)
-        if plan.init_state is not None or plan.downlink:
-            set_adapter_state(r.model, plan.init_state if plan.init_state is not None else plan.downlink)
-        set_trainable(r.model, plan.trainable)
+        examples = r.prepare(round_idx, plan, start_state)  # the set-up a serial job does
         params = adapter_parameters(r.model)
         adapters = ClientAdapters({n: p.detach() for n, p in params.items()},
                                   [n for n, p in params.items() if p.requires_grad], plan.scaling)

@@ -127,12 +127,10 @@ class ClientRunner:
         encode_upload(local, reference, self.config.federation.uplink_compression)
         return local
 
-    def train(self, round_idx: int, plan: ClientPlan, start_state: AdapterState | None, lr: float,
-              on_start=None, on_step=None) -> LocalResult:
-        """Train one plan. ``start_state`` is loaded first (the engine passes the global adapter), then
-        ``plan.init_state`` (or ``plan.downlink``) over it. The strategy's private state comes back
-        staged in ``update.private``, not yet in the store."""
-        cfg = self.config
+    def prepare(self, round_idx: int, plan: ClientPlan, start_state: AdapterState | None) -> list:
+        """The set-up every local job shares, serial or batched: the job's records (refused when empty), the
+        strategy's client hooks and received state, the start adapter with ``plan.init_state`` (or
+        ``plan.downlink``) over it, and the trainable keys. Returns the job's examples."""
         data_key = self.strategy.local_data_key(plan, self.data.label_counts(plan.client_id))
         examples = self.data.examples(plan.client_id, data_key)
         if not examples:
@@ -147,6 +145,15 @@ class ClientRunner:
         if plan.init_state is not None or plan.downlink:
             set_adapter_state(self.model, plan.init_state if plan.init_state is not None else plan.downlink)
         set_trainable(self.model, plan.trainable)
+        return examples
+
+    def train(self, round_idx: int, plan: ClientPlan, start_state: AdapterState | None, lr: float,
+              on_start=None, on_step=None) -> LocalResult:
+        """Train one plan. ``start_state`` is loaded first (the engine passes the global adapter), then
+        ``plan.init_state`` (or ``plan.downlink``) over it. The strategy's private state comes back
+        staged in ``update.private``, not yet in the store."""
+        cfg = self.config
+        examples = self.prepare(round_idx, plan, start_state)
         params = {n: p for n, p in adapter_parameters(self.model).items() if p.requires_grad}
         dp = plan.info.get("dp")  # client-level DP (privacy.mode): the round's clip norm and this client's noise
         start = get_adapter_state(self.model) if dp else None
