@@ -68,7 +68,7 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"
 class ModelConfig(_Section):
     name: str = Field(
         "smollm2-135m-instruct",
-        description="Bundled name (smollm2-135m-instruct, all-minilm-l6-v2, tiny-llama, tiny-bert), a local directory, a .gguf file, "
+        description="Bundled name (smollm2-135m-instruct, all-minilm-l6-v2, tiny-llama, tiny-bert, tiny-t5), a local directory, a .gguf file, "
         "random:<shape> (a randomly initialised model of a real architecture, for throughput work: smollm2-135m, "
         "llama-3.2-1b, llama-2-7b, mistral-7b, or a local config.json), or a Hugging Face id (needs internet).",
     )
@@ -85,9 +85,11 @@ class ModelConfig(_Section):
     revision: str | None = None
     gguf_file: str | None = Field(None, description="GGUF file name inside a local directory or hub repo.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores).")
-    head: Literal["causal_lm", "classification"] = Field(
+    head: Literal["causal_lm", "classification", "seq2seq"] = Field(
         "causal_lm", description="causal_lm: generate answers; classification: a sequence-classification head over "
-        "the data's distinct targets (encoders such as all-minilm-l6-v2), scored by accuracy.")
+        "the data's distinct targets (encoders such as all-minilm-l6-v2), scored by accuracy; seq2seq: an "
+        "encoder-decoder (T5 / Flan-T5, tiny-t5) reads the prompt and generates the answer (a checkpoint whose "
+        "config.json sets is_encoder_decoder runs as seq2seq under causal_lm too; docs/model_families.md).")
 
     @field_validator("device")
     @classmethod
@@ -106,6 +108,9 @@ PROMPT_LEARNING_TYPES = ("prompt_tuning", "p_tuning", "prefix_tuning")
 """Types that add virtual tokens (or a key/value prefix) instead of changing any base weight."""
 
 _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DEFAULT_TARGET_MODULES = tuple(_LORA_TARGETS)
+"""The targets a config fills in when peft.target_modules is not given (an encoder-decoder such as T5 gets
+its architecture's own instead: models/peft_wrap.seq2seq_targets)."""
 
 PEFT_OPTION_TYPES: dict[str, tuple[str, ...]] = {
     "r": ("lora", "dora", "loha", "lokr"),

@@ -7,18 +7,20 @@ from fedpeft.data.builtin import load_for_experiment
 from fedpeft.data.encoding import encode_records
 from fedpeft.data.experiment import ExperimentData
 from fedpeft.data.generated import generate_split
+from fedpeft.models.registry import model_head
 
 __all__ = ["ExperimentData", "encode_for_experiment", "evaluation_group", "load_experiment_data", "sample_evaluation"]
 
 
 def encode_for_experiment(config, data: ExperimentData, records, tokenizer):
-    """``encode_records`` as the model's head needs: prompt + target tokens (causal LM), or text + class
-    index (classification), or (chosen, rejected) pairs for a preference objective (training.objective).
+    """``encode_records`` as the model's head needs: prompt + target tokens (causal LM), encoder prompt and
+    decoder target (seq2seq, an encoder-decoder by its config), or text + class index (classification), or (chosen, rejected) pairs for a preference objective (training.objective).
     Returns (encoded or None per record, number dropped)."""
     if is_preference(config):
         return encode_preference_records(config, records, tokenizer)
     classes = data.classes() if config.model.head == "classification" else None
-    return encode_records(records, tokenizer, config.data.template, config.training.max_seq_len, classes=classes)
+    return encode_records(records, tokenizer, config.data.template, config.training.max_seq_len, classes=classes,
+                          seq2seq=model_head(config.model) == "seq2seq")
 
 
 def evaluation_group(record: dict, group_by: str | None) -> str:

@@ -9,6 +9,12 @@ For a classification head (``model.head=classification``) a record becomes its t
 instruction and input; cut from the right at ``max_len`` as encoders usually are) and the index of its target in the
 experiment's class list (the sorted distinct targets: SST-2's "negative"/"positive", a generated task's
 answers); the model's own cross-entropy over its head is the loss.
+
+For an encoder-decoder (``model.head=seq2seq``, T5) the encoder reads the prompt + end-of-sequence (as T5's
+tokenizer writes an input; cut from the left to ``max_len``) and the decoder's labels are the target +
+end-of-sequence, every one supervised (the model shifts them right itself to make the decoder's input).
+A target longer than ``max_len`` is dropped and counted as for a causal LM. Batches pad the two sides
+separately: the prompt with the pad id (attention mask 0), the labels with -100.
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ def format_prompt(record: dict, template: str, tokenizer) -> str:
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]
-    """Per token (-100 where no loss); for a classification example, one element: the class index."""
+    """Per token (-100 where no loss); for a classification example, one element: the class index; for a
+    seq2seq example, the decoder's target tokens (their own length, not input_ids')."""
     is_class: bool = False
+    seq2seq: bool = False
 
 
 def classification_text(record: dict) -> str:
@@ -87,19 +95,40 @@ def encode_example(prompt: str, target: str, tokenizer, max_len: int) -> Encoded
     return EncodedExample(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids)
 
 
+def encoder_ids(prompt: str, tokenizer, max_len: int | None = None) -> list[int]:
+    """An encoder-decoder's input: the prompt's tokens + eos, the prompt cut from the left to fit ``max_len``
+    (training and generation both build it here)."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if max_len is not None and len(ids) > max_len - 1:
+        ids = ids[len(ids) - (max_len - 1):]
+    return ids + [tokenizer.eos_token_id]
+
+
+def encode_seq2seq_example(prompt: str, target: str, tokenizer, max_len: int) -> EncodedExample | None:
+    """Encoder input (:func:`encoder_ids`) and decoder labels target + eos; None when the target cannot fit."""
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(target_ids) > max_len:
+        return None
+    return EncodedExample(encoder_ids(prompt, tokenizer, max_len), target_ids, seq2seq=True)
+
+
 def encode_records(records: Sequence[dict], tokenizer, template: str, max_len: int,
-                   classes: Sequence[str] | None = None) -> tuple[list[EncodedExample | None], int]:
+                   classes: Sequence[str] | None = None, seq2seq: bool = False) -> tuple[list[EncodedExample | None], int]:
     """Encode every record (None where dropped) and return how many were dropped; with ``classes``,
-    as classification examples (none dropped: the text is truncated instead)."""
+    as classification examples (none dropped: the text is truncated instead); with ``seq2seq``, as
+    encoder input + decoder labels."""
     if classes is not None:
         return [encode_classification(r, tokenizer, classes, max_len) for r in records], 0
-    encoded = [encode_example(format_prompt(r, template, tokenizer), r["output"], tokenizer, max_len) for r in records]
+    encode = encode_seq2seq_example if seq2seq else encode_example
+    encoded = [encode(format_prompt(r, template, tokenizer), r["output"], tokenizer, max_len) for r in records]
     return encoded, sum(e is None for e in encoded)
 
 
 def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask, labels (padding labelled -100; for classification
-    examples, labels is one class index per row)."""
+    examples, labels is one class index per row; for seq2seq examples, labels padded to their own width)."""
+    if examples[0].seq2seq:
+        return collate_seq2seq(examples, pad_id)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -112,4 +141,18 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.
         mask[row, :n] = 1
         if not per_row:
             labels[row, :n] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_seq2seq(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Encoder side right-padded with ``pad_id`` (attention mask 0 there), decoder labels right-padded with -100."""
+    width = max(len(e.input_ids) for e in examples)
+    target_width = max(len(e.labels) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), target_width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[row, :len(e.input_ids)] = 1
+        labels[row, :len(e.labels)] = torch.tensor(e.labels)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

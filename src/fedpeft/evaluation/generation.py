@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from fedpeft.adapters import is_prompt_learning
-from fedpeft.data.encoding import format_prompt
+from fedpeft.data.encoding import encoder_ids, format_prompt
 from fedpeft.data.tasks import ExactMatchTask
 from fedpeft.evaluation.extraction import normalize_answer  # noqa: F401  (re-exported: its old home)
 
@@ -24,7 +24,11 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
 
     A prompt-learning adapter (prompt, P- or prefix tuning) is decoded by :func:`_generate_prompt_learning`
     instead: peft's cached generation with these types does not match the model's own forward under
-    transformers 5 (prefix tuning's prefix is dropped from the cache, P-tuning's continuations differ)."""
+    transformers 5 (prefix tuning's prefix is dropped from the cache, P-tuning's continuations differ).
+    An encoder-decoder (T5) is decoded by :func:`_generate_seq2seq`: the encoder reads the prompt, the answer
+    is the decoder's whole output (no prompt to strip)."""
+    if is_encoder_decoder(model):
+        return _generate_seq2seq(model, tokenizer, prompts, max_new_tokens, batch_size, stop)
     if is_prompt_learning(model):
         return _generate_prompt_learning(model, tokenizer, prompts, max_new_tokens, stop)
     was_training = model.training
@@ -81,6 +85,44 @@ def _generate_prompt_learning(model, tokenizer, prompts: Sequence[str], max_new_
                     break
             text = tokenizer.decode(ids[0, start:], skip_special_tokens=True)
             outputs.append(_cut_at_stop(text, stop) if stop else text)
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def is_encoder_decoder(model) -> bool:
+    """The model's config says it is an encoder-decoder (T5, ``model.head=seq2seq``)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+@torch.no_grad()
+def _generate_seq2seq(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                      stop: Sequence[str] | None) -> list[str]:
+    """Greedy answers of an encoder-decoder: each encoder input is the prompt + eos (``encoder_ids``, as in
+    training), right-padded with its attention mask; ``generate`` decodes from the decoder's start token,
+    which is dropped, up to ``max_new_tokens`` or eos. Prompt-learning adapters go through peft's seq2seq
+    ``generate`` (virtual tokens prepended to the encoder's input), which matches its forward
+    (tests/test_seq2seq.py). Batches of similar length, results in input order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    outputs: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    pad = tokenizer.pad_token_id
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            rows = [encoder_ids(prompts[i], tokenizer) for i in idx]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}),
+            )
+            for i, text in zip(idx, tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True)):
+                outputs[i] = _cut_at_stop(text, stop) if stop else text
     finally:
         model.train(was_training)
     return outputs

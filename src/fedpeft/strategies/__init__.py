@@ -13,6 +13,7 @@ import pkgutil
 from typing import Any
 
 from fedpeft.config import METHOD_CHECKS
+from fedpeft.models.registry import ModelNotFoundError, model_head
 from fedpeft.privacy.compat import privacy_problems
 
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, ServerContext, Strategy, TrainResult
@@ -52,6 +53,7 @@ def method_catalog() -> list[dict[str, Any]]:
             "dp_refusal": caps.dp_refusal,
             "edits_base_weights": caps.edits_base_weights,
             "peft_types": list(caps.peft_types),
+            "seq2seq": caps.seq2seq_refusal or "runs",
             "report_section": getattr(cls, "report_section", None) is not None,
         })
     return out
@@ -103,6 +105,13 @@ def check_experiment_method(config: Any) -> None:
     its server-optimizer rule lacks are dropped with a warning (configs saved before the per-rule
     defaults set all four). Added to ``config.METHOD_CHECKS`` when this package is imported."""
     check_method_config(config.method, peft_type=config.peft.type)
+    try:  # the family known without downloads (tiny-t5, a local T5, a cached hub config); the engine re-checks
+        head = model_head(config.model, fetch=False)
+    except ModelNotFoundError:  # a missing local path: model preflight reports it when a run starts
+        head = config.model.head
+    except ValueError as exc:  # a head the model cannot have (models/family.py), naming model.head
+        raise MethodOptionsError([str(exc)]) from None
+    check_model_family(config, head)
     privacy = getattr(config, "privacy", None)
     if privacy is not None:
         cls = method_class(config.method.name)
@@ -114,6 +123,37 @@ def check_experiment_method(config: Any) -> None:
         log.warning("method.server_optimizer.%s=%s: the rule '%s' has no %s; ignored", key, getattr(rule, key),
                     rule.name, key)
         setattr(rule, key, None)
+
+
+def model_family_problems(config: Any, head: str) -> list[str]:
+    """What a config asks of an encoder-decoder (``head`` = seq2seq) that it cannot do: a method with a
+    ``seq2seq_refusal``, a preference objective, DP-SGD. One line per problem, naming the field."""
+    if head != "seq2seq":
+        return []
+    lines = []
+    what = f"an encoder-decoder model (model.name '{config.model.name}', model.head=seq2seq)"
+    refusal = capabilities(method_class(config.method.name)).seq2seq_refusal
+    if refusal:
+        lines.append(f"method.name: method '{config.method.name}' does not run on {what}: {refusal}")
+    objective = getattr(config.training, "objective", "sft")
+    if objective != "sft":
+        lines.append(f"training.objective: '{objective}' is built for a causal LM or a classification head, not for "
+                     f"{what}; use training.objective=sft")
+    privacy = getattr(config, "privacy", None)
+    if privacy is not None and privacy.dp_sgd.enabled:
+        lines.append(f"privacy.dp_sgd.enabled: DP-SGD's per-example losses assume a causal LM's label shift; not "
+                     f"built for {what}")
+    return lines
+
+
+def check_model_family(config: Any, head: str | None = None) -> None:
+    """Raise :class:`MethodOptionsError` for :func:`model_family_problems`. ``head`` None: the model's own
+    (its config.json read, downloaded alone when need be); the engine calls this before the weights load."""
+    if head is None:
+        head = model_head(config.model)
+    lines = model_family_problems(config, head)
+    if lines:
+        raise MethodOptionsError(lines)
 
 
 def build_experiment_strategy(config: Any) -> Strategy:
@@ -140,7 +180,7 @@ def build_strategy(method_config: Any) -> Strategy:
 __all__ = [
     "COMMON_OPTIONS", "AggregateResult", "ClientPlan", "ClientUpdate", "SERVER_OPTIMIZERS", "STRATEGIES",
     "ServerContext", "Strategy", "TrainResult", "build_experiment_strategy", "build_strategy", "capabilities",
-    "check_method_config", "unused_hyperparameters",
+    "check_method_config", "check_model_family", "unused_hyperparameters",
     "method_catalog", "method_class", "normalize_method_name",
 ]
 

@@ -163,6 +163,9 @@ class Strategy:
     round's change); None: local DP at least applies."""
     report_section: ReportSection | None = None
     """Optional (run_dir, out_dir) -> markdown lines for the run report."""
+    seq2seq_refusal: str | None = None
+    """Why the method cannot run on an encoder-decoder model (model.head=seq2seq, T5); None: it can (its
+    math is about adapter tensors, whatever model they sit in)."""
 
     def __init__(self, options: Mapping[str, Any] | MethodOptions | None = None, server_optimizer: Any | None = None) -> None:
         self.opts = parse_options(type(self), options)

@@ -196,6 +196,8 @@ class FedGPLOptions(MethodOptions):
 @register_method
 class FedGPL(MethodStrategy):
     name = "fedgpl"
+    seq2seq_refusal = ("it scores and selects layers by the block index in the adapter keys, which is the same "
+                       "for T5's encoder block i and decoder block i")
     summary = "server-side gradient priority picks the layers whose LoRA trains and is sent each round"
     peft_types = ("lora", "p_tuning", "prompt_tuning")  # seed 002's --peft choices
     peft_type_refusal = "seed 002 runs FedGPL with lora, p-tuning or prompt-tuning"

@@ -175,6 +175,8 @@ def zo_train(model, tensors: list[torch.Tensor], seeds: Sequence[int], picks: np
 @register_method
 class FedKSeed(MethodStrategy):
     name = "fedkseed"
+    seq2seq_refusal = ("its micro-batch weights count supervised tokens after the causal one-position label shift "
+                       "(labels[:, 1:]), which an encoder-decoder's loss does not apply")
     summary = "zeroth-order tuning: clients upload (seed index, projected gradient) pairs, the server replays them"
     Options = FedKSeedOptions
     server_optimizer_refusal = "the server replays scalar steps along seeded directions; there is no averaged tensor to step on"

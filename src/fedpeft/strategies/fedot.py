@@ -99,6 +99,8 @@ def offsite_report_section(run_dir: Path, out_dir: Path) -> list[str]:
 @register_method
 class FedOT(MethodStrategy):
     name = "fedot"
+    seq2seq_refusal = ("the adapter is the first a / last b blocks of one decoder stack and the emulator its "
+                       "layer-dropped middle; an encoder-decoder has two stacks and no such split is defined")
     summary = "offsite tuning: clients train the first a / last b blocks on a layer-dropped emulator; FedAvg"
     Options = FedOTOptions
     report_section = staticmethod(offsite_report_section)

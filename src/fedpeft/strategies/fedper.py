@@ -65,6 +65,8 @@ def personal_keys(keys: Sequence[str], modules: Sequence[str], last_layers: int)
 @register_method
 class FedPer(MethodStrategy):
     name = "fedper"
+    seq2seq_refusal = ("its personal top layers are found by 'layers.<i>.' in the adapter keys, where T5's keys "
+                       "number the sub-layers of a block (block.<i>.layer.<j>.)")
     summary = "FedPer-style personal layers: chosen adapter tensors stay on each client, the rest averaged"
     Options = FedPerOptions
     personalized = True

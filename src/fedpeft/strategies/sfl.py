@@ -148,6 +148,8 @@ def _step_bytes(metrics: dict[str, float]) -> list[int]:
 @register_method
 class SplitFederated(MethodStrategy):
     name = "sfl"
+    seq2seq_refusal = ("split learning cuts one stack of blocks (split/layout.py: a decoder or an encoder); an "
+                       "encoder-decoder has two, joined by cross-attention, and no cut is defined for it")
     summary = "split federated learning: bottom/top on the client, trunk on the server, cut crossings metered"
     Options = SFLOptions
     secure_mean = False  # the trunk is the server's: nothing for SecAgg+ to hide it from

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from fedpeft.config import ExperimentConfig
 from fedpeft.data.dataset import encode_for_experiment, load_experiment_data
 from fedpeft.data.encoding import collate
-from fedpeft.federation.local_trainer import supervised_count
+from fedpeft.federation.local_trainer import label_shift, supervised_count
 from fedpeft.models.device import resolve_device
 from fedpeft.models.peft_wrap import load_experiment_model, set_base_weights
 
@@ -29,7 +29,7 @@ def mean_loss(model, batches) -> float:
     number of supervised targets), so the result does not depend on the batch size."""
     total, count = 0.0, 0
     for batch in batches:
-        n = supervised_count(batch["labels"])
+        n = supervised_count(batch["labels"], label_shift(model))
         if n == 0:
             continue
         total += float(model(**batch).loss) * n
