@@ -44,6 +44,9 @@ def format_prompt(record: dict, template: str, tokenizer) -> str:
     if template == "alpaca":
         return (ALPACA_TEMPLATE_WITH_INPUT if extra else ALPACA_TEMPLATE).format(instruction=instruction, input=extra)
     if template == "chat":
+        if getattr(tokenizer, "chat_template", None) is None:  # T5's tokenizer, for one
+            raise ValueError(f"data.template=chat: the tokenizer of this model ({getattr(tokenizer, 'name_or_path', '')!r}) "
+                             "has no chat template; use data.template=plain or alpaca")
         content = f"{instruction}\n\n{extra}" if extra else instruction
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
     if template == "plain":
