@@ -308,3 +308,11 @@ def test_concurrent_clients_fall_back_to_serial_for_seq2seq(caplog):
     with caplog.at_level(logging.WARNING):
         assert GroupedRunner.build(runner) is None
     assert "training clients one after another instead: model.head=seq2seq" in caplog.text
+
+
+def test_log_likelihood_scoring_refuses_an_encoder_decoder():
+    from fedpeft.evaluation.loglik import score_continuations
+
+    model, tok = tiny_t5()
+    with pytest.raises(ValueError, match="encoder-decoder model .*use the generate mode"):
+        score_continuations(model, tok, [("Is it?", " yes")])
