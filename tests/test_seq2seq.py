@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 peft = pytest.importorskip("peft")
 
@@ -316,3 +317,13 @@ def test_log_likelihood_scoring_refuses_an_encoder_decoder():
     model, tok = tiny_t5()
     with pytest.raises(ValueError, match="encoder-decoder model .*use the generate mode"):
         score_continuations(model, tok, [("Is it?", " yes")])
+
+
+@pytest.mark.parametrize("method", ["fedprox", "scaffold", "ffa_lora", "flora"])
+def test_methods_on_lora_tensors_run_on_tiny_t5(tmp_path, method):
+    sgd = ["training.optimizer=sgd", "training.lr=0.1"] if method == "scaffold" else []  # option II needs SGD steps
+    summary = run_experiment(TINY_T5, [f"method.name={method}", "federation.rounds=1", *sgd], run_dir=tmp_path / "run")
+    final = load_file(str(summary.final_adapter_dir / "adapter_model.safetensors"))
+    assert final and all(torch.isfinite(t).all() for t in final.values())
+    assert "exact_match" in summary.final_metrics
+
