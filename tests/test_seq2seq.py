@@ -277,11 +277,16 @@ def test_methods_on_adapter_tensors_accept_seq2seq(method):
     assert load_config(TINY_T5, [f"method.name={method}"]).method.name == method
 
 
+def test_generation_suites_are_accepted_for_seq2seq():
+    assert load_config(TINY_T5, ["evaluation.suites=[gsm8k]"]).evaluation.suites == ["gsm8k"]
+
+
 @pytest.mark.parametrize("overrides,field", [
     (["model.head=classification"], "model.head=classification: model.name 'tiny-t5' is an encoder-decoder"),
     (["model.name=tiny-llama", "model.head=seq2seq"], "model.head=seq2seq needs an encoder-decoder"),
     (["training.objective=dpo"], "training.objective: 'dpo' is built for a causal LM"),
     (["privacy.dp_sgd.enabled=true"], "privacy.dp_sgd.enabled: DP-SGD"),
+    (["evaluation.suites=[boolq]"], "evaluation.suites: boolq score by log-likelihood"),
 ])
 def test_bad_combinations_are_refused_naming_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
