@@ -75,7 +75,8 @@ def test_encoding_puts_the_prompt_in_the_encoder_and_the_target_in_the_labels():
     # a long prompt is cut from the left (eos kept last); a target that cannot fit is dropped and counted
     cut, _ = encode_records([{"instruction": "x" * 50, "output": "ab", "task": "t"}], tok, "plain", 16, seq2seq=True)
     assert len(cut[0].input_ids) == 16 and cut[0].input_ids[-1] == tok.eos_token_id
-    none, dropped = encode_records([{"instruction": "q", "output": "y" * 20, "task": "t"}], tok, "plain", 16, seq2seq=True)
+    too_long = {"instruction": "q", "output": "y" * 20, "task": "t"}
+    none, dropped = encode_records([too_long], tok, "plain", 16, seq2seq=True)
     assert none == [None] and dropped == 1
 
 
@@ -157,7 +158,8 @@ def test_fedit_on_tiny_t5_averages_the_clients_adapters(runs, kind):
         modules = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys}
         assert modules == {"q", "v"}
         assert any(".encoder." in k for k in keys) and any("EncDecAttention" in k for k in keys)
-        assert len(keys) == 2 * (2 * 2 + 2 * 4)  # A and B; 2 encoder blocks x (q, v), 2 decoder blocks x 2 attentions x (q, v)
+        # A and B of: 2 encoder blocks x (q, v) and 2 decoder blocks x 2 attentions x (q, v)
+        assert len(keys) == 2 * (2 * 2 + 2 * 4)
     per_client = 4 * sum(t.numel() for t in rounds[0][2].values())
     trains = _events(run_dir, "client_train")
     assert len(trains) == 4 and all(e["uplink_bytes"] == per_client for e in trains)
@@ -191,7 +193,8 @@ def _greedy_by_forwards(model, tok, prompt: str, steps: int) -> str:
     out = [model.config.decoder_start_token_id]
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=torch.tensor([out])).logits
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           decoder_input_ids=torch.tensor([out])).logits
             out.append(int(logits[0, -1].argmax()))
             if out[-1] == tok.eos_token_id:
                 break

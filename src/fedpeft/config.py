@@ -68,7 +68,8 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"
 class ModelConfig(_Section):
     name: str = Field(
         "smollm2-135m-instruct",
-        description="Bundled name (smollm2-135m-instruct, all-minilm-l6-v2, tiny-llama, tiny-bert, tiny-t5), a local directory, a .gguf file, "
+        description="Bundled name (smollm2-135m-instruct, all-minilm-l6-v2, tiny-llama, tiny-bert, tiny-t5), a local "
+        "directory, a .gguf file, "
         "random:<shape> (a randomly initialised model of a real architecture, for throughput work: smollm2-135m, "
         "llama-3.2-1b, llama-2-7b, mistral-7b, or a local config.json), or a Hugging Face id (needs internet).",
     )

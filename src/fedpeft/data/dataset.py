@@ -14,7 +14,8 @@ __all__ = ["ExperimentData", "encode_for_experiment", "evaluation_group", "load_
 
 def encode_for_experiment(config, data: ExperimentData, records, tokenizer):
     """``encode_records`` as the model's head needs: prompt + target tokens (causal LM), encoder prompt and
-    decoder target (seq2seq, an encoder-decoder by its config), or text + class index (classification), or (chosen, rejected) pairs for a preference objective (training.objective).
+    decoder target (seq2seq, an encoder-decoder by its config), or text + class index (classification),
+    or (chosen, rejected) pairs for a preference objective (training.objective).
     Returns (encoded or None per record, number dropped)."""
     if is_preference(config):
         return encode_preference_records(config, records, tokenizer)

@@ -45,8 +45,9 @@ def format_prompt(record: dict, template: str, tokenizer) -> str:
         return (ALPACA_TEMPLATE_WITH_INPUT if extra else ALPACA_TEMPLATE).format(instruction=instruction, input=extra)
     if template == "chat":
         if getattr(tokenizer, "chat_template", None) is None:  # T5's tokenizer, for one
-            raise ValueError(f"data.template=chat: the tokenizer of this model ({getattr(tokenizer, 'name_or_path', '')!r}) "
-                             "has no chat template; use data.template=plain or alpaca")
+            name = getattr(tokenizer, "name_or_path", "")
+            raise ValueError(f"data.template=chat: the tokenizer of this model ({name!r}) has no chat template; "
+                             "use data.template=plain or alpaca")
         content = f"{instruction}\n\n{extra}" if extra else instruction
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
     if template == "plain":
@@ -116,7 +117,8 @@ def encode_seq2seq_example(prompt: str, target: str, tokenizer, max_len: int) ->
 
 
 def encode_records(records: Sequence[dict], tokenizer, template: str, max_len: int,
-                   classes: Sequence[str] | None = None, seq2seq: bool = False) -> tuple[list[EncodedExample | None], int]:
+                   classes: Sequence[str] | None = None,
+                   seq2seq: bool = False) -> tuple[list[EncodedExample | None], int]:
     """Encode every record (None where dropped) and return how many were dropped; with ``classes``,
     as classification examples (none dropped: the text is truncated instead); with ``seq2seq``, as
     encoder input + decoder labels."""

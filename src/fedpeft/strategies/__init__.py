@@ -144,8 +144,8 @@ def model_family_problems(config: Any, head: str) -> list[str]:
     if privacy is not None and privacy.dp_sgd.enabled:
         lines.append(f"privacy.dp_sgd.enabled: DP-SGD's per-example losses assume a causal LM's label shift; not "
                      f"built for {what}")
-    by_loglik = sorted({entry.task for suite in getattr(config.evaluation, "suites", []) for entry in resolve_suite(suite)
-                        if entry.task.startswith(LM_EVAL_PREFIX) or "loglik" in TASKS[entry.task].auto})
+    entries = [entry for suite in getattr(config.evaluation, "suites", []) for entry in resolve_suite(suite)]
+    by_loglik = sorted({e.task for e in entries if e.task.startswith(LM_EVAL_PREFIX) or "loglik" in TASKS[e.task].auto})
     if by_loglik:
         lines.append(f"evaluation.suites: {', '.join(by_loglik)} score by log-likelihood (a causal LM's continuation "
                      f"logits), not built for {what}; generation suites (gsm8k, ...) run")
