@@ -240,6 +240,9 @@ def test_a_save_pretrained_t5_directory_loads_as_seq2seq_and_runs(tmp_path):
     loaded = load_base_model(str(tmp_path / "t5"))  # the default head, as `fedpeft eval` calls it
     assert type(loaded.model).__name__ == "T5ForConditionalGeneration"
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
+    ids, labels = torch.tensor([[5, 6, 7, 258]]), torch.tensor([[9, 10, 258]])
+    with torch.no_grad():  # the same model, T5 v1.1's unscaled decoder output included
+        assert torch.equal(loaded.model(input_ids=ids, labels=labels).logits, model(input_ids=ids, labels=labels).logits)
     summary = run_experiment(cfg, ["federation.rounds=1", "evaluation.every_rounds=0"], run_dir=tmp_path / "run")
     assert summary.uplink_bytes > 0
 
