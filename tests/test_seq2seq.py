@@ -165,6 +165,7 @@ def test_fedit_on_tiny_t5_averages_the_clients_adapters(runs, kind):
     assert len(trains) == 4 and all(e["uplink_bytes"] == per_client for e in trains)
     assert summary.uplink_bytes == 4 * per_client
     assert "exact_match" in summary.final_metrics
+    assert _events(run_dir, "run_start")[0]["model_head"] == "seq2seq"  # detected: the config says causal_lm
 
 
 @pytest.mark.parametrize("kind", KINDS)

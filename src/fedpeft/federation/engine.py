@@ -48,6 +48,7 @@ from fedpeft.metering.loggers import make_loggers
 from fedpeft.metering.memory import peak_cuda_mb, peak_rss_mb
 from fedpeft.models.device import check_precision, check_quantization, cuda_device_count, resolve_device
 from fedpeft.models.peft_wrap import add_to_base_weight, base_weights, load_experiment_model
+from fedpeft.models.registry import model_head
 from fedpeft.privacy.run_privacy import RunPrivacy
 from fedpeft.report import write_report
 from fedpeft.seeding import sample_clients
@@ -370,6 +371,7 @@ class Engine:
             base_params=count_parameters(self.model)[0], compression=cfg.federation.uplink_compression,
             adapter_bytes=state_bytes(get_adapter_state(self.model)), num_clients=cfg.federation.num_clients,
             method=cfg.method.name, malloc=malloc_mode(), device=str(self.device), config=cfg.model_dump(mode="json"), data=self.data.info,
+            model_head=model_head(cfg.model),
         )
 
     def _log_partition(self) -> None:
