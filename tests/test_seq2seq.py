@@ -127,8 +127,12 @@ class RecordingFedIT(FedIT):
         return result
 
 
-KINDS = {"lora": [], "ia3": ["peft.type=ia3", "peft.r=null", "peft.alpha=null"],
-         "prompt_tuning": ["peft.type=prompt_tuning", "peft.r=null", "peft.alpha=null", "peft.num_virtual_tokens=4"]}
+_NOT_LORA = ["peft.r=null", "peft.alpha=null"]
+KINDS = {"lora": [], "dora": ["peft.type=dora"], "adalora": ["peft.type=adalora", "peft.r=null", "peft.init_r=4", "peft.target_r=2"],
+         "loha": ["peft.type=loha"], "lokr": ["peft.type=lokr"], "ia3": ["peft.type=ia3", *_NOT_LORA],
+         "prompt_tuning": ["peft.type=prompt_tuning", *_NOT_LORA, "peft.num_virtual_tokens=4"],
+         "p_tuning": ["peft.type=p_tuning", *_NOT_LORA, "peft.num_virtual_tokens=4", "peft.encoder_hidden_size=16"],
+         "prefix_tuning": ["peft.type=prefix_tuning", *_NOT_LORA, "peft.num_virtual_tokens=4"]}
 
 
 @pytest.fixture(scope="module")
@@ -174,16 +178,19 @@ def test_the_final_adapter_reloads_with_peft_to_the_same_logits(runs, kind):
     trained = rounds[-1][2]
     reloaded = peft.PeftModel.from_pretrained(load_base_model("tiny-t5", seed=0).model, str(summary.final_adapter_dir))
     own = wrap_peft(load_base_model("tiny-t5", seed=0).model, load_config(TINY_T5, KINDS[kind]).peft, seed=0,
-                    head="seq2seq")
+                    head="seq2seq", total_step=2)
     set_adapter_state(own, trained)
     assert type(reloaded).__name__ == "PeftModelForSeq2SeqLM"
-    assert get_adapter_state(reloaded).keys() == trained.keys()
+    if kind == "p_tuning":  # peft saves P-tuning's encoded virtual tokens (inference-ready), not the encoder
+        assert set(get_adapter_state(reloaded)) == {"prompt_encoder.default.embedding.weight"}
+    else:
+        assert get_adapter_state(reloaded).keys() == trained.keys()
     ids = torch.tensor([[5, 17, 99, 3, 42, 258], [8, 8, 120, 64, 258, 256]])
-    labels = torch.tensor([[50, 51, 258], [52, 258, -100]])
+    decoder = _decoder_input(torch.tensor([[50, 51, 258], [52, 258, -100]]), 256, 256)
     reloaded.eval(), own.eval()
-    with torch.no_grad():
-        a = reloaded(input_ids=ids, attention_mask=(ids != 256).long(), labels=labels).logits
-        b = own(input_ids=ids, attention_mask=(ids != 256).long(), labels=labels).logits
+    with torch.no_grad():  # (no labels: peft's AdaLoRA computes its training-only loss term whenever there are)
+        a = reloaded(input_ids=ids, attention_mask=(ids != 256).long(), decoder_input_ids=decoder).logits
+        b = own(input_ids=ids, attention_mask=(ids != 256).long(), decoder_input_ids=decoder).logits
     assert torch.equal(a, b)
 
 
@@ -202,10 +209,10 @@ def _greedy_by_forwards(model, tok, prompt: str, steps: int) -> str:
     return tok.decode(out[1:], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("kind", ["lora", "prompt_tuning"])
+@pytest.mark.parametrize("kind", ["lora", "prompt_tuning", "p_tuning", "prefix_tuning"])
 def test_generate_is_the_greedy_decoder_output(kind):
     base, tok = tiny_t5(seed=5)
-    model = wrap_peft(base, load_config(TINY_T5, KINDS[kind]).peft, seed=1, head="seq2seq")
+    model = wrap_peft(base, load_config(TINY_T5, KINDS[kind]).peft, seed=1, head="seq2seq", total_step=2)
     with torch.no_grad():  # move the adapter off its identity start, so it takes part
         for p in adapter_parameters(model).values():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.5)

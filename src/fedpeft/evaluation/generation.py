@@ -100,9 +100,13 @@ def _generate_seq2seq(model, tokenizer, prompts: Sequence[str], max_new_tokens: 
                       stop: Sequence[str] | None) -> list[str]:
     """Greedy answers of an encoder-decoder: each encoder input is the prompt + eos (``encoder_ids``, as in
     training), right-padded with its attention mask; ``generate`` decodes from the decoder's start token,
-    which is dropped, up to ``max_new_tokens`` or eos. Prompt-learning adapters go through peft's seq2seq
-    ``generate`` (virtual tokens prepended to the encoder's input), which matches its forward
-    (tests/test_seq2seq.py). Batches of similar length, results in input order."""
+    which is dropped, up to ``max_new_tokens`` or eos. Prompt and P-tuning go through peft's seq2seq
+    ``generate`` (virtual tokens prepended to the encoder's input), which matches its forward; prefix tuning
+    does not (its key/value prefix is lost from the decoding cache), so it is decoded by full forwards
+    (:func:`_generate_seq2seq_by_forwards`; both checked in tests/test_seq2seq.py). Batches of similar
+    length, results in input order."""
+    if _is_prefix_tuning(model):
+        return _generate_seq2seq_by_forwards(model, tokenizer, prompts, max_new_tokens, stop)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -123,6 +127,42 @@ def _generate_seq2seq(model, tokenizer, prompts: Sequence[str], max_new_tokens: 
             )
             for i, text in zip(idx, tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True)):
                 outputs[i] = _cut_at_stop(text, stop) if stop else text
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+def _is_prefix_tuning(model) -> bool:
+    configs = getattr(model, "peft_config", None)
+    config = configs.get(getattr(model, "active_adapter", "default")) if isinstance(configs, dict) else None
+    return getattr(config, "peft_type", None) == "PREFIX_TUNING"
+
+
+@torch.no_grad()
+def _generate_seq2seq_by_forwards(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                                  stop: Sequence[str] | None) -> list[str]:
+    """Greedy decoding of an encoder-decoder by full forwards (no cache), one prompt at a time: each new
+    token is the argmax of what the model computes for the encoder input and the decoder tokens so far,
+    exactly as in training."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    start = model.config.decoder_start_token_id
+    outputs = []
+    try:
+        for prompt in prompts:
+            ids = torch.tensor([encoder_ids(prompt, tokenizer)], device=device)
+            decoded = torch.tensor([[start]], device=device)
+            for _ in range(max_new_tokens):
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoded).logits
+                token = logits[:, -1].argmax(dim=-1, keepdim=True)
+                decoded = torch.cat([decoded, token], dim=1)
+                if int(token) == tokenizer.eos_token_id:
+                    break
+                if stop and any(s in tokenizer.decode(decoded[0, 1:], skip_special_tokens=True) for s in stop):
+                    break
+            text = tokenizer.decode(decoded[0, 1:], skip_special_tokens=True)
+            outputs.append(_cut_at_stop(text, stop) if stop else text)
     finally:
         model.train(was_training)
     return outputs
