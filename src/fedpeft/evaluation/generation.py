@@ -101,8 +101,8 @@ def _generate_seq2seq(model, tokenizer, prompts: Sequence[str], max_new_tokens: 
     """Greedy answers of an encoder-decoder: each encoder input is the prompt + eos (``encoder_ids``, as in
     training), right-padded with its attention mask; ``generate`` decodes from the decoder's start token,
     which is dropped, up to ``max_new_tokens`` or eos. Prompt and P-tuning go through peft's seq2seq
-    ``generate`` (virtual tokens prepended to the encoder's input), which matches its forward; prefix tuning
-    does not (its key/value prefix is lost from the decoding cache), so it is decoded by full forwards
+    ``generate`` (virtual tokens prepended to the encoder's input), which matches its forward; for prefix
+    tuning peft's cached ``generate`` does not (peft 0.21, transformers 5.24), so it is decoded by full forwards
     (:func:`_generate_seq2seq_by_forwards`; both checked in tests/test_seq2seq.py). Batches of similar
     length, results in input order."""
     if _is_prefix_tuning(model):
