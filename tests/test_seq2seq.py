@@ -128,7 +128,8 @@ class RecordingFedIT(FedIT):
 
 
 _NOT_LORA = ["peft.r=null", "peft.alpha=null"]
-KINDS = {"lora": [], "dora": ["peft.type=dora"], "adalora": ["peft.type=adalora", "peft.r=null", "peft.init_r=4", "peft.target_r=2"],
+KINDS = {"lora": [], "dora": ["peft.type=dora"],
+         "adalora": ["peft.type=adalora", "peft.r=null", "peft.init_r=4", "peft.target_r=2"],
          "loha": ["peft.type=loha"], "lokr": ["peft.type=lokr"], "ia3": ["peft.type=ia3", *_NOT_LORA],
          "prompt_tuning": ["peft.type=prompt_tuning", *_NOT_LORA, "peft.num_virtual_tokens=4"],
          "p_tuning": ["peft.type=p_tuning", *_NOT_LORA, "peft.num_virtual_tokens=4", "peft.encoder_hidden_size=16"],
@@ -250,7 +251,8 @@ def test_a_save_pretrained_t5_directory_loads_as_seq2seq_and_runs(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
     ids, labels = torch.tensor([[5, 6, 7, 258]]), torch.tensor([[9, 10, 258]])
     with torch.no_grad():  # the same model, T5 v1.1's unscaled decoder output included
-        assert torch.equal(loaded.model(input_ids=ids, labels=labels).logits, model(input_ids=ids, labels=labels).logits)
+        expected = model(input_ids=ids, labels=labels).logits
+        assert torch.equal(loaded.model(input_ids=ids, labels=labels).logits, expected)
     summary = run_experiment(cfg, ["federation.rounds=1", "evaluation.every_rounds=0"], run_dir=tmp_path / "run")
     assert summary.uplink_bytes > 0
 
