@@ -66,6 +66,11 @@ class ClientPlan:
     """LoRA scaling the engine sets on every LoRA layer for this plan's training, restoring the model's
     afterwards (heterogeneous ranks with ``rank_scaling: alpha``: s_k = alpha / r_k). None: unchanged."""
     info: dict[str, Any] = field(default_factory=dict)
+    start_needed: bool = True
+    """The client needs the global keys this plan leaves unset (the in-process engine loads the whole
+    global adapter before the plan's own state). False: the client holds them already or rebuilds them
+    itself (FedKSeed replays its history; FedOT's middle LoRA never changes), so a transport that sends
+    plans over a network (Flower) leaves them out and the message carries only what is metered."""
 
 
 @dataclass

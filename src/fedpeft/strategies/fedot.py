@@ -41,6 +41,11 @@ from fedpeft.strategies.server_optimizers import is_identity
 
 LOCAL_NAME = "local_ot_adapter"
 """Client-store name of a LocalOT client's own adapter."""
+SHIPPED_PREFIX = "emulator/"
+"""``plan.control`` keys of the emulator-model's tensors (the rest of the key is the model's name)."""
+RECEIVED_NAME = "fedot_emulator"
+"""Client-store name of the emulator-model a client received, where it does not run in the owner's
+process (a Flower node): ``receive_emulator``."""
 
 
 class FedOTOptions(MethodOptions):
@@ -117,6 +122,12 @@ class FedOT(MethodStrategy):
         self.shipped: set[int] = set()
         """Clients that already received the emulator-model (it is sent once)."""
         self.distill_losses: list[float] = []
+        self.owner = False
+        """True in the model owner's (server's) process (``begin_round`` ran): clients there train on the
+        owner's model. False on a client in its own process (a Flower node): its emulator-model is built
+        from what it received (``receive_emulator``)."""
+        self.received = False
+        """This process's model runs an emulator-model received from the owner."""
 
     # --- set-up -------------------------------------------------------------------------------
     def prepare_model(self, model: torch.nn.Module) -> None:
@@ -134,6 +145,7 @@ class FedOT(MethodStrategy):
         return [k for k in state if (block := self.emulator.block_of(k)) is None or block in blocks]
 
     def begin_round(self, round_idx: int, server: ServerContext) -> None:
+        self.owner = True
         if self.opts.distill_steps and not self.emulator.distilled:
             indices = sorted(i for idx in (server.client_indices or []) for i in idx)
             if not indices:
@@ -152,13 +164,38 @@ class FedOT(MethodStrategy):
         downlink = {} if self.opts.local_ot else {k: global_state[k] for k in keys}
         return ClientPlan(client_id=client_id, downlink=downlink, trainable=keys,
                           upload=[] if self.opts.local_ot else keys, control=control,
-                          info={"view": "emulator", "distilled": bool(self.emulator.distilled)})
+                          info={"view": "emulator", "distilled": bool(self.emulator.distilled)},
+                          start_needed=self.opts.local_ot)  # the middle's LoRA never changes (B = 0)
 
     def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        if not self.owner:
+            self.receive_emulator(plan, store)
         if self.opts.local_ot:
             stored = store.get(plan.client_id, LOCAL_NAME) if store is not None else None
             if stored is not None:
                 plan.init_state = dict(stored)
+
+    def receive_emulator(self, plan: ClientPlan, store: Any) -> None:
+        """On a client in its own process (a Flower node): run the emulator-model the owner sent. The first
+        plan carries it (``plan.control``); the client keeps it in its store and later plans reload it
+        from there when this process has not loaded it yet. Every tensor the emulator view uses is
+        overwritten with the received values (embeddings, norms, head, the adapter blocks' base weights,
+        the kept middle blocks; a distilled kept block becomes a frozen copy holding the received values,
+        as on the owner), so training depends only on what was received and the adapter; the dropped
+        blocks' weights, which the process loaded with the model's architecture, are never run."""
+        shipped = {k[len(SHIPPED_PREFIX):]: v for k, v in plan.control.items() if k.startswith(SHIPPED_PREFIX)}
+        if shipped:
+            if store is not None:
+                store.put(plan.client_id, RECEIVED_NAME, shipped)
+        elif self.received:
+            return
+        else:
+            shipped = store.get(plan.client_id, RECEIVED_NAME) if store is not None else None
+            if shipped is None:
+                raise ValueError(f"fedot: client {plan.client_id} has no emulator-model: the owner sends it with the "
+                                 "client's first plan and the client keeps it in its store (a lost client store?)")
+        self.emulator.load_received(self.model, shipped, distilled=bool(plan.info.get("distilled")))
+        self.received = True
 
     def client_view(self, plan: ClientPlan):
         if plan.info.get("distilled") and not self.emulator.distilled:  # e.g. a Flower node: its own plain drop

@@ -13,7 +13,8 @@ Message layout (record names in a ``RecordDict``)::
       downlink  ArrayRecord   plan.downlink
       init      ArrayRecord   plan.init_state (absent: same as downlink)
       control   ArrayRecord   plan.control
-      start     ArrayRecord   global keys the plan does not set (what the engine's start_state adds)
+      start     ArrayRecord   global keys the plan does not set (what the engine's start_state adds;
+                              absent when plan.start_needed is false: the client holds or rebuilds them)
       base      ArrayRecord   base weights the method changed (FLoRA, FedEx-LoRA), full values
     server -> client (message type "evaluate": personalised evaluation where the private state lives)
       evaluate  ConfigRecord  round, client-ids
@@ -135,7 +136,7 @@ def encode_plan(round_idx: int, plan: ClientPlan, global_state: Mapping[str, tor
         "round": int(round_idx), "lr": float(lr), "client-id": int(plan.client_id), "job": plan.job,
         "data-key": json.dumps(plan.data_key), "trainable": json.dumps(plan.trainable),
         "upload": json.dumps(plan.upload), "scaling": json.dumps(plan.scaling), "info": info,
-        "has-init": plan.init_state is not None,
+        "has-init": plan.init_state is not None, "start-needed": bool(plan.start_needed),
     }
     viewed: dict[str, dict[str, str]] = {}
     _put_state(content, "downlink", plan.downlink, viewed)
@@ -144,7 +145,8 @@ def encode_plan(round_idx: int, plan: ClientPlan, global_state: Mapping[str, tor
     elif plan.init_state is not None:
         fields["init-is-downlink"] = True
     _put_state(content, "control", plan.control, viewed)
-    _put_state(content, "start", {k: v for k, v in global_state.items() if k not in own}, viewed)
+    if plan.start_needed:  # else the client holds or rebuilds them (ClientPlan.start_needed)
+        _put_state(content, "start", {k: v for k, v in global_state.items() if k not in own}, viewed)
     _put_state(content, "base", dict(base_weights or {}), viewed)
     fields["viewed"] = json.dumps(viewed)
     content["plan"] = ConfigRecord(fields)
@@ -163,7 +165,7 @@ def decode_plan(content: RecordDict) -> PlanMessage:
         trainable=json.loads(str(fields["trainable"])), upload=json.loads(str(fields["upload"])),
         job=str(fields["job"]), data_key=json.loads(str(fields["data-key"])),
         control=_get_state(content, "control", viewed) or {}, scaling=json.loads(str(fields["scaling"])),
-        info=json.loads(str(fields["info"])),
+        info=json.loads(str(fields["info"])), start_needed=bool(fields.get("start-needed", True)),
     )
     return PlanMessage(int(fields["round"]), float(fields["lr"]), plan,
                        _get_state(content, "start", viewed) or {}, _get_state(content, "base", viewed) or {})

@@ -1,0 +1,208 @@
+"""FedOT and FedKSeed under Flower: the real ClientApp handler behind a fake Grid (``flower_fakes.FakeGrid``,
+no Flower processes), against the in-process engine on the same config and seed.
+
+Two SuperNodes serve three clients (node 0: clients 0 and 2, node 1: client 1), two sampled per round,
+so a client is not sampled every round and a node serves several clients. The fake Grid keeps one node
+build at a time, so every message to the other node rebuilds it from scratch (like a cold ClientApp
+process): what a client received earlier must come back from its own store.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedpeft[flower]'); deployment tests skipped")
+
+from flower_fakes import FakeGrid, flower_env  # noqa: F401 (an autouse fixture)
+
+from fedpeft.adapters import is_adapter_param
+from fedpeft.config import load_config
+from fedpeft.deploy.flower import node as flower_node
+from fedpeft.deploy.flower.app import run_config_values
+from fedpeft.deploy.flower.local import rehearsal_node_configs
+from fedpeft.deploy.flower.settings import DeploySettings
+from fedpeft.deploy.flower.transport import FlowerTransport
+from fedpeft.federation.engine import Engine
+from fedpeft.models.registry import tiny_llama
+from fedpeft.strategies.fedkseed import HISTORY_COEF_KEY, HISTORY_INDEX_KEY, FedKSeed, tuned_tensors
+
+BASE = ["federation.num_clients=3", "federation.clients_per_round=2", "output.report=false",
+        "evaluation.before_training=false", "evaluation.every_rounds=10"]
+
+
+def _events(run_dir, kind):
+    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
+
+
+def _flower_engine(cfg, run_dir, tmp_path):
+    run_config = run_config_values(cfg)
+    nodes = rehearsal_node_configs(2, cfg.federation.num_clients, tmp_path / "stores", warm_worker=False)
+    grid = FakeGrid(run_config, nodes)
+    transport = functools.partial(FlowerTransport, grid, DeploySettings.from_run_config(run_config))
+    return Engine(cfg, run_dir, transport=transport), grid
+
+
+def _train_messages(grid):
+    return [(m, r) for m, r in grid.seen if m.metadata.message_type == "train" and not r.has_error()]
+
+
+def _per_job(run_dir, *fields):
+    return {(e["round"], e["client"]): tuple(e[f] for f in fields) for e in _events(run_dir, "client_train")}
+
+
+def _digest(tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _array_bytes(record):
+    return sum(a.numpy().nbytes for a in record.values())
+
+
+# --- FedKSeed ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("params", ["all", "adapter"])
+def test_fedkseed_under_flower_catches_up_by_replay_and_equals_the_in_process_run(tmp_path, monkeypatch, params):
+    """Each node replays its client's catch-up list (plus the rounds it kept in its store) and then holds
+    the server's global model bit for bit; the uploads are the (seed index, g) pairs only; the server's
+    model and every client's losses equal the in-process run's; bytes equal the in-process figures."""
+    cfg = load_config("configs/tiny.yaml", BASE + ["method.name=fedkseed", "method.options.k=64",
+                                                   f"method.options.params={params}", "federation.rounds=4",
+                                                   "training.lr=0.001"])
+    synced: dict[str, dict] = {"flower": {}, "in-process": {}}
+    label = ["flower"]
+    original = FedKSeed.train_zeroth_order
+
+    def recording(self, model, params_, batches, plan, **kwargs):  # the model the client trains from
+        synced[label[0]][(plan.info["round"], plan.client_id)] = _digest(tuned_tensors(model, self.opts.params))
+        return original(self, model, params_, batches, plan, **kwargs)
+
+    monkeypatch.setattr(FedKSeed, "train_zeroth_order", recording)
+    engine, grid = _flower_engine(cfg, tmp_path / "flower", tmp_path)
+    deployed = engine.run()
+    label[0] = "in-process"
+    reference_engine = Engine(cfg, tmp_path / "ref")
+    reference = reference_engine.run()
+
+    # the node's model after catch-up is the server's global model of that round, for every job
+    assert len(synced["flower"]) == 8 and synced["flower"] == synced["in-process"]
+    # a client sampled after a gap replayed several rounds in one catch-up (the point of the test)
+    gaps = [json.loads(str(m.content["plan"]["info"]))["steps"] for m, _ in _train_messages(grid)]
+    assert any(len(steps) >= 2 for steps in gaps)
+    # the server's model at the end: identical tuned tensors (params=all: base weights; adapter: the adapter)
+    assert _digest(tuned_tensors(engine.model, params)) == _digest(tuned_tensors(reference_engine.model, params))
+    from safetensors.torch import load_file
+
+    final, ref = (load_file(str(s.run_dir / "final" / "adapter_model.safetensors")) for s in (deployed, reference))
+    assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
+    # losses and bytes as in process (downlink: the history lists; uplink: steps x (1 + 4) bytes, K = 64)
+    fields = ("losses", "downlink_bytes", "uplink_bytes_raw")
+    assert _per_job(deployed.run_dir, *fields) == _per_job(reference.run_dir, *fields)
+    steps = cfg.federation.local_steps
+    for (_, _), (_, down, up_raw) in _per_job(deployed.run_dir, *fields).items():
+        assert up_raw == steps * (1 + 4) and down % 5 == 0
+    assert sum(e["downlink_bytes"] for e in _events(deployed.run_dir, "client_train")) > 0
+    # what the messages carried: the history lists down (no global tensor: start_needed=False), the
+    # packed pairs up; Flower's framing adds one .npy header per array on top of the payload
+    for msg, reply in _train_messages(grid):
+        content = msg.content
+        assert {n for n, r in content.array_records.items() if len(r)} <= {"control"}, set(content.array_records)
+        key = (int(content["plan"]["round"]), int(content["plan"]["client-id"]))
+        down = _array_bytes(content["control"]) if "control" in content.array_records else 0
+        assert down == _per_job(deployed.run_dir, "downlink_bytes")[key][0]
+        assert _array_bytes(reply.content["tensors"]) == steps * 5
+        assert set(json.loads(str(reply.content["update"]["manifests"]))) == {"tensors"}
+    for e in _events(deployed.run_dir, "client_train"):
+        assert e["uplink_bytes"] - e["uplink_bytes_raw"] == 128  # the packed array's .npy header
+
+
+def test_fedkseed_node_refuses_a_catch_up_it_cannot_complete(tmp_path):
+    """A client whose store lost the earlier rounds cannot reach the global model: an error, not a stale model."""
+    cfg = load_config("configs/tiny.yaml", BASE + ["method.name=fedkseed", "method.options.k=64"])
+    from fedpeft.strategies import build_experiment_strategy
+    from fedpeft.strategies.base import ClientPlan
+
+    strategy = build_experiment_strategy(cfg)
+    model, _ = tiny_llama()
+    strategy.prepare_model(model)
+    plan = ClientPlan(client_id=0, downlink={}, control={
+        HISTORY_INDEX_KEY: torch.tensor([3], dtype=torch.uint8), HISTORY_COEF_KEY: torch.tensor([0.1])},
+        info={"round": 3, "since": 2, "steps": [1]})
+    with pytest.raises(ValueError, match="rounds 1..0 but its catch-up starts at round 2"):
+        strategy.attach_client_hooks(3, plan, None)
+
+
+# --- FedOT ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def six_block_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny6")
+    model, tok = tiny_llama(layers=6)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _scramble_base_weights(monkeypatch):
+    """Every node loads garbage base weights (not the owner's): what it trains with must come from what it
+    received. Returns the number of node builds."""
+    load = flower_node.load_experiment_model
+    builds = []
+
+    def scrambled(cfg, data, *args, **kwargs):
+        loaded, model = load(cfg, data, *args, **kwargs)
+        gen = torch.Generator().manual_seed(1000 + len(builds))
+        with torch.no_grad():
+            for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+                if not is_adapter_param(name) and t.is_floating_point():
+                    t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype))
+        builds.append(1)
+        return loaded, model
+
+    monkeypatch.setattr(flower_node, "load_experiment_model", scrambled)
+    return builds
+
+
+@pytest.mark.parametrize("distill_steps", [0, 2])
+def test_fedot_under_flower_trains_on_the_received_emulator_and_equals_the_in_process_run(
+        tmp_path, monkeypatch, six_block_model, distill_steps):
+    """The nodes' own base weights are scrambled: each node runs the emulator-model the owner sent (first
+    plan of each client; kept in the client's store, reloaded by a rebuilt node), so the global adapter,
+    every client's losses and the metered bytes equal the in-process run's bit for bit."""
+    cfg = load_config("configs/tiny.yaml", BASE + [
+        f"model.name={six_block_model}", "method.name=fedot", "method.options.a=1", "method.options.b=1",
+        "method.options.drop_ratio=0.5", f"method.options.distill_steps={distill_steps}", "federation.rounds=3"])
+    builds = _scramble_base_weights(monkeypatch)
+    engine, grid = _flower_engine(cfg, tmp_path / "flower", tmp_path)
+    deployed = engine.run()
+    reference = Engine(cfg, tmp_path / "ref").run()
+    assert len(builds) >= 3  # the nodes were rebuilt between messages
+
+    from safetensors.torch import load_file
+
+    final, ref = (load_file(str(s.run_dir / "final" / "adapter_model.safetensors")) for s in (deployed, reference))
+    assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
+    fields = ("losses", "downlink_bytes", "uplink_bytes_raw")
+    assert _per_job(deployed.run_dir, *fields) == _per_job(reference.run_dir, *fields)
+    [agg] = _events(deployed.run_dir, "aggregate")[-1:]
+    shipped = agg["shipped_once_bytes"]
+    first_seen: set[int] = set()
+    for msg, _ in _train_messages(grid):
+        content = msg.content
+        client, rnd = int(content["plan"]["client-id"]), int(content["plan"]["round"])
+        # the emulator goes with a client's first plan only; no global tensor beyond the adapter blocks'
+        assert not len(content.array_records.get("start", {}))
+        has_emulator = bool(len(content.array_records.get("control", {})))
+        assert has_emulator == (client not in first_seen)
+        first_seen.add(client)
+        adapter = _array_bytes(content["downlink"])
+        down = _per_job(deployed.run_dir, "downlink_bytes")[(rnd, client)][0]
+        assert adapter + (_array_bytes(content["control"]) if has_emulator else 0) == down
+        if has_emulator:
+            assert _array_bytes(content["control"]) == shipped
+    assert agg["clients_with_emulator"] == 3 and agg["emulator_blocks"] == 2 and agg["middle_blocks"] == 4
