@@ -206,3 +206,44 @@ def test_fedot_under_flower_trains_on_the_received_emulator_and_equals_the_in_pr
         if has_emulator:
             assert _array_bytes(content["control"]) == shipped
     assert agg["clients_with_emulator"] == 3 and agg["emulator_blocks"] == 2 and agg["middle_blocks"] == 4
+
+
+# --- Ditto and FedPer: personal state on the nodes -------------------------------------------------------
+@pytest.mark.parametrize("method, personal_name", [("ditto", "ditto_personal"), ("fedper", "fedper_personal")])
+def test_personal_methods_under_flower_keep_the_in_process_personal_state_on_the_nodes(tmp_path, method,
+                                                                                       personal_name):
+    """Ditto (a personal job per client, proximal to the received global adapter) and FedPer (personal
+    layers merged from the client's store): the global adapter, every job's losses and each client's
+    personal state (in its node's store) equal the in-process run's; the personal scores come from the nodes."""
+    from fedpeft.deploy.flower.store import NodeClientStore
+
+    cfg = load_config("configs/tiny.yaml", BASE + [f"method.name={method}", "federation.rounds=2",
+                                                   "evaluation.every_rounds=2"])
+    engine, grid = _flower_engine(cfg, tmp_path / "flower", tmp_path)
+    deployed = engine.run()
+    reference_engine = Engine(cfg, tmp_path / "ref")
+    reference = reference_engine.run()
+    from safetensors.torch import load_file
+
+    final, ref = (load_file(str(s.run_dir / "final" / "adapter_model.safetensors")) for s in (deployed, reference))
+    assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
+    jobs = lambda d: {(e["round"], e["client"], e["job"]): (e["losses"], e["downlink_bytes"], e["uplink_bytes_raw"])
+                      for e in _events(d, "client_train")}
+    assert jobs(deployed.run_dir) == jobs(reference.run_dir)
+    stores = [NodeClientStore(tmp_path / "stores" / f"node-{i}") for i in range(2)]
+    compared = 0
+    for client in range(cfg.federation.num_clients):
+        expected = reference_engine.store.get(client, personal_name)
+        got = [s.get(client, personal_name) for s in stores]
+        got = [g for g in got if g is not None]
+        if expected is None:
+            assert not got
+            continue
+        [node_state] = got
+        assert node_state.keys() == expected.keys() and all(torch.equal(node_state[k], expected[k]) for k in expected)
+        compared += 1
+    assert compared >= 2
+    assert not list((tmp_path / "flower" / "client_store").glob(f"*/{personal_name}*"))  # nothing on the server
+    [personal] = [e for e in _events(deployed.run_dir, "eval") if e.get("split") == "personal"]
+    [simulated] = [e for e in _events(reference.run_dir, "eval") if e.get("split") == "personal"]
+    assert personal["scored_on"] == "nodes" and personal["per_client"] == simulated["per_client"]
