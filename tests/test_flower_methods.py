@@ -247,3 +247,18 @@ def test_personal_methods_under_flower_keep_the_in_process_personal_state_on_the
     [personal] = [e for e in _events(deployed.run_dir, "eval") if e.get("split") == "personal"]
     [simulated] = [e for e in _events(reference.run_dir, "eval") if e.get("split") == "personal"]
     assert personal["scored_on"] == "nodes" and personal["per_client"] == simulated["per_client"]
+
+
+# --- what `fedpeft methods` and `fedpeft deploy` say -----------------------------------------------------
+def test_methods_say_which_run_under_flower_and_deploy_refuses_the_others(tmp_path):
+    from fedpeft.commands.methods import _flags
+    from fedpeft.deploy.flower.app import write_app
+    from fedpeft.strategies import method_catalog
+
+    flags = {e["name"]: _flags(e) for e in method_catalog()}
+    assert all(flags[m].endswith("Flower: yes") for m in ("fedot", "fedkseed", "ditto", "fedper", "fedit"))
+    assert flags["sfl"].endswith("Flower: no")
+    cfg = load_config("configs/tiny.yaml", ["method.name=sfl", "method.options.cut=1-2"])
+    with pytest.raises(ValueError, match="method.name=sfl cannot run under a Flower deployment: the trunk runs"):
+        write_app(tmp_path / "app", cfg)
+    assert not (tmp_path / "app").exists()

@@ -53,6 +53,7 @@ def method_catalog() -> list[dict[str, Any]]:
             "edits_base_weights": caps.edits_base_weights,
             "peft_types": list(caps.peft_types),
             "report_section": getattr(cls, "report_section", None) is not None,
+            "flower_refusal": caps.flower_refusal,
         })
     return out
 

@@ -168,6 +168,9 @@ class Strategy:
     round's change); None: local DP at least applies."""
     report_section: ReportSection | None = None
     """Optional (run_dir, out_dir) -> markdown lines for the run report."""
+    flower_refusal: str | None = None
+    """Why the method cannot run under a Flower deployment (refused before anything is sent); None: it
+    runs there, the same rounds as in process (each client's part on its node)."""
 
     def __init__(self, options: Mapping[str, Any] | MethodOptions | None = None, server_optimizer: Any | None = None) -> None:
         self.opts = parse_options(type(self), options)

@@ -12,7 +12,7 @@ carries everything the rest of the program needs to know about it:
   (None: server optimizers compose; else the reason they cannot), ``peft_types`` (adapter types it
   supports) and ``peft_type_refusal`` (why it refuses the others), ``dp_mean`` (client-level DP's noise on
   the sum applies: the server step is a mean of the uploads; defaults to ``secure_mean``), ``dp_refusal`` (None, or
-  why no client-level DP applies);
+  why no client-level DP applies), ``flower_refusal`` (None, or why it cannot run under a Flower deployment);
 - ``report_section`` (optional): ``(run_dir, out_dir) -> markdown lines`` added to the run report.
 
 ``fedpeft methods``, config validation of ``method.options``, the SecAgg check and the report all read
@@ -67,6 +67,8 @@ class Capabilities:
     dp_refusal: str | None = None
     """Why client-level DP cannot apply to the method at all (None: local DP at least applies)."""
     peft_type_refusal: str = ""
+    flower_refusal: str | None = None
+    """Why the method cannot run under a Flower deployment (None: it runs there)."""
 
     @property
     def composes_with_server_optimizers(self) -> bool:
@@ -126,6 +128,9 @@ def capabilities(cls: type) -> Capabilities:
         raise ValueError(f"{cls.__qualname__}.server_optimizer_refusal must give a reason (or be None)")
     if not peft_types:
         raise ValueError(f"{cls.__qualname__}.peft_types must name at least one adapter type")
+    flower = getattr(cls, "flower_refusal", None)
+    if flower is not None and not str(flower).strip():
+        raise ValueError(f"{cls.__qualname__}.flower_refusal must give a reason (or be None)")
     return Capabilities(
         secure_mean=bool(getattr(cls, "secure_mean", False)),
         personalized=bool(getattr(cls, "personalized", False)),
@@ -136,6 +141,7 @@ def capabilities(cls: type) -> Capabilities:
                      else getattr(cls, "secure_mean", False)),
         dp_refusal=getattr(cls, "dp_refusal", None),
         peft_type_refusal=str(getattr(cls, "peft_type_refusal", "") or ""),
+        flower_refusal=flower,
     )
 
 
