@@ -262,3 +262,41 @@ def test_methods_say_which_run_under_flower_and_deploy_refuses_the_others(tmp_pa
     with pytest.raises(ValueError, match="method.name=sfl cannot run under a Flower deployment: the trunk runs"):
         write_app(tmp_path / "app", cfg)
     assert not (tmp_path / "app").exists()
+
+
+# --- a node that never holds the owner's weights (SmolLM2, slow) ---------------------------------------------
+@pytest.mark.slow
+def test_fedot_smollm2_node_built_from_the_architecture_alone(tmp_path):
+    """SmolLM2-135M under Flower, each node started with ``model-path="random:<the owner's config.json>"``:
+    the architecture and tokenizer with randomly initialised weights, never the owner's. The nodes train on
+    the emulator-model they received and give the in-process run's adapter and losses bit for bit."""
+    pytest.importorskip("gguf")
+    from safetensors.torch import load_file
+
+    from fedpeft.models.registry import cache_dir, load_base_model
+
+    owner_config = cache_dir() / "models" / "smollm2-135m-instruct" / "config.json"
+    if not owner_config.is_file():
+        load_base_model("smollm2-135m-instruct")  # converts the bundled GGUF once
+    cfg = load_config("configs/tiny.yaml", [
+        "model.name=smollm2-135m-instruct", "model.threads=2", "federation.num_clients=2",
+        "federation.clients_per_round=2", "federation.rounds=2", "federation.local_steps=1",
+        "federation.batch_size=2", "data.train_examples_per_task=8", "evaluation.every_rounds=0",
+        "evaluation.before_training=false", "output.report=false", "method.name=fedot",
+        "method.options.a=2", "method.options.b=2", "method.options.drop_ratio=0.5"])
+    run_config = run_config_values(cfg)
+    nodes = rehearsal_node_configs(2, 2, tmp_path / "stores", warm_worker=False)
+    for node in nodes:
+        node["model-path"] = f"random:{owner_config}"
+    grid = FakeGrid(run_config, nodes)
+    transport = functools.partial(FlowerTransport, grid, DeploySettings.from_run_config(run_config))
+    deployed = Engine(cfg, tmp_path / "flower", transport=transport).run()
+    reference = Engine(cfg, tmp_path / "ref").run()
+    final, ref = (load_file(str(s.run_dir / "final" / "adapter_model.safetensors")) for s in (deployed, reference))
+    assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
+    fields = ("losses", "downlink_bytes", "uplink_bytes_raw")
+    assert _per_job(deployed.run_dir, *fields) == _per_job(reference.run_dir, *fields)
+    agg = _events(deployed.run_dir, "aggregate")[0]
+    print("owner_model_bytes", agg["owner_model_bytes"], "shipped_once_bytes", agg["shipped_once_bytes"],
+          "jobs", _per_job(deployed.run_dir, "downlink_bytes", "uplink_bytes", "uplink_bytes_raw"),
+          "deploy_round", [(e["message_down_bytes"], e["message_up_bytes"]) for e in _events(deployed.run_dir, "deploy_round")])
