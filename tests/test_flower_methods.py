@@ -102,24 +102,25 @@ def test_fedkseed_under_flower_catches_up_by_replay_and_equals_the_in_process_ru
     final, ref = (load_file(str(s.run_dir / "final" / "adapter_model.safetensors")) for s in (deployed, reference))
     assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
     # losses and bytes as in process (downlink: the history lists; uplink: steps x (1 + 4) bytes, K = 64)
-    fields = ("losses", "downlink_bytes", "uplink_bytes_raw")
+    fields = ("losses", "downlink_bytes", "uplink_bytes", "uplink_bytes_raw")
     assert _per_job(deployed.run_dir, *fields) == _per_job(reference.run_dir, *fields)
     steps = cfg.federation.local_steps
-    for (_, _), (_, down, up_raw) in _per_job(deployed.run_dir, *fields).items():
+    for (_, _), (_, down, _, up_raw) in _per_job(deployed.run_dir, *fields).items():
         assert up_raw == steps * (1 + 4) and down % 5 == 0
     assert sum(e["downlink_bytes"] for e in _events(deployed.run_dir, "client_train")) > 0
     # what the messages carried: the history lists down (no global tensor: start_needed=False), the
-    # packed pairs up; Flower's framing adds one .npy header per array on top of the payload
+    # packed pairs up as raw bytes
     for msg, reply in _train_messages(grid):
         content = msg.content
         assert {n for n, r in content.array_records.items() if len(r)} <= {"control"}, set(content.array_records)
         key = (int(content["plan"]["round"]), int(content["plan"]["client-id"]))
         down = _array_bytes(content["control"]) if "control" in content.array_records else 0
         assert down == _per_job(deployed.run_dir, "downlink_bytes")[key][0]
-        assert _array_bytes(reply.content["tensors"]) == steps * 5
+        assert len(reply.content["tensors"]["packed"].data) == steps * 5
         assert set(json.loads(str(reply.content["update"]["manifests"]))) == {"tensors"}
-    for e in _events(deployed.run_dir, "client_train"):
-        assert e["uplink_bytes"] - e["uplink_bytes_raw"] == 128  # the packed array's .npy header
+    uplink = {(e["round"], e["client"]): e["uplink_bytes"] for e in _events(deployed.run_dir, "client_train")}
+    assert uplink == {(e["round"], e["client"]): e["uplink_bytes"] for e in _events(reference.run_dir, "client_train")}
+    assert set(uplink.values()) == {steps * 5}  # what arrived is the payload, byte for byte
 
 
 def test_fedkseed_node_refuses_a_catch_up_it_cannot_complete(tmp_path):
@@ -187,7 +188,7 @@ def test_fedot_under_flower_trains_on_the_received_emulator_and_equals_the_in_pr
 
     final, ref = (load_file(str(s.run_dir / "final" / "adapter_model.safetensors")) for s in (deployed, reference))
     assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
-    fields = ("losses", "downlink_bytes", "uplink_bytes_raw")
+    fields = ("losses", "downlink_bytes", "uplink_bytes", "uplink_bytes_raw")
     assert _per_job(deployed.run_dir, *fields) == _per_job(reference.run_dir, *fields)
     [agg] = _events(deployed.run_dir, "aggregate")[-1:]
     shipped = agg["shipped_once_bytes"]
@@ -227,7 +228,8 @@ def test_personal_methods_under_flower_keep_the_in_process_personal_state_on_the
 
     final, ref = (load_file(str(s.run_dir / "final" / "adapter_model.safetensors")) for s in (deployed, reference))
     assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
-    jobs = lambda d: {(e["round"], e["client"], e["job"]): (e["losses"], e["downlink_bytes"], e["uplink_bytes_raw"])
+    jobs = lambda d: {(e["round"], e["client"], e["job"]): (e["losses"], e["downlink_bytes"], e["uplink_bytes"],
+                                                            e["uplink_bytes_raw"])
                       for e in _events(d, "client_train")}
     assert jobs(deployed.run_dir) == jobs(reference.run_dir)
     stores = [NodeClientStore(tmp_path / "stores" / f"node-{i}") for i in range(2)]
@@ -294,7 +296,7 @@ def test_fedot_smollm2_node_built_from_the_architecture_alone(tmp_path):
     reference = Engine(cfg, tmp_path / "ref").run()
     final, ref = (load_file(str(s.run_dir / "final" / "adapter_model.safetensors")) for s in (deployed, reference))
     assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
-    fields = ("losses", "downlink_bytes", "uplink_bytes_raw")
+    fields = ("losses", "downlink_bytes", "uplink_bytes", "uplink_bytes_raw")
     assert _per_job(deployed.run_dir, *fields) == _per_job(reference.run_dir, *fields)
     agg = _events(deployed.run_dir, "aggregate")[0]
     print("owner_model_bytes", agg["owner_model_bytes"], "shipped_once_bytes", agg["shipped_once_bytes"],

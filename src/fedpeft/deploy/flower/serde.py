@@ -25,7 +25,8 @@ Message layout (record names in a ``RecordDict``)::
     client -> server (reply to "train")
       update    ConfigRecord  client-id, job, num-examples, metrics (JSON: a strategy may add non-floats),
                               encoding (the wire codec of the tensors), manifests (key, dtype, shape)
-      tensors   ArrayRecord   update.tensors as sent (encoded on the client), packed into one uint8 array
+      tensors   ArrayRecord   update.tensors as sent (encoded on the client), packed into one array of raw
+                              bytes (stype "raw": no .npy header, so its size is the payload's exactly)
       control   ArrayRecord   update.control, packed the same way
       train     MetricRecord  TrainResult fields and the per-step losses
 """
@@ -38,7 +39,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpeft.adapters import AdapterState
 from fedpeft.federation.wire import LocalResult
@@ -202,6 +203,19 @@ def unpack_state(packed: torch.Tensor, manifest: list) -> AdapterState:
 
 
 UPLOAD_RECORDS = ("tensors", "control")
+RAW = "raw"
+"""``Array.stype`` of a packed upload: its ``data`` is the payload's bytes as they are (Flower's numpy
+arrays carry a 128-byte .npy header, 13 times FedKSeed's 10-byte upload)."""
+
+
+def raw_array(packed: torch.Tensor) -> Array:
+    return Array(dtype="uint8", shape=(int(packed.numel()),), stype=RAW, data=packed.numpy().tobytes())
+
+
+def raw_tensor(array: Array) -> torch.Tensor:
+    """A packed upload back as a flat uint8 tensor (a numpy-serialised one from an older node too)."""
+    data = array.data if array.stype == RAW else array.numpy().tobytes()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
 def upload_bytes(content: RecordDict) -> int:
@@ -217,7 +231,7 @@ def encode_result(update: ClientUpdate, result: TrainResult, losses: list[float]
     for name, state in (("tensors", update.tensors), ("control", update.control)):
         if state:
             packed, manifests[name] = pack_state(state)
-            content[name] = ArrayRecord({"packed": packed})
+            content[name] = ArrayRecord({"packed": raw_array(packed)})
     content["update"] = ConfigRecord({
         "client-id": int(update.client_id), "job": update.job, "num-examples": int(update.num_examples),
         "metrics": json.dumps(update.metrics, default=float), "manifests": json.dumps(manifests),
@@ -236,7 +250,7 @@ def encode_result(update: ClientUpdate, result: TrainResult, losses: list[float]
 def decode_result(content: RecordDict) -> tuple[ClientUpdate, TrainResult, list[float]]:
     fields = content["update"]
     manifests = json.loads(str(fields["manifests"]))
-    states = {name: unpack_state(torch.from_numpy(content[name]["packed"].numpy().copy()), manifests[name])
+    states = {name: unpack_state(raw_tensor(content[name]["packed"]), manifests[name])
               if name in manifests else {} for name in UPLOAD_RECORDS}
     update = ClientUpdate(
         client_id=int(fields["client-id"]), tensors=states["tensors"], num_examples=int(fields["num-examples"]),
