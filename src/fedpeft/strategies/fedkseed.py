@@ -21,7 +21,8 @@ Downlink: a client must catch up with the global model. The server keeps each ro
 global model (from round 1 for a client never sampled: it starts from the pre-trained model), as
 ``plan.control`` (metered as downlink). In process the clients share the server's model, which is
 already up to date, so they do not replay it; ``tests/test_fedkseed.py`` checks that replaying it on
-the pre-trained model gives the server's model exactly.
+the pre-trained model gives the server's model exactly. A client in its own process (a Flower node)
+replays it (``catch_up``; ``tests/test_flower_methods.py``).
 
 Tuned tensors (``params``): ``all`` (the paper: every base parameter, embeddings and head included,
 each once; the LoRA of the shared PEFT model stays at its initial, identity value) or ``adapter`` (the

@@ -14,7 +14,8 @@ each client keeps its own adapter (evaluated per client).
 What leaves the owner, metered: the first time a client is sampled its plan carries the frozen tensors
 it needs to run the emulator-model (embeddings, head, norms, the adapter blocks' base weights, the kept
 middle blocks; ``Emulator.shipped_parameters``) as ``plan.control`` (counted as downlink, never
-uploaded); every round the adapter's LoRA tensors go down and up. The ``aggregate`` event reports
+uploaded); every round the adapter's LoRA tensors go down and up. A client in its own process (a
+Flower node) runs the emulator-model from the tensors it received (``receive_emulator``). The ``aggregate`` event reports
 ``owner_model_bytes`` (the full model), ``shipped_once_bytes`` (per client) and their ratio.
 
 Evaluation: the server scores the global adapter plugged into the full model (the full middle: the
@@ -107,7 +108,7 @@ class FedOT(MethodStrategy):
     summary = "offsite tuning: clients train the first a / last b blocks on a layer-dropped emulator; FedAvg"
     Options = FedOTOptions
     report_section = staticmethod(offsite_report_section)
-    secure_mean = False  # not run under Flower/SecAgg yet (docs/fedot.md)
+    secure_mean = False  # SecAgg+ not wired for it (docs/fedot.md); plain Flower runs it
 
     def __init__(self, options: Mapping[str, Any] | None = None, server_optimizer: Any | None = None) -> None:
         super().__init__(options, server_optimizer)
