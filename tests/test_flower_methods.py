@@ -4,7 +4,8 @@ no Flower processes), against the in-process engine on the same config and seed.
 Two SuperNodes serve three clients (node 0: clients 0 and 2, node 1: client 1), two sampled per round,
 so a client is not sampled every round and a node serves several clients. The fake Grid keeps one node
 build at a time, so every message to the other node rebuilds it from scratch (like a cold ClientApp
-process): what a client received earlier must come back from its own store.
+process): what a client received earlier must come back from its own store. The ``slow`` tests run real
+Flower processes (warm workers) and SmolLM2.
 """
 
 from __future__ import annotations
@@ -302,3 +303,35 @@ def test_fedot_smollm2_node_built_from_the_architecture_alone(tmp_path):
     print("owner_model_bytes", agg["owner_model_bytes"], "shipped_once_bytes", agg["shipped_once_bytes"],
           "jobs", _per_job(deployed.run_dir, "downlink_bytes", "uplink_bytes", "uplink_bytes_raw"),
           "deploy_round", [(e["message_down_bytes"], e["message_up_bytes"]) for e in _events(deployed.run_dir, "deploy_round")])
+
+
+# --- real Flower processes (slow): warm workers keep the received state in memory --------------------------
+@pytest.mark.slow
+def test_rehearsal_of_fedkseed_and_fedot_matches_the_in_process_runs(tmp_path, six_block_model):
+    """flower-superlink + two flower-supernode processes with warm workers: FedKSeed (catch-up by replay)
+    and distilled FedOT (the received emulator-model) give the in-process runs' adapters, losses and bytes."""
+    from safetensors.torch import load_file
+
+    from fedpeft.deploy.flower.app import write_app
+    from fedpeft.deploy.flower.local import LocalFederation
+
+    nodes = rehearsal_node_configs(2, 3, tmp_path / "stores")
+    env = {"FEDPEFT_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    runs = {
+        "kseed": ["method.name=fedkseed", "method.options.k=64", "training.lr=0.001"],
+        "fedot": [f"model.name={six_block_model}", "method.name=fedot", "method.options.a=1", "method.options.b=1",
+                  "method.options.drop_ratio=0.5", "method.options.distill_steps=2"],
+    }
+    with LocalFederation(tmp_path / "flower", nodes, env_extra=env) as federation:
+        for name, overrides in runs.items():
+            cfg = load_config("configs/tiny.yaml", BASE + [f"name={name}", "federation.rounds=3", *overrides])
+            app = write_app(tmp_path / f"app-{name}", cfg, run_dir=str(tmp_path / name))
+            run_id, status = federation.run(app, timeout=400)
+            assert status == "finished:completed", (name, run_id, status)
+            reference = Engine(cfg, tmp_path / f"ref-{name}").run()
+            final, ref = (load_file(str(d / "final" / "adapter_model.safetensors"))
+                          for d in (tmp_path / name, reference.run_dir))
+            assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final), name
+            fields = ("losses", "downlink_bytes", "uplink_bytes")
+            assert _per_job(tmp_path / name, *fields) == _per_job(reference.run_dir, *fields), name
+            assert not _events(tmp_path / name, "client_failed")
