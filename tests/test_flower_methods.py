@@ -208,6 +208,12 @@ def test_fedot_under_flower_trains_on_the_received_emulator_and_equals_the_in_pr
         if has_emulator:
             assert _array_bytes(content["control"]) == shipped
     assert agg["clients_with_emulator"] == 3 and agg["emulator_blocks"] == 2 and agg["middle_blocks"] == 4
+    # the last node build freed its two dropped blocks' base weights (never run by the view)
+    worker = flower_node._WORKER[1]
+    dropped = worker.strategy.emulator.dropped
+    assert len(dropped) == 2 and worker.strategy.released_bytes == agg["owner_model_bytes"] - shipped
+    assert all(p.numel() == 0 for n, p in worker.model.named_parameters()
+               if worker.strategy.emulator.block_of(n) in dropped and not is_adapter_param(n))
 
 
 # --- Ditto and FedPer: personal state on the nodes -------------------------------------------------------
@@ -300,6 +306,8 @@ def test_fedot_smollm2_node_built_from_the_architecture_alone(tmp_path):
     fields = ("losses", "downlink_bytes", "uplink_bytes", "uplink_bytes_raw")
     assert _per_job(deployed.run_dir, *fields) == _per_job(reference.run_dir, *fields)
     agg = _events(deployed.run_dir, "aggregate")[0]
+    assert flower_node._WORKER[1].strategy.released_bytes == agg["owner_model_bytes"] - agg["shipped_once_bytes"]
+    print("released_bytes", flower_node._WORKER[1].strategy.released_bytes)
     print("owner_model_bytes", agg["owner_model_bytes"], "shipped_once_bytes", agg["shipped_once_bytes"],
           "jobs", _per_job(deployed.run_dir, "downlink_bytes", "uplink_bytes", "uplink_bytes_raw"),
           "deploy_round", [(e["message_down_bytes"], e["message_up_bytes"]) for e in _events(deployed.run_dir, "deploy_round")])

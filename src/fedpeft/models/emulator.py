@@ -199,6 +199,18 @@ class Emulator:
             twin.eval()
             self.distilled[i] = twin
 
+    def release_dropped(self, model: torch.nn.Module) -> int:
+        """On a client that runs only the emulator view: free the dropped blocks' base weights (the view
+        never runs those blocks; their adapter tensors stay). Returns the bytes released. The model can
+        no longer run its full middle afterwards."""
+        freed = 0
+        dropped = set(self.dropped)
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if self.block_of(name) in dropped and not is_adapter_param(name) and tensor.numel():
+                freed += tensor.numel() * tensor.element_size()
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return freed
+
     def full_model_bytes(self, model: torch.nn.Module) -> int:
         """Bytes of the owner's model: its parameters and buffers (tied tensors once), adapters excluded."""
         seen: set[int] = set()

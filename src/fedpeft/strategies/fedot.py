@@ -129,6 +129,8 @@ class FedOT(MethodStrategy):
         from what it received (``receive_emulator``)."""
         self.received = False
         """This process's model runs an emulator-model received from the owner."""
+        self.released_bytes = 0
+        """Bytes of dropped blocks' base weights this (client) process freed after receiving the emulator."""
 
     # --- set-up -------------------------------------------------------------------------------
     def prepare_model(self, model: torch.nn.Module) -> None:
@@ -183,7 +185,8 @@ class FedOT(MethodStrategy):
         overwritten with the received values (embeddings, norms, head, the adapter blocks' base weights,
         the kept middle blocks; a distilled kept block becomes a frozen copy holding the received values,
         as on the owner), so training depends only on what was received and the adapter; the dropped
-        blocks' weights, which the process loaded with the model's architecture, are never run."""
+        blocks' weights, which the process loaded with the model's architecture, are never run, and are
+        freed (except for LocalOT, whose per-client scores run the full model where the client is)."""
         shipped = {k[len(SHIPPED_PREFIX):]: v for k, v in plan.control.items() if k.startswith(SHIPPED_PREFIX)}
         if shipped:
             if store is not None:
@@ -196,6 +199,8 @@ class FedOT(MethodStrategy):
                 raise ValueError(f"fedot: client {plan.client_id} has no emulator-model: the owner sends it with the "
                                  "client's first plan and the client keeps it in its store (a lost client store?)")
         self.emulator.load_received(self.model, shipped, distilled=bool(plan.info.get("distilled")))
+        if not self.opts.local_ot:  # nothing here runs the full middle (LocalOT's per-client scores do)
+            self.released_bytes = self.emulator.release_dropped(self.model)
         self.received = True
 
     def client_view(self, plan: ClientPlan):
