@@ -310,7 +310,8 @@ def test_fedot_smollm2_node_built_from_the_architecture_alone(tmp_path):
     print("released_bytes", flower_node._WORKER[1].strategy.released_bytes)
     print("owner_model_bytes", agg["owner_model_bytes"], "shipped_once_bytes", agg["shipped_once_bytes"],
           "jobs", _per_job(deployed.run_dir, "downlink_bytes", "uplink_bytes", "uplink_bytes_raw"),
-          "deploy_round", [(e["message_down_bytes"], e["message_up_bytes"]) for e in _events(deployed.run_dir, "deploy_round")])
+          "deploy_round", [(e["message_down_bytes"], e["message_up_bytes"])
+                           for e in _events(deployed.run_dir, "deploy_round")])
 
 
 # --- real Flower processes (slow): warm workers keep the received state in memory --------------------------

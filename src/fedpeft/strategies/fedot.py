@@ -15,8 +15,9 @@ What leaves the owner, metered: the first time a client is sampled its plan carr
 it needs to run the emulator-model (embeddings, head, norms, the adapter blocks' base weights, the kept
 middle blocks; ``Emulator.shipped_parameters``) as ``plan.control`` (counted as downlink, never
 uploaded); every round the adapter's LoRA tensors go down and up. A client in its own process (a
-Flower node) runs the emulator-model from the tensors it received (``receive_emulator``). The ``aggregate`` event reports
-``owner_model_bytes`` (the full model), ``shipped_once_bytes`` (per client) and their ratio.
+Flower node) runs the emulator-model from the tensors it received (``receive_emulator``). The
+``aggregate`` event reports ``owner_model_bytes`` (the full model), ``shipped_once_bytes`` (per client)
+and their ratio.
 
 Evaluation: the server scores the global adapter plugged into the full model (the full middle: the
 headline metric) and through the emulator (``emulator/<metric>``, the ``evaluation_views`` hook).
