@@ -244,7 +244,7 @@ def test_uplink_bytes_under_flower_are_the_encoded_bytes_received(tmp_path):
             arrays = [a for record in content.array_records.values() for a in record.values()]
             assert e["uplink_bytes"] == sum(len(a.data) for a in arrays)  # every array byte that arrived
             manifest = json.loads(str(content["update"]["manifests"]))["tensors"]
-            payload = sum(a.numpy().nbytes for a in arrays)
+            payload = sum(len(a.data) for a in arrays)  # raw bytes: no .npy header (serde.RAW)
             if scheme == "none":
                 numel = sum(math.prod(shape) for _, _, shape in manifest)
                 ntensors = len(manifest)

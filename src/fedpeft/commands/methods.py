@@ -18,7 +18,8 @@ def _flags(entry: dict) -> str:
                                    ("edits base weights", entry["edits_base_weights"])) if on]
     types = entry["peft_types"]
     dp = "client DP: " + ("/".join(entry["dp_modes"]) if entry.get("dp_modes") else "no")  # privacy.mode
-    return ", ".join(flags + ["peft: " + ("any" if set(types) >= set(ALL_PEFT_TYPES) else "/".join(types)), dp])
+    flower = "Flower: " + ("no" if entry.get("flower_refusal") else "yes")  # fedpeft deploy
+    return ", ".join(flags + ["peft: " + ("any" if set(types) >= set(ALL_PEFT_TYPES) else "/".join(types)), dp, flower])
 
 
 def methods_table() -> Table:

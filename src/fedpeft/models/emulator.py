@@ -165,6 +165,52 @@ class Emulator:
                     out[f"{self.prefix}.{i}.{name}"] = tensor.detach()
         return out
 
+    def load_received(self, model: torch.nn.Module, shipped: dict[str, torch.Tensor], distilled: bool) -> None:
+        """On a client that received :meth:`shipped_parameters` (not the owner's process): copy each tensor
+        into the model's tensor of that name; with ``distilled`` the kept middle blocks' tensors go into
+        frozen copies of those blocks that the view runs instead (as the owner's distilled copies are run).
+        Names the model lacks, or kept blocks missing from a distilled shipment, are errors."""
+        own = dict(model.named_parameters())
+        own.update(dict(model.named_buffers()))
+        twins: dict[int, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            for name, value in shipped.items():
+                block = self.block_of(name)
+                if distilled and block in self.kept:
+                    twins.setdefault(block, {})[name[len(f"{self.prefix}.{block}."):]] = value
+                elif name in own:
+                    own[name].copy_(value)
+                else:
+                    raise ValueError(f"FedOT: the received emulator has a tensor '{name}' this model does not have")
+        if not distilled:
+            self.distilled = {}
+            return
+        if set(twins) != set(self.kept):
+            raise ValueError(f"FedOT: the received distilled emulator has blocks {sorted(twins)}, expected {self.kept}")
+        self.distilled = {}
+        for i, values in twins.items():
+            twin = copy.deepcopy(self.blocks[i])
+            mine = dict(twin.named_parameters())
+            mine.update(dict(twin.named_buffers()))
+            with torch.no_grad():
+                for rest, value in values.items():
+                    mine[rest].copy_(value)
+            twin.requires_grad_(False)
+            twin.eval()
+            self.distilled[i] = twin
+
+    def release_dropped(self, model: torch.nn.Module) -> int:
+        """On a client that runs only the emulator view: free the dropped blocks' base weights (the view
+        never runs those blocks; their adapter tensors stay). Returns the bytes released. The model can
+        no longer run its full middle afterwards."""
+        freed = 0
+        dropped = set(self.dropped)
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if self.block_of(name) in dropped and not is_adapter_param(name) and tensor.numel():
+                freed += tensor.numel() * tensor.element_size()
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return freed
+
     def full_model_bytes(self, model: torch.nn.Module) -> int:
         """Bytes of the owner's model: its parameters and buffers (tied tensors once), adapters excluded."""
         seen: set[int] = set()

@@ -56,6 +56,7 @@ def method_catalog() -> list[dict[str, Any]]:
             "peft_types": list(caps.peft_types),
             "seq2seq": caps.seq2seq_refusal or "runs",
             "report_section": getattr(cls, "report_section", None) is not None,
+            "flower_refusal": caps.flower_refusal,
         })
     return out
 

@@ -66,6 +66,11 @@ class ClientPlan:
     """LoRA scaling the engine sets on every LoRA layer for this plan's training, restoring the model's
     afterwards (heterogeneous ranks with ``rank_scaling: alpha``: s_k = alpha / r_k). None: unchanged."""
     info: dict[str, Any] = field(default_factory=dict)
+    start_needed: bool = True
+    """The client needs the global keys this plan leaves unset (the in-process engine loads the whole
+    global adapter before the plan's own state). False: the client holds them already or rebuilds them
+    itself (FedKSeed replays its history; FedOT's middle LoRA never changes), so a transport that sends
+    plans over a network (Flower) leaves them out and the message carries only what is metered."""
 
 
 @dataclass
@@ -166,6 +171,9 @@ class Strategy:
     seq2seq_refusal: str | None = None
     """Why the method cannot run on an encoder-decoder model (model.head=seq2seq, T5); None: it can (its
     math is about adapter tensors, whatever model they sit in)."""
+    flower_refusal: str | None = None
+    """Why the method cannot run under a Flower deployment (refused before anything is sent); None: it
+    runs there, the same rounds as in process (each client's part on its node)."""
 
     def __init__(self, options: Mapping[str, Any] | MethodOptions | None = None, server_optimizer: Any | None = None) -> None:
         self.opts = parse_options(type(self), options)

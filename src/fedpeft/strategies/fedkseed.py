@@ -21,7 +21,8 @@ Downlink: a client must catch up with the global model. The server keeps each ro
 global model (from round 1 for a client never sampled: it starts from the pre-trained model), as
 ``plan.control`` (metered as downlink). In process the clients share the server's model, which is
 already up to date, so they do not replay it; ``tests/test_fedkseed.py`` checks that replaying it on
-the pre-trained model gives the server's model exactly.
+the pre-trained model gives the server's model exactly. A client in its own process (a Flower node)
+replays it (``catch_up``; ``tests/test_flower_methods.py``).
 
 Tuned tensors (``params``): ``all`` (the paper: every base parameter, embeddings and head included,
 each once; the LoRA of the shared PEFT model stays at its initial, identity value) or ``adapter`` (the
@@ -58,6 +59,9 @@ INDEX_KEY = "fedkseed/seed_index"
 G_KEY = "fedkseed/g"
 HISTORY_INDEX_KEY = "fedkseed/history_seed_index"
 HISTORY_COEF_KEY = "fedkseed/history_coef"
+HISTORY_NAME = "fedkseed_history"
+"""Client-store name of the replay history a client received (rounds 1.. of its last catch-up), kept
+where the client runs when that is not the server's process (a Flower node): ``catch_up``."""
 IGNORE_INDEX = -100
 
 
@@ -192,6 +196,9 @@ class FedKSeed(MethodStrategy):
         self.synced: dict[int, int] = {}
         """Client -> the round whose starting global model it holds (1: the pre-trained model)."""
         self.round_lr: float | None = None
+        self.on_server = False
+        """True in the server's process (``begin_round`` ran): the model is the server's, moved by every
+        replay; False on a client in its own process (a Flower node), which catches up by replaying."""
 
     @property
     def index_dtype(self) -> torch.dtype:
@@ -221,6 +228,7 @@ class FedKSeed(MethodStrategy):
         if refusals:
             raise ValueError("; ".join(refusals))
         self.round_lr = server.lr if server.lr is not None else cfg.training.lr
+        self.on_server = True
 
     # --- a round ------------------------------------------------------------------------------
     def configure_client(self, round_idx: int, client_id: int, global_state: AdapterState, store: Any) -> ClientPlan:
@@ -232,18 +240,58 @@ class FedKSeed(MethodStrategy):
             HISTORY_COEF_KEY: torch.cat([c for _, c in missed]) if missed else torch.zeros(0, dtype=torch.float32),
         }
         self.synced[client_id] = round_idx
-        # No tensor of the model goes down: the client catches up by replaying the history it missed.
+        # No tensor of the model goes down: the client catches up by replaying the history it missed
+        # (``catch_up``: which rounds the list covers, and each round's number of entries, are plan info).
         return ClientPlan(client_id=client_id, downlink={}, control=control,
                           trainable=None if self.opts.params == "adapter" else [],
-                          upload=[INDEX_KEY, G_KEY], info={"round": round_idx})
+                          upload=[INDEX_KEY, G_KEY], start_needed=False,
+                          info={"round": round_idx, "since": since, "steps": [int(i.numel()) for i, _ in missed]})
 
     def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
         """The client must hold the round's global model. In process it is the server's own, moved by every
-        replay so far; elsewhere (a Flower node) replaying the catch-up list is not built, so refuse there
-        rather than train a stale model."""
-        if self.opts.params == "all" and len(self.history) != round_idx - 1:
+        replay so far; in a process of its own (a Flower node) the client replays the catch-up list."""
+        if not self.on_server:
+            self.catch_up(round_idx, plan, store)
+        elif self.opts.params == "all" and len(self.history) != round_idx - 1:
             raise ValueError(f"fedkseed: this process's model holds round {len(self.history) + 1}'s global model, "
-                             f"not round {round_idx}'s (FedKSeed runs in process only; see docs/fedkseed.md)")
+                             f"not round {round_idx}'s")
+
+    def catch_up(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        """On a client in its own process: bring this process's model to round ``round_idx``'s global model.
+        The plan's lists cover rounds ``since``..round-1 (``info["steps"]``: entries per round); the rounds
+        before ``since`` are the client's own earlier catch-ups (its store, ``HISTORY_NAME``). This process's
+        model holds the global model of round ``len(self.history) + 1`` (the pre-trained model when it was
+        just built; ``client_view`` puts it back after each job), so it replays only the rounds it lacks:
+        the same entries in the same order as the server, hence the server's model bit for bit."""
+        since, counts = int(plan.info["since"]), [int(n) for n in plan.info["steps"]]
+        idx, coef = plan.control[HISTORY_INDEX_KEY].to(torch.int64), plan.control[HISTORY_COEF_KEY].float()
+        if len(counts) != round_idx - since or sum(counts) != idx.numel() or idx.numel() != coef.numel():
+            raise ValueError(f"fedkseed: this process's model holds round {len(self.history) + 1}'s global model, "
+                             f"not round {round_idx}'s, and client {plan.client_id}'s catch-up list ({idx.numel()} "
+                             f"entries, per round {counts}) does not cover rounds {since}..{round_idx - 1}")
+        missed = list(zip(idx.split(counts), coef.split(counts))) if counts else []
+        stored = store.get(plan.client_id, HISTORY_NAME) if store is not None else None
+        known = (list(zip(stored["seed_index"].split(stored["steps"].tolist()),
+                          stored["coef"].split(stored["steps"].tolist())))
+                 if stored is not None and stored["steps"].numel() else [])
+        if len(known) < since - 1:
+            raise ValueError(f"fedkseed: client {plan.client_id} holds the replay history of rounds 1..{len(known)} "
+                             f"but its catch-up starts at round {since} (a lost client store, or a message that "
+                             "never arrived)")
+        full = known[:since - 1] + missed  # rounds 1..round_idx-1
+        have = len(self.history)
+        if have > len(full) or any(not (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]))
+                                   for a, b in zip(self.history, full)):
+            raise ValueError(f"fedkseed: this process's model holds a history that is not a prefix of client "
+                             f"{plan.client_id}'s (round {round_idx})")
+        tensors = tuned_tensors(self.model, self.opts.params)
+        for entry in full[have:]:
+            replay(tensors, self.seeds, *entry)
+        self.history = full
+        if len(full) > len(known) and store is not None:  # received: kept whatever becomes of the update
+            store.put(plan.client_id, HISTORY_NAME, {
+                "seed_index": torch.cat([i for i, _ in full]), "coef": torch.cat([c for _, c in full]),
+                "steps": torch.tensor([int(i.numel()) for i, _ in full], dtype=torch.int64)})
 
     @contextlib.contextmanager
     def client_view(self, plan: ClientPlan):

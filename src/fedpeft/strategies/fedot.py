@@ -14,8 +14,10 @@ each client keeps its own adapter (evaluated per client).
 What leaves the owner, metered: the first time a client is sampled its plan carries the frozen tensors
 it needs to run the emulator-model (embeddings, head, norms, the adapter blocks' base weights, the kept
 middle blocks; ``Emulator.shipped_parameters``) as ``plan.control`` (counted as downlink, never
-uploaded); every round the adapter's LoRA tensors go down and up. The ``aggregate`` event reports
-``owner_model_bytes`` (the full model), ``shipped_once_bytes`` (per client) and their ratio.
+uploaded); every round the adapter's LoRA tensors go down and up. A client in its own process (a
+Flower node) runs the emulator-model from the tensors it received (``receive_emulator``). The
+``aggregate`` event reports ``owner_model_bytes`` (the full model), ``shipped_once_bytes`` (per client)
+and their ratio.
 
 Evaluation: the server scores the global adapter plugged into the full model (the full middle: the
 headline metric) and through the emulator (``emulator/<metric>``, the ``evaluation_views`` hook).
@@ -41,6 +43,11 @@ from fedpeft.strategies.server_optimizers import is_identity
 
 LOCAL_NAME = "local_ot_adapter"
 """Client-store name of a LocalOT client's own adapter."""
+SHIPPED_PREFIX = "emulator/"
+"""``plan.control`` keys of the emulator-model's tensors (the rest of the key is the model's name)."""
+RECEIVED_NAME = "fedot_emulator"
+"""Client-store name of the emulator-model a client received, where it does not run in the owner's
+process (a Flower node): ``receive_emulator``."""
 
 
 class FedOTOptions(MethodOptions):
@@ -104,7 +111,7 @@ class FedOT(MethodStrategy):
     summary = "offsite tuning: clients train the first a / last b blocks on a layer-dropped emulator; FedAvg"
     Options = FedOTOptions
     report_section = staticmethod(offsite_report_section)
-    secure_mean = False  # not run under Flower/SecAgg yet (docs/fedot.md)
+    secure_mean = False  # SecAgg+ not wired for it (docs/fedot.md); plain Flower runs it
 
     def __init__(self, options: Mapping[str, Any] | None = None, server_optimizer: Any | None = None) -> None:
         super().__init__(options, server_optimizer)
@@ -119,6 +126,14 @@ class FedOT(MethodStrategy):
         self.shipped: set[int] = set()
         """Clients that already received the emulator-model (it is sent once)."""
         self.distill_losses: list[float] = []
+        self.owner = False
+        """True in the model owner's (server's) process (``begin_round`` ran): clients there train on the
+        owner's model. False on a client in its own process (a Flower node): its emulator-model is built
+        from what it received (``receive_emulator``)."""
+        self.received = False
+        """This process's model runs an emulator-model received from the owner."""
+        self.released_bytes = 0
+        """Bytes of dropped blocks' base weights this (client) process freed after receiving the emulator."""
 
     # --- set-up -------------------------------------------------------------------------------
     def prepare_model(self, model: torch.nn.Module) -> None:
@@ -136,6 +151,7 @@ class FedOT(MethodStrategy):
         return [k for k in state if (block := self.emulator.block_of(k)) is None or block in blocks]
 
     def begin_round(self, round_idx: int, server: ServerContext) -> None:
+        self.owner = True
         if self.opts.distill_steps and not self.emulator.distilled:
             indices = sorted(i for idx in (server.client_indices or []) for i in idx)
             if not indices:
@@ -154,13 +170,41 @@ class FedOT(MethodStrategy):
         downlink = {} if self.opts.local_ot else {k: global_state[k] for k in keys}
         return ClientPlan(client_id=client_id, downlink=downlink, trainable=keys,
                           upload=[] if self.opts.local_ot else keys, control=control,
-                          info={"view": "emulator", "distilled": bool(self.emulator.distilled)})
+                          info={"view": "emulator", "distilled": bool(self.emulator.distilled)},
+                          start_needed=self.opts.local_ot)  # the middle's LoRA never changes (B = 0)
 
     def attach_client_hooks(self, round_idx: int, plan: ClientPlan, store: Any) -> None:
+        if not self.owner:
+            self.receive_emulator(plan, store)
         if self.opts.local_ot:
             stored = store.get(plan.client_id, LOCAL_NAME) if store is not None else None
             if stored is not None:
                 plan.init_state = dict(stored)
+
+    def receive_emulator(self, plan: ClientPlan, store: Any) -> None:
+        """On a client in its own process (a Flower node): run the emulator-model the owner sent. The first
+        plan carries it (``plan.control``); the client keeps it in its store and later plans reload it
+        from there when this process has not loaded it yet. Every tensor the emulator view uses is
+        overwritten with the received values (embeddings, norms, head, the adapter blocks' base weights,
+        the kept middle blocks; a distilled kept block becomes a frozen copy holding the received values,
+        as on the owner), so training depends only on what was received and the adapter; the dropped
+        blocks' weights, which the process loaded with the model's architecture, are never run, and are
+        freed (except for LocalOT, whose per-client scores run the full model where the client is)."""
+        shipped = {k[len(SHIPPED_PREFIX):]: v for k, v in plan.control.items() if k.startswith(SHIPPED_PREFIX)}
+        if shipped:
+            if store is not None:
+                store.put(plan.client_id, RECEIVED_NAME, shipped)
+        elif self.received:
+            return
+        else:
+            shipped = store.get(plan.client_id, RECEIVED_NAME) if store is not None else None
+            if shipped is None:
+                raise ValueError(f"fedot: client {plan.client_id} has no emulator-model: the owner sends it with the "
+                                 "client's first plan and the client keeps it in its store (a lost client store?)")
+        self.emulator.load_received(self.model, shipped, distilled=bool(plan.info.get("distilled")))
+        if not self.opts.local_ot:  # nothing here runs the full middle (LocalOT's per-client scores do)
+            self.released_bytes = self.emulator.release_dropped(self.model)
+        self.received = True
 
     def client_view(self, plan: ClientPlan):
         if plan.info.get("distilled") and not self.emulator.distilled:  # e.g. a Flower node: its own plain drop

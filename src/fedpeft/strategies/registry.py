@@ -13,7 +13,8 @@ carries everything the rest of the program needs to know about it:
   supports) and ``peft_type_refusal`` (why it refuses the others), ``dp_mean`` (client-level DP's noise on
   the sum applies: the server step is a mean of the uploads; defaults to ``secure_mean``), ``dp_refusal`` (None, or
   why no client-level DP applies), ``seq2seq_refusal`` (None: it runs on an encoder-decoder such as T5, its
-  math being about adapter tensors; else why it depends on a decoder-only structure);
+  math being about adapter tensors; else why it depends on a decoder-only structure), ``flower_refusal``
+  (None, or why it cannot run under a Flower deployment);
 - ``report_section`` (optional): ``(run_dir, out_dir) -> markdown lines`` added to the run report.
 
 ``fedpeft methods``, config validation of ``method.options``, the SecAgg check and the report all read
@@ -70,6 +71,8 @@ class Capabilities:
     peft_type_refusal: str = ""
     seq2seq_refusal: str | None = None
     """Why the method cannot run on an encoder-decoder model (model.head=seq2seq); None: it can."""
+    flower_refusal: str | None = None
+    """Why the method cannot run under a Flower deployment (None: it runs there)."""
 
     @property
     def composes_with_server_optimizers(self) -> bool:
@@ -132,6 +135,9 @@ def capabilities(cls: type) -> Capabilities:
     seq2seq_refusal = getattr(cls, "seq2seq_refusal", None)
     if seq2seq_refusal is not None and not str(seq2seq_refusal).strip():
         raise ValueError(f"{cls.__qualname__}.seq2seq_refusal must give a reason (or be None)")
+    flower = getattr(cls, "flower_refusal", None)
+    if flower is not None and not str(flower).strip():
+        raise ValueError(f"{cls.__qualname__}.flower_refusal must give a reason (or be None)")
     return Capabilities(
         secure_mean=bool(getattr(cls, "secure_mean", False)),
         personalized=bool(getattr(cls, "personalized", False)),
@@ -143,6 +149,7 @@ def capabilities(cls: type) -> Capabilities:
         dp_refusal=getattr(cls, "dp_refusal", None),
         peft_type_refusal=str(getattr(cls, "peft_type_refusal", "") or ""),
         seq2seq_refusal=seq2seq_refusal,
+        flower_refusal=flower,
     )
 
 

@@ -153,6 +153,9 @@ class SplitFederated(MethodStrategy):
     summary = "split federated learning: bottom/top on the client, trunk on the server, cut crossings metered"
     Options = SFLOptions
     secure_mean = False  # the trunk is the server's: nothing for SecAgg+ to hide it from
+    flower_refusal = ("the trunk runs on the server, but a Flower node would train the whole split model "
+                      "itself (trunk weights and adapter included); the server-side trunk with the cut "
+                      "crossings over the network is not built")
     dp_refusal = ("split learning sends activations and gradients across the cut at every local step; client-level "
                   "DP bounds one clipped upload per round, not those")
     report_section = staticmethod(split_report_section)

@@ -13,7 +13,8 @@ Message layout (record names in a ``RecordDict``)::
       downlink  ArrayRecord   plan.downlink
       init      ArrayRecord   plan.init_state (absent: same as downlink)
       control   ArrayRecord   plan.control
-      start     ArrayRecord   global keys the plan does not set (what the engine's start_state adds)
+      start     ArrayRecord   global keys the plan does not set (what the engine's start_state adds;
+                              absent when plan.start_needed is false: the client holds or rebuilds them)
       base      ArrayRecord   base weights the method changed (FLoRA, FedEx-LoRA), full values
     server -> client (message type "evaluate": personalised evaluation where the private state lives)
       evaluate  ConfigRecord  round, client-ids
@@ -24,7 +25,8 @@ Message layout (record names in a ``RecordDict``)::
     client -> server (reply to "train")
       update    ConfigRecord  client-id, job, num-examples, metrics (JSON: a strategy may add non-floats),
                               encoding (the wire codec of the tensors), manifests (key, dtype, shape)
-      tensors   ArrayRecord   update.tensors as sent (encoded on the client), packed into one uint8 array
+      tensors   ArrayRecord   update.tensors as sent (encoded on the client), packed into one array of raw
+                              bytes (stype "raw": no .npy header, so its size is the payload's exactly)
       control   ArrayRecord   update.control, packed the same way
       train     MetricRecord  TrainResult fields and the per-step losses
 """
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpeft.adapters import AdapterState
 from fedpeft.federation.wire import LocalResult
@@ -135,7 +137,7 @@ def encode_plan(round_idx: int, plan: ClientPlan, global_state: Mapping[str, tor
         "round": int(round_idx), "lr": float(lr), "client-id": int(plan.client_id), "job": plan.job,
         "data-key": json.dumps(plan.data_key), "trainable": json.dumps(plan.trainable),
         "upload": json.dumps(plan.upload), "scaling": json.dumps(plan.scaling), "info": info,
-        "has-init": plan.init_state is not None,
+        "has-init": plan.init_state is not None, "start-needed": bool(plan.start_needed),
     }
     viewed: dict[str, dict[str, str]] = {}
     _put_state(content, "downlink", plan.downlink, viewed)
@@ -144,7 +146,8 @@ def encode_plan(round_idx: int, plan: ClientPlan, global_state: Mapping[str, tor
     elif plan.init_state is not None:
         fields["init-is-downlink"] = True
     _put_state(content, "control", plan.control, viewed)
-    _put_state(content, "start", {k: v for k, v in global_state.items() if k not in own}, viewed)
+    if plan.start_needed:  # else the client holds or rebuilds them (ClientPlan.start_needed)
+        _put_state(content, "start", {k: v for k, v in global_state.items() if k not in own}, viewed)
     _put_state(content, "base", dict(base_weights or {}), viewed)
     fields["viewed"] = json.dumps(viewed)
     content["plan"] = ConfigRecord(fields)
@@ -163,7 +166,7 @@ def decode_plan(content: RecordDict) -> PlanMessage:
         trainable=json.loads(str(fields["trainable"])), upload=json.loads(str(fields["upload"])),
         job=str(fields["job"]), data_key=json.loads(str(fields["data-key"])),
         control=_get_state(content, "control", viewed) or {}, scaling=json.loads(str(fields["scaling"])),
-        info=json.loads(str(fields["info"])),
+        info=json.loads(str(fields["info"])), start_needed=bool(fields.get("start-needed", True)),
     )
     return PlanMessage(int(fields["round"]), float(fields["lr"]), plan,
                        _get_state(content, "start", viewed) or {}, _get_state(content, "base", viewed) or {})
@@ -200,6 +203,19 @@ def unpack_state(packed: torch.Tensor, manifest: list) -> AdapterState:
 
 
 UPLOAD_RECORDS = ("tensors", "control")
+RAW = "raw"
+"""``Array.stype`` of a packed upload: its ``data`` is the payload's bytes as they are (Flower's numpy
+arrays carry a 128-byte .npy header, 13 times FedKSeed's 10-byte upload)."""
+
+
+def raw_array(packed: torch.Tensor) -> Array:
+    return Array(dtype="uint8", shape=(int(packed.numel()),), stype=RAW, data=packed.numpy().tobytes())
+
+
+def raw_tensor(array: Array) -> torch.Tensor:
+    """A packed upload back as a flat uint8 tensor (a numpy-serialised one from an older node too)."""
+    data = array.data if array.stype == RAW else array.numpy().tobytes()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
 def upload_bytes(content: RecordDict) -> int:
@@ -215,7 +231,7 @@ def encode_result(update: ClientUpdate, result: TrainResult, losses: list[float]
     for name, state in (("tensors", update.tensors), ("control", update.control)):
         if state:
             packed, manifests[name] = pack_state(state)
-            content[name] = ArrayRecord({"packed": packed})
+            content[name] = ArrayRecord({"packed": raw_array(packed)})
     content["update"] = ConfigRecord({
         "client-id": int(update.client_id), "job": update.job, "num-examples": int(update.num_examples),
         "metrics": json.dumps(update.metrics, default=float), "manifests": json.dumps(manifests),
@@ -234,7 +250,7 @@ def encode_result(update: ClientUpdate, result: TrainResult, losses: list[float]
 def decode_result(content: RecordDict) -> tuple[ClientUpdate, TrainResult, list[float]]:
     fields = content["update"]
     manifests = json.loads(str(fields["manifests"]))
-    states = {name: unpack_state(torch.from_numpy(content[name]["packed"].numpy().copy()), manifests[name])
+    states = {name: unpack_state(raw_tensor(content[name]["packed"]), manifests[name])
               if name in manifests else {} for name in UPLOAD_RECORDS}
     update = ClientUpdate(
         client_id=int(fields["client-id"]), tensors=states["tensors"], num_examples=int(fields["num-examples"]),

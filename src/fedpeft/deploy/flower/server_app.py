@@ -23,6 +23,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedpeft.deploy.flower.app import check_flower_method
     from fedpeft.deploy.flower.settings import DeploySettings
     from fedpeft.deploy.flower.transport import FlowerTransport
     from fedpeft.federation.engine import Engine, default_run_dir
@@ -31,6 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call otherwise, log pushes included
     settings = DeploySettings.from_run_config(dict(context.run_config))
     cfg = settings.config()
+    check_flower_method(cfg.method.name)  # also when the app was written by hand
     if settings.secagg:
         from fedpeft.deploy.flower.secagg import check_secure_method
 
