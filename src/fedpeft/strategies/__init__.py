@@ -12,7 +12,7 @@ import logging
 import pkgutil
 from typing import Any
 
-from fedpeft.config import METHOD_CHECKS
+from fedpeft.config import IMAGE_HEAD, METHOD_CHECKS, TEXT_ONLY_METHODS
 from fedpeft.privacy.compat import privacy_problems
 
 from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, ServerContext, Strategy, TrainResult
@@ -103,6 +103,9 @@ def check_experiment_method(config: Any) -> None:
     its server-optimizer rule lacks are dropped with a warning (configs saved before the per-rule
     defaults set all four). Added to ``config.METHOD_CHECKS`` when this package is imported."""
     check_method_config(config.method, peft_type=config.peft.type)
+    reason = TEXT_ONLY_METHODS.get(method_class(config.method.name).name)
+    if config.model.head == IMAGE_HEAD and reason:
+        raise MethodOptionsError([f"method.name={config.method.name} is refused with model.head={IMAGE_HEAD}: {reason}"])
     privacy = getattr(config, "privacy", None)
     if privacy is not None:
         cls = method_class(config.method.name)
