@@ -157,7 +157,9 @@ def load_image_dataset(entry: str, split: str, limit: int | None, options: dict)
     if str(source).startswith((".", "/", "~")) and not local.exists():
         raise DataError(f"data.tasks: local image dataset '{source}' does not exist")
     dataset = open_hub_dataset(str(local) if local.exists() else source, None, split,
-                               what="its directory" if local.exists() else "the Hugging Face Hub")
+                               what="its directory" if local.exists() else "the Hugging Face Hub",
+                               offline_hint="name their local directory in data.tasks (parquet files with an image "
+                               "and a label column, or an image folder)")
     where = f"image dataset '{entry}' split {split!r}"
     image, label, names = _columns(dataset, where, options)
     if limit is not None:

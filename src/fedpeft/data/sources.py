@@ -230,7 +230,8 @@ def hub_offline() -> bool:
 
 
 def open_hub_dataset(name: str, config: str | None = None, split: str = "train", *, revision: str | None = None,
-                     what: str = "the Hugging Face Hub"):
+                     what: str = "the Hugging Face Hub",
+                     offline_hint: str = "point data.path (or FEDPEFT_DATA_DIR) at them"):
     """``datasets.load_dataset(name, config, split=split)`` (a hub id, or a local directory of parquet /
     image-folder files) as a ``datasets.Dataset``, its failures as ``DataError`` saying what to do."""
     where = f"'{name}'" + (f" (config {config!r})" if config else "") + f" split {split!r}"
@@ -245,7 +246,7 @@ def open_hub_dataset(name: str, config: str | None = None, split: str = "train",
         hint = " (HF_HUB_OFFLINE is set)" if hub_offline() else ""
         raise DataError(
             f"cannot load {where} from {what}{hint}: {exc}. With no network, download the "
-            f"files elsewhere and point data.path (or FEDPEFT_DATA_DIR) at them"
+            f"files elsewhere and {offline_hint}"
         ) from None
     except ValueError as exc:  # unknown split / config
         raise DataError(f"cannot load {where} from {what}: {exc}") from None

@@ -102,10 +102,10 @@ def check_experiment_method(config: Any) -> None:
     """The method section of an ``ExperimentConfig`` (see :func:`check_method_config`); hyperparameters
     its server-optimizer rule lacks are dropped with a warning (configs saved before the per-rule
     defaults set all four). Added to ``config.METHOD_CHECKS`` when this package is imported."""
-    check_method_config(config.method, peft_type=config.peft.type)
-    reason = TEXT_ONLY_METHODS.get(method_class(config.method.name).name)
-    if config.model.head == IMAGE_HEAD and reason:
+    reason = TEXT_ONLY_METHODS.get(normalize_method_name(config.method.name))
+    if config.model.head == IMAGE_HEAD and reason:  # before its options: they do not matter then
         raise MethodOptionsError([f"method.name={config.method.name} is refused with model.head={IMAGE_HEAD}: {reason}"])
+    check_method_config(config.method, peft_type=config.peft.type)
     privacy = getattr(config, "privacy", None)
     if privacy is not None:
         cls = method_class(config.method.name)
