@@ -327,3 +327,12 @@ def test_text_only_settings_are_refused_naming_the_field(overrides, needle, monk
 def test_image_sources_need_the_image_head():
     with pytest.raises(ConfigError, match="data.source=generated_images holds images: set model.head=image_classification"):
         load_config("configs/tiny.yaml", ["data.source=generated_images"])
+
+
+def test_the_cifar_scenario_config_validates_offline_with_the_seed_settings():
+    cfg = load_config("configs/vit/cifar_fltac.yaml")
+    assert (cfg.model.name, cfg.model.head) == ("google/vit-base-patch16-224-in21k", HEAD)
+    assert (cfg.peft.r, cfg.training.lr, cfg.federation.batch_size, cfg.federation.local_steps,
+            cfg.federation.rounds, cfg.federation.num_clients, cfg.seed) == (4, 1e-3, 64, 50, 20, 10, 42)
+    assert cfg.data.tasks == ["cifar10", "cifar100"] and cfg.method.options["num_tasks"] == 2
+    assert load_config("configs/vit/cifar_fltac.yaml", ["method.name=fedit", "method.options={}"]).method.name == "fedit"
