@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedpeft.data.experiment import ExperimentData, task_class_indices
+from fedpeft.data.experiment import ExperimentData
 from fedpeft.data.sources import DataError, open_hub_dataset
 from fedpeft.seeding import derive_seed
 

@@ -16,7 +16,6 @@ against CIFAR-100's hundred, and the head rows of a task are trained only by tha
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -101,8 +100,3 @@ def predict_images(model, processor, records: Sequence[dict], classes: Sequence[
     model.train(was_training)
     return predictions, [e.label for e in encoded]
 
-
-def processor_summary(processor) -> str:
-    """One line naming the preprocessing (size, mean, std) for logs and the report."""
-    d = processor.to_dict() if hasattr(processor, "to_dict") else {}
-    return json.dumps({k: d.get(k) for k in ("size", "image_mean", "image_std")}, default=str)
