@@ -305,6 +305,7 @@ def test_concurrent_clients_fall_back_to_serial_for_images():
     (["method.name=sfl"], "method.name=sfl is refused with model.head=image_classification: split learning"),
     (["method.name=fedot"], "method.name=fedot is refused with model.head=image_classification: offsite tuning"),
     (["method.name=fedkseed"], "method.name=fedkseed is refused with model.head=image_classification"),
+    (["method.name=fedgpl"], "method.name=fedgpl is refused with model.head=image_classification"),
     (["peft.type=prompt_tuning", "peft.r=null", "peft.alpha=null", "peft.dropout=null", "peft.rslora=null",
       "peft.target_modules=null", "method.name=fedit"], "peft.type=prompt_tuning: model.head=image_classification takes"),
     (["data.source=generated"], "data.source: model.head=image_classification reads image records"),

@@ -552,6 +552,7 @@ TEXT_ONLY_METHODS = {
     "sfl": "split learning cuts the token pipeline (input embeddings, decoder blocks) of a text model",
     "fedot": "offsite tuning's adapter and emulator blocks are the decoder blocks of a text model",
     "fedkseed": "its zeroth-order loss is the language-model loss on token inputs",
+    "fedgpl": "its server-side gradient pass that picks the layers to train reads token inputs",
 }
 """Methods refused with ``model.head=image_classification``, and why (checked with the method section)."""
 
