@@ -283,6 +283,20 @@ def test_fedit_on_tiny_vit_averages_the_clients_adapters_and_reloads(tmp_path):
                                               str(summary.final_adapter_dir))
     assert get_adapter_state(reloaded).keys() == trained.keys()
     assert all(torch.equal(get_adapter_state(reloaded)[k], trained[k]) for k in trained)
+    # a sweep's validation loss of this run: the task-masked cross-entropy over the evaluation images, by hand
+    from fedpeft.data.dataset import load_experiment_data
+    from fedpeft.sweep.val_loss import validation_loss
+
+    cfg = load_config(CONFIG, _overrides("fedit"))
+    data = load_experiment_data(cfg)
+    classes, allowed = data.classes(), data.task_classes()
+    reloaded.eval()
+    with torch.no_grad():
+        logits = reloaded(pixel_values=_batch(data.evaluation, classes, allowed)["pixel_values"]).logits.double()
+    by_hand = [-(logits[i, classes.index(r["output"])] - torch.logsumexp(logits[i, list(allowed[r["task"]])], 0))
+               for i, r in enumerate(data.evaluation)]
+    assert validation_loss(cfg, tmp_path / "run", batch_size=5) == pytest.approx(torch.stack(by_hand).mean().item(),
+                                                                                 abs=1e-5)
 
 
 def test_fltac_clusters_adapters_of_two_image_tasks_with_different_label_sets(tmp_path):
