@@ -86,11 +86,13 @@ class ModelConfig(_Section):
     revision: str | None = None
     gguf_file: str | None = Field(None, description="GGUF file name inside a local directory or hub repo.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores).")
-    head: Literal["causal_lm", "classification", "seq2seq"] = Field(
+    head: Literal["causal_lm", "classification", "seq2seq", "image_classification"] = Field(
         "causal_lm", description="causal_lm: generate answers; classification: a sequence-classification head over "
         "the data's distinct targets (encoders such as all-minilm-l6-v2), scored by accuracy; seq2seq: an "
         "encoder-decoder (T5 / Flan-T5, tiny-t5) reads the prompt and generates the answer (a checkpoint whose "
-        "config.json sets is_encoder_decoder runs as seq2seq under causal_lm too; docs/model_families.md).")
+        "config.json sets is_encoder_decoder runs as seq2seq under causal_lm too); image_classification: "
+        "a vision transformer (tiny-vit, a ViT directory or hub id) on image records (data.source generated_images "
+        "or images), scored by top-1 accuracy (docs/model_families.md).")
 
     @field_validator("device")
     @classmethod
@@ -546,6 +548,21 @@ METHOD_CHECKS: list[Callable[[Any], None]] = []
 import the strategies, which import torch, so ``fedpeft partition`` / ``fedpeft data`` stay light)."""
 
 
+IMAGE_HEAD = "image_classification"
+IMAGE_GENERATED_SOURCE, IMAGE_DATASET_SOURCE = "generated_images", "images"
+IMAGE_PEFT_TYPES = ("lora", "dora", "loha", "lokr")
+"""Adapter types of ``model.head=image_classification`` (models/peft_wrap.py builds them; prompt learning
+needs token embeddings)."""
+
+TEXT_ONLY_METHODS = {
+    "sfl": "split learning cuts the token pipeline (input embeddings, decoder blocks) of a text model",
+    "fedot": "offsite tuning's adapter and emulator blocks are the decoder blocks of a text model",
+    "fedkseed": "its zeroth-order loss is the language-model loss on token inputs",
+    "fedgpl": "its server-side gradient pass that picks the layers to train reads token inputs",
+}
+"""Methods refused with ``model.head=image_classification``, and why (checked with the method section)."""
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = Field(0, ge=0, le=SEED_MAX, description=f"Seed of every random choice; 0..{SEED_MAX}.")
@@ -589,6 +606,37 @@ class ExperimentConfig(_Section):
         if objective in ("dpo", "ipo") and head != "causal_lm":
             raise ValueError(f"training.objective={objective} trains the language model itself: set model.head=causal_lm "
                              f"(got model.head={head})")
+        return self
+
+    @model_validator(mode="after")
+    def _image_head(self) -> "ExperimentConfig":
+        """An image classifier reads image records, takes a weight adapter on its attention projections, and
+        has no text to generate: the combinations that cannot work are refused here, naming the field."""
+        head, name, source = self.model.head, self.model.name, self.data.source
+        image_sources = (IMAGE_GENERATED_SOURCE, IMAGE_DATASET_SOURCE)
+        if head != IMAGE_HEAD:
+            if name == "tiny-vit":
+                raise ValueError(f"model.name=tiny-vit is an image classifier: set model.head={IMAGE_HEAD} (got "
+                                 f"model.head={head})")
+            if source in image_sources:
+                raise ValueError(f"data.source={source} holds images: set model.head={IMAGE_HEAD} (got model.head={head})")
+            return self
+        if source not in image_sources:
+            raise ValueError(f"data.source: model.head={IMAGE_HEAD} reads image records: '{IMAGE_GENERATED_SOURCE}' "
+                             f"or '{IMAGE_DATASET_SOURCE}' (data.tasks naming the datasets), got '{source}'")
+        if name in ("tiny-llama", "tiny-bert", "smollm2-135m-instruct", "smollm2", "all-minilm-l6-v2", "minilm") \
+                or name.startswith("random:"):
+            raise ValueError(f"model.name={name} is a text model; model.head={IMAGE_HEAD} needs a vision transformer "
+                             "(tiny-vit, a ViT directory or hub id such as google/vit-base-patch16-224-in21k)")
+        if self.peft.type not in IMAGE_PEFT_TYPES:
+            raise ValueError(f"peft.type={self.peft.type}: model.head={IMAGE_HEAD} takes {', '.join(IMAGE_PEFT_TYPES)} "
+                             "(prompt learning prepends token embeddings, which a vision transformer has not)")
+        if self.evaluation.suites:
+            raise ValueError(f"evaluation.suites={list(self.evaluation.suites)}: the suites are text benchmarks; "
+                             f"model.head={IMAGE_HEAD} is evaluated by top-1 accuracy on the image tasks")
+        if self.privacy.dp_sgd.enabled:
+            raise ValueError(f"privacy.dp_sgd.enabled=true is not supported with model.head={IMAGE_HEAD} (its per-example "
+                             "loss reads token inputs); client-level DP (privacy.mode) applies")
         return self
 
     @model_validator(mode="after")

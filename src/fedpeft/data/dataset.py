@@ -8,6 +8,9 @@ from fedpeft.data.encoding import encode_records
 from fedpeft.data.experiment import ExperimentData
 from fedpeft.data.generated import generate_split
 from fedpeft.models.registry import model_head
+from fedpeft.data.images import encode_images, load_image_data
+
+IMAGE_HEAD = "image_classification"
 
 __all__ = ["ExperimentData", "encode_for_experiment", "evaluation_group", "load_experiment_data", "sample_evaluation"]
 
@@ -19,6 +22,8 @@ def encode_for_experiment(config, data: ExperimentData, records, tokenizer):
     Returns (encoded or None per record, number dropped)."""
     if is_preference(config):
         return encode_preference_records(config, records, tokenizer)
+    if config.model.head == IMAGE_HEAD:  # the image and its class index; preprocessed per batch
+        return encode_images(records, data.classes(), data.task_classes()), 0
     classes = data.classes() if config.model.head == "classification" else None
     return encode_records(records, tokenizer, config.data.template, config.training.max_seq_len, classes=classes,
                           seq2seq=model_head(config.model) == "seq2seq")
@@ -67,6 +72,8 @@ def load_experiment_data(config) -> ExperimentData:
 
 def _load(config) -> ExperimentData:
     data = config.data
+    if config.model.head == IMAGE_HEAD:
+        return load_image_data(config)
     if data.source == "generated":
         if data.add_generated:
             raise ValueError("data.add_generated: only for a dataset source; with source=generated list the tasks in data.tasks")

@@ -4,11 +4,21 @@ evaluation records) and how they are scored. A leaf of the data layer: the loade
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fedpeft.data.tasks import ExactMatchTask, Task
 
 _EXACT = ExactMatchTask()
+
+
+def task_class_indices(records: Sequence[dict], classes: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Task name -> the indices (in ``classes``) of every label its records carry."""
+    index = {c: i for i, c in enumerate(classes)}
+    out: dict[str, set[int]] = {}
+    for r in records:
+        out.setdefault(str(r["task"]), set()).add(index[str(r["output"])])
+    return {task: tuple(sorted(ids)) for task, ids in out.items()}
 
 
 @dataclass
@@ -22,6 +32,7 @@ class ExperimentData:
     """Task name -> ``fedpeft.data.tasks.Task`` that scores predictions; a task not in it (the generated
     tasks) is graded by ``ExactMatchTask``."""
     _classes: list[str] | None = field(default=None, repr=False, compare=False)
+    _task_classes: dict[str, tuple[int, ...]] | None = field(default=None, repr=False, compare=False)
 
     def task_of(self, task_name: str) -> Task:
         """The task that grades records of ``task_name`` (the only place an answer is graded)."""
@@ -39,6 +50,13 @@ class ExperimentData:
         if self._classes is None:
             self._classes = sorted({str(r["output"]) for r in (*self.train, *self.evaluation)})
         return self._classes
+
+    def task_classes(self) -> dict[str, tuple[int, ...]]:
+        """Task -> the indices in :meth:`classes` of the labels its records carry (an image task's logits,
+        ``models.vision``). Computed once, like the class list."""
+        if self._task_classes is None:
+            self._task_classes = task_class_indices((*self.train, *self.evaluation), self.classes())
+        return self._task_classes
 
     def label_set_lines(self) -> list[str]:
         """One line per classification task: its label set (value -> word) and where it came from."""

@@ -229,31 +229,41 @@ def hub_offline() -> bool:
     ).lower() in ("1", "true", "yes")
 
 
-def load_hub(name: str, config: str | None = None, split: str = "train",
-             columns: Mapping[str, str] | str | None = None, *, revision: str | None = None,
-             limit: int | None = None) -> list[Record]:
-    """Records of a Hugging Face Hub dataset split (needs ``datasets`` and, unless cached, a network)."""
+def open_hub_dataset(name: str, config: str | None = None, split: str = "train", *, revision: str | None = None,
+                     what: str = "the Hugging Face Hub",
+                     offline_hint: str = "point data.path (or FEDPEFT_DATA_DIR) at them"):
+    """``datasets.load_dataset(name, config, split=split)`` (a hub id, or a local directory of parquet /
+    image-folder files) as a ``datasets.Dataset``, its failures as ``DataError`` saying what to do."""
+    where = f"'{name}'" + (f" (config {config!r})" if config else "") + f" split {split!r}"
     try:
         import datasets
     except ImportError:
-        raise DataError(f"loading '{name}' from the Hugging Face Hub needs the 'datasets' package "
+        raise DataError(f"loading '{name}' from {what} needs the 'datasets' package "
                         f"(pip install 'fedpeft[hub]'), or give a local file with data.path") from None
-    where = f"'{name}'" + (f" (config {config!r})" if config else "") + f" split {split!r}"
     try:
         dataset = datasets.load_dataset(name, config, split=split, revision=revision)
     except (ConnectionError, OSError) as exc:
         hint = " (HF_HUB_OFFLINE is set)" if hub_offline() else ""
         raise DataError(
-            f"cannot load {where} from the Hugging Face Hub{hint}: {exc}. With no network, download the "
-            f"files elsewhere and point data.path (or FEDPEFT_DATA_DIR) at them"
+            f"cannot load {where} from {what}{hint}: {exc}. With no network, download the "
+            f"files elsewhere and {offline_hint}"
         ) from None
     except ValueError as exc:  # unknown split / config
-        raise DataError(f"cannot load {where} from the Hugging Face Hub: {exc}") from None
+        raise DataError(f"cannot load {where} from {what}: {exc}") from None
     except Exception as exc:  # datasets raises its own types for missing repos; keep the message
         if type(exc).__name__ in ("DatasetNotFoundError", "DataFilesNotFoundError", "EmptyDatasetError",
                                   "LocalEntryNotFoundError", "RepositoryNotFoundError", "HfHubHTTPError"):
-            raise DataError(f"cannot load {where} from the Hugging Face Hub: {exc}") from None
+            raise DataError(f"cannot load {where} from {what}: {exc}") from None
         raise
+    return dataset
+
+
+def load_hub(name: str, config: str | None = None, split: str = "train",
+             columns: Mapping[str, str] | str | None = None, *, revision: str | None = None,
+             limit: int | None = None) -> list[Record]:
+    """Records of a Hugging Face Hub dataset split (needs ``datasets`` and, unless cached, a network)."""
+    dataset = open_hub_dataset(name, config, split, revision=revision)
+    where = f"'{name}'" + (f" (config {config!r})" if config else "") + f" split {split!r}"
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     records = [dict(row) for row in dataset]

@@ -16,6 +16,7 @@ import torch
 
 from fedpeft.data.encoding import classification_text, collate, encode_classification
 from fedpeft.evaluation.generation import first_per_group, group_key, scored_result
+from fedpeft.models.vision import predict_images
 
 SAMPLE_CHARS = 160  # input text kept in an evaluation sample
 
@@ -61,3 +62,32 @@ def classification_samples(records: Sequence[dict], predicted: Sequence[str], co
     step = max(1, len(records) // count)
     return [{"task": r["task"], "input": shorten(classification_text(r)), "predicted": p, "expected": r["output"],
              "correct": p == r["output"]} for r, p in list(zip(records, predicted))[::step]]
+
+
+def image_classification_eval(model, processor, records: Sequence[dict], classes: Sequence[str], batch_size: int = 64,
+                              max_examples: int | None = None, group_by: str | None = None,
+                              allowed: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """Top-1 accuracy of an image classifier (``model.head=image_classification``) per group and overall,
+    in ``classification_eval``'s shape. The arg-max is over the classes of each record's task (the
+    label set the task's training records carry; ``models.vision``), so one head over the union of
+    CIFAR-10's and CIFAR-100's classes is scored as two 10- and 100-way classifiers. ``allowed``: task ->
+    its class indices (default: the labels ``records`` carry)."""
+    start = time.perf_counter()
+    group_of = group_key(group_by)
+    chosen = first_per_group(records, group_of, max_examples)
+    predicted, gold = predict_images(model, processor, chosen, classes, batch_size, allowed=allowed)
+    return image_accuracy(chosen, [classes[p] for p in predicted], [classes[g] for g in gold], group_of, start)
+
+
+def image_accuracy(records: Sequence[dict], predicted: Sequence[str], expected: Sequence[str], group_of,
+                   start: float) -> dict:
+    """The evaluation result of predicted against expected labels (accuracy per group and overall);
+    samples name the task and both labels (not the image)."""
+    shown = [{**{k: v for k, v in r.items() if k != "image"}, "instruction": "[image]", "output": e}
+             for r, e in zip(records, expected)]
+    result = scored_result(shown, list(predicted), [float(p == e) for p, e in zip(predicted, expected)], group_of,
+                           lambda task: "accuracy", start, default_metric="accuracy")
+    step = max(1, len(records) // 8)
+    result["samples"] = [{"task": r["task"], "predicted": p, "expected": e, "correct": p == e}
+                         for r, p, e in list(zip(records, predicted, expected))[::step]]
+    return result

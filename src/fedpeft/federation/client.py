@@ -9,6 +9,7 @@ with the local trainer and returns the strategy's ClientUpdate, its private stat
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import secrets
 from collections import Counter
@@ -22,6 +23,7 @@ from fedpeft.alignment.dpo import collate_pairs
 from fedpeft.alignment.experiment import is_preference, objective_from_config
 from fedpeft.data.dataset import encode_for_experiment
 from fedpeft.data.encoding import EncodedExample, collate
+from fedpeft.data.images import collate_images
 from fedpeft.data.partition import partition
 from fedpeft.federation.local_trainer import load_optimizer_tensors, make_optimizer, optimizer_tensors, train_local
 from fedpeft.federation.update_checks import StagedStore
@@ -77,8 +79,16 @@ def prepare_client_data(config, data, tokenizer) -> ClientData:
         log.warning("dropped %d of %d training examples whose target does not fit in training.max_seq_len=%d",
                     dropped, len(encoded), config.training.max_seq_len)
     indices = [[i for i in idx if encoded[i] is not None] for idx in indices]
+    if config.model.head == "image_classification":  # ``tokenizer`` is the image processor
+        images = functools.partial(_collate_images, processor=tokenizer, num_classes=len(data.classes()))
+        return ClientData(encoded, labels, indices, None, config.federation.batch_size, collate_fn=images)
     return ClientData(encoded, labels, indices, tokenizer.pad_token_id, config.federation.batch_size,
                       collate_fn=collate_pairs if is_preference(config) else collate)
+
+
+def _collate_images(examples, pad_id, *, processor, num_classes):
+    """``ClientData.collate_fn`` for images (no padding: ``pad_id`` is unused)."""
+    return collate_images(examples, processor, num_classes)
 
 
 @contextlib.contextmanager

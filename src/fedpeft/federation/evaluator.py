@@ -18,7 +18,7 @@ import numpy as np
 
 from fedpeft.adapters import AdapterState, set_adapter_state
 from fedpeft.alignment.experiment import objective_from_config, preference_eval
-from fedpeft.evaluation.classification import classification_eval
+from fedpeft.evaluation.classification import classification_eval, image_classification_eval
 from fedpeft.evaluation.generation import generation_eval
 from fedpeft.evaluation.suites import EvalOptions, flat_metrics, run_suite
 from fedpeft.seeding import derive_seed
@@ -59,6 +59,10 @@ class Evaluator:
         cap = None if final else ecfg.max_examples
         if self.objective is not None:  # reward / DPO / IPO: pairwise accuracy and margin on held-out pairs
             return preference_eval(self.model, self.tokenizer, self.objective, records, self.config, max_examples=cap)
+        if self.config.model.head == "image_classification":  # self.tokenizer is the image processor
+            return image_classification_eval(self.model, self.tokenizer, records, self.data.classes(),
+                                             batch_size=ecfg.batch_size, max_examples=cap, group_by=ecfg.group_by,
+                                             allowed=self.data.task_classes())
         if self.config.model.head == "classification":
             return classification_eval(self.model, self.tokenizer, records, self.data.classes(),
                                        max_len=self.config.training.max_seq_len, batch_size=ecfg.batch_size,

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from fedpeft.models.device import autocast, is_out_of_memory, model_device, out_of_memory_error
+from fedpeft.models.vision import image_loss, is_image_batch
 from fedpeft.privacy.dp_sgd import DPSGD
 from fedpeft.strategies.base import ClientPlan, TrainResult
 
@@ -148,8 +149,11 @@ def train_local(
                                  f"target (every label is {IGNORE_INDEX}); check training.max_seq_len and the template")
             step_loss = torch.zeros((), device=device)
             for batch, count in zip(micro, counts):
-                seen += batch["input_ids"].shape[0]
-                tokens += int(batch["attention_mask"].sum()) + (count if shift == 0 else 0)  # + decoder tokens
+                if is_image_batch(batch):  # pixel_values, labels, class_mask: no tokens
+                    seen += batch["labels"].shape[0]
+                else:
+                    seen += batch["input_ids"].shape[0]
+                    tokens += int(batch["attention_mask"].sum()) + (count if shift == 0 else 0)  # + decoder tokens
                 if count == 0:  # its mean loss is 0/0; it adds nothing to the step's token mean
                     continue
                 batch = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v
@@ -159,6 +163,8 @@ def train_local(
                         loss = private.loss(batch)
                     elif loss_fn is not None:
                         loss = loss_fn(model, batch).float() / grad_accumulation
+                    elif is_image_batch(batch):  # cross-entropy over the logits of each image's task
+                        loss = image_loss(model, batch) * (count / total)
                     else:
                         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     labels=batch["labels"])

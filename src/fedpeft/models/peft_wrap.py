@@ -7,6 +7,7 @@ import torch
 
 from fedpeft.adapters import adapter_parameters
 from fedpeft.config import DEFAULT_TARGET_MODULES
+from fedpeft.config import IMAGE_PEFT_TYPES
 from fedpeft.models.device import resolve_device
 
 
@@ -17,6 +18,8 @@ def peft_library_config(peft_config, head: str = "causal_lm", total_step: int | 
     import peft
 
     kind = getattr(peft_config, "type", "lora")  # a section without ``type`` (written before the others) is LoRA
+    if head == "image_classification":
+        return _image_peft_config(peft_config, kind)
     task_type = {"classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}.get(head, "CAUSAL_LM")
     if kind in ("lora", "dora"):
         return peft.LoraConfig(r=peft_config.r, lora_alpha=peft_config.alpha, lora_dropout=peft_config.dropout,
@@ -57,6 +60,35 @@ def peft_library_config(peft_config, head: str = "causal_lm", total_step: int | 
     raise ValueError(f"peft.type: unknown adapter type '{kind}'")
 
 
+def _image_peft_config(peft_config, kind: str):
+    """An image classifier's adapter: no task type (peft's PeftModel passes ``pixel_values`` through), the
+    classifier trained and saved with the adapter (``modules_to_save``), so it is part of the adapter
+    state and aggregated like the factors, as SEQ_CLS does for a text head."""
+    import peft
+
+    common = {"r": peft_config.r, "target_modules": list(peft_config.target_modules), "modules_to_save": ["classifier"]}
+    if kind in ("lora", "dora"):
+        return peft.LoraConfig(lora_alpha=peft_config.alpha, lora_dropout=peft_config.dropout, use_rslora=peft_config.rslora,
+                               use_dora=kind == "dora", bias="none", **common)
+    if kind == "loha":
+        return peft.LoHaConfig(alpha=peft_config.alpha, **common)
+    if kind == "lokr":
+        return peft.LoKrConfig(alpha=peft_config.alpha, decompose_both=peft_config.decompose_both,
+                               decompose_factor=peft_config.decompose_factor, **common)
+    raise ValueError(f"peft.type={kind}: an image classifier takes {', '.join(IMAGE_PEFT_TYPES)}")
+
+
+def _check_image_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """A clear error naming peft.target_modules when none of them is a Linear layer of the vision model
+    (transformers >= 5 names a ViT's attention projections q_proj / k_proj / v_proj / o_proj; 4.x named
+    them query / key / value)."""
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "classifier"})
+    if not set(targets) & set(linear):
+        raise ValueError(f"peft.target_modules={targets} matched no layer of the vision model; its Linear layers "
+                         f"are {linear} (seed 001 adapts the query and value projections)")
+
+
 def wrap_peft(model: torch.nn.Module, peft_config, seed: int, head: str = "causal_lm", total_step: int | None = None,
               tokenizer=None):
     """``peft.get_peft_model`` with the adapter of ``peft.type``; its random init is drawn from ``seed`` so
@@ -73,6 +105,8 @@ def wrap_peft(model: torch.nn.Module, peft_config, seed: int, head: str = "causa
     if head == "seq2seq":
         peft_config = seq2seq_targets(model, peft_config)
     config = peft_library_config(peft_config, head=head, total_step=total_step)
+    if head == "image_classification":
+        _check_image_targets(model, list(peft_config.target_modules))
     if getattr(config, "prompt_tuning_init_text", None) is not None:
         config.tokenizer_name_or_path = getattr(tokenizer, "name_or_path", None)
     state = torch.random.get_rng_state()
@@ -186,6 +220,8 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 def _num_labels(cfg, data) -> int | None:
     """Outputs of a classification head: one per class of the data, or one (the scalar reward) for
     ``training.objective=reward``; None for a causal LM."""
+    if cfg.model.head == "image_classification":
+        return len(data.classes())
     if cfg.model.head != "classification":
         return None
     return 1 if cfg.training.objective == "reward" else len(data.classes())

