@@ -554,15 +554,6 @@ IMAGE_PEFT_TYPES = ("lora", "dora", "loha", "lokr")
 """Adapter types of ``model.head=image_classification`` (models/peft_wrap.py builds them; prompt learning
 needs token embeddings)."""
 
-TEXT_ONLY_METHODS = {
-    "sfl": "split learning cuts the token pipeline (input embeddings, decoder blocks) of a text model",
-    "fedot": "offsite tuning's adapter and emulator blocks are the decoder blocks of a text model",
-    "fedkseed": "its zeroth-order loss is the language-model loss on token inputs",
-    "fedgpl": "its server-side gradient pass that picks the layers to train reads token inputs",
-}
-"""Methods refused with ``model.head=image_classification``, and why (checked with the method section)."""
-
-
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = Field(0, ge=0, le=SEED_MAX, description=f"Seed of every random choice; 0..{SEED_MAX}.")

@@ -12,7 +12,7 @@ import logging
 import pkgutil
 from typing import Any
 
-from fedpeft.config import IMAGE_HEAD, METHOD_CHECKS, TEXT_ONLY_METHODS
+from fedpeft.config import IMAGE_HEAD, METHOD_CHECKS
 from fedpeft.evaluation.suite_table import LM_EVAL_PREFIX, TASKS, resolve_suite
 from fedpeft.models.registry import ModelNotFoundError, model_head
 from fedpeft.privacy.compat import privacy_problems
@@ -55,6 +55,7 @@ def method_catalog() -> list[dict[str, Any]]:
             "edits_base_weights": caps.edits_base_weights,
             "peft_types": list(caps.peft_types),
             "seq2seq": caps.seq2seq_refusal or "runs",
+            "image": caps.image_refusal or "runs",
             "report_section": getattr(cls, "report_section", None) is not None,
             "flower_refusal": caps.flower_refusal,
         })
@@ -106,7 +107,8 @@ def check_experiment_method(config: Any) -> None:
     """The method section of an ``ExperimentConfig`` (see :func:`check_method_config`); hyperparameters
     its server-optimizer rule lacks are dropped with a warning (configs saved before the per-rule
     defaults set all four). Added to ``config.METHOD_CHECKS`` when this package is imported."""
-    reason = TEXT_ONLY_METHODS.get(normalize_method_name(config.method.name))
+    cls = STRATEGIES.get(normalize_method_name(config.method.name))  # unknown: check_method_config names it
+    reason = capabilities(cls).image_refusal if cls is not None else None
     if config.model.head == IMAGE_HEAD and reason:  # before its options: they do not matter then
         raise MethodOptionsError([f"method.name={config.method.name} is refused with model.head={IMAGE_HEAD}: {reason}"])
     check_method_config(config.method, peft_type=config.peft.type)

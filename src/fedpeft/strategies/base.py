@@ -171,6 +171,8 @@ class Strategy:
     seq2seq_refusal: str | None = None
     """Why the method cannot run on an encoder-decoder model (model.head=seq2seq, T5); None: it can (its
     math is about adapter tensors, whatever model they sit in)."""
+    image_refusal: str | None = None
+    """Why the method cannot run on a vision transformer (model.head=image_classification); None: it can."""
     flower_refusal: str | None = None
     """Why the method cannot run under a Flower deployment (refused before anything is sent); None: it
     runs there, the same rounds as in process (each client's part on its node)."""

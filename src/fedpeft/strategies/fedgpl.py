@@ -196,6 +196,7 @@ class FedGPLOptions(MethodOptions):
 @register_method
 class FedGPL(MethodStrategy):
     name = "fedgpl"
+    image_refusal = "its server-side gradient pass that picks the layers to train reads token inputs"
     seq2seq_refusal = ("it scores and selects layers by the block index in the adapter keys, which is the same "
                        "for T5's encoder block i and decoder block i")
     summary = "server-side gradient priority picks the layers whose LoRA trains and is sent each round"

@@ -179,6 +179,7 @@ def zo_train(model, tensors: list[torch.Tensor], seeds: Sequence[int], picks: np
 @register_method
 class FedKSeed(MethodStrategy):
     name = "fedkseed"
+    image_refusal = "its zeroth-order loss is the language-model loss on token inputs"
     seq2seq_refusal = ("its micro-batch weights count supervised tokens after the causal one-position label shift "
                        "(labels[:, 1:]), which an encoder-decoder's loss does not apply")
     summary = "zeroth-order tuning: clients upload (seed index, projected gradient) pairs, the server replays them"

@@ -106,6 +106,7 @@ def offsite_report_section(run_dir: Path, out_dir: Path) -> list[str]:
 @register_method
 class FedOT(MethodStrategy):
     name = "fedot"
+    image_refusal = "offsite tuning's adapter and emulator blocks are the decoder blocks of a text model"
     seq2seq_refusal = ("the adapter is the first a / last b blocks of one decoder stack and the emulator its "
                        "layer-dropped middle; an encoder-decoder has two stacks and no such split is defined")
     summary = "offsite tuning: clients train the first a / last b blocks on a layer-dropped emulator; FedAvg"

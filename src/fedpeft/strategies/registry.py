@@ -13,7 +13,8 @@ carries everything the rest of the program needs to know about it:
   supports) and ``peft_type_refusal`` (why it refuses the others), ``dp_mean`` (client-level DP's noise on
   the sum applies: the server step is a mean of the uploads; defaults to ``secure_mean``), ``dp_refusal`` (None, or
   why no client-level DP applies), ``seq2seq_refusal`` (None: it runs on an encoder-decoder such as T5, its
-  math being about adapter tensors; else why it depends on a decoder-only structure), ``flower_refusal``
+  math being about adapter tensors; else why it depends on a decoder-only structure), ``image_refusal``
+  (None: it runs on a vision transformer; else why it needs text), ``flower_refusal``
   (None, or why it cannot run under a Flower deployment);
 - ``report_section`` (optional): ``(run_dir, out_dir) -> markdown lines`` added to the run report.
 
@@ -71,6 +72,8 @@ class Capabilities:
     peft_type_refusal: str = ""
     seq2seq_refusal: str | None = None
     """Why the method cannot run on an encoder-decoder model (model.head=seq2seq); None: it can."""
+    image_refusal: str | None = None
+    """Why the method cannot run on a vision transformer (model.head=image_classification); None: it can."""
     flower_refusal: str | None = None
     """Why the method cannot run under a Flower deployment (None: it runs there)."""
 
@@ -135,6 +138,9 @@ def capabilities(cls: type) -> Capabilities:
     seq2seq_refusal = getattr(cls, "seq2seq_refusal", None)
     if seq2seq_refusal is not None and not str(seq2seq_refusal).strip():
         raise ValueError(f"{cls.__qualname__}.seq2seq_refusal must give a reason (or be None)")
+    image_refusal = getattr(cls, "image_refusal", None)
+    if image_refusal is not None and not str(image_refusal).strip():
+        raise ValueError(f"{cls.__qualname__}.image_refusal must give a reason (or be None)")
     flower = getattr(cls, "flower_refusal", None)
     if flower is not None and not str(flower).strip():
         raise ValueError(f"{cls.__qualname__}.flower_refusal must give a reason (or be None)")
@@ -149,6 +155,7 @@ def capabilities(cls: type) -> Capabilities:
         dp_refusal=getattr(cls, "dp_refusal", None),
         peft_type_refusal=str(getattr(cls, "peft_type_refusal", "") or ""),
         seq2seq_refusal=seq2seq_refusal,
+        image_refusal=image_refusal,
         flower_refusal=flower,
     )
 

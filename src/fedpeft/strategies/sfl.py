@@ -148,6 +148,7 @@ def _step_bytes(metrics: dict[str, float]) -> list[int]:
 @register_method
 class SplitFederated(MethodStrategy):
     name = "sfl"
+    image_refusal = "split learning cuts the token pipeline (input embeddings, decoder blocks) of a text model"
     seq2seq_refusal = ("split learning cuts one stack of blocks (split/layout.py: a decoder or an encoder); an "
                        "encoder-decoder has two, joined by cross-attention, and no cut is defined for it")
     summary = "split federated learning: bottom/top on the client, trunk on the server, cut crossings metered"
