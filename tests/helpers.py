@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.federation.engine import KILL_ENV
+from fedpeft.federation.engine import KILL_ENV, run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -34,18 +34,19 @@ def run_cli(args, env_extra: dict | None = None, cwd=None, timeout: float = 300)
                           timeout=timeout)
 
 
-def run_ok(args, run_dir: Path) -> subprocess.CompletedProcess:
-    """``fedpeft run ARGS --run-dir RUN_DIR``, which must finish (exit 0)."""
-    proc = run_cli([*args, "--run-dir", run_dir])
-    assert proc.returncode == 0, proc.stderr
-    return proc
+def reference_run(config, overrides, run_dir: Path) -> Path:
+    """The uninterrupted run to compare a resumed one with, in this process (no interpreter start-up to
+    pay; the configs the resume tests use fix ``model.threads``, so the arithmetic is the child's)."""
+    run_experiment(config, [str(o) for o in overrides], run_dir=run_dir)
+    return Path(run_dir)
 
 
-def kill_and_resume(args, run_dir: Path, kill_at: str = "client:2:1") -> subprocess.CompletedProcess:
-    """``fedpeft run ARGS --run-dir RUN_DIR`` killed by SIGKILL at ``kill_at`` (``client:ROUND:NTH``,
-    ``checkpoint:ROUND``, ...), then ``fedpeft run --resume RUN_DIR``, which must finish; returns that
-    resumed process. The killed run must have died by the signal and left no final adapter."""
-    killed = run_cli([*args, "--run-dir", run_dir], {KILL_ENV: kill_at})
+def kill_and_resume(config, overrides, run_dir: Path, kill_at: str = "client:2:1") -> subprocess.CompletedProcess:
+    """``fedpeft run --config CONFIG OVERRIDES --run-dir RUN_DIR`` killed by SIGKILL at ``kill_at``
+    (``client:ROUND:NTH``, ``checkpoint:ROUND``, ...), then ``fedpeft run --resume RUN_DIR`` in a fresh
+    process, which must finish; returns that resumed process. The killed run must have died by the signal
+    and left no final adapter."""
+    killed = run_cli(["--config", config, *overrides, "--run-dir", run_dir], {KILL_ENV: kill_at})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (Path(run_dir) / "final").exists()
     resumed = run_cli(["--resume", run_dir])

@@ -20,7 +20,7 @@ from fedpeft.federation.engine import Engine, run_experiment
 from fedpeft.federation.local_trainer import IGNORE_INDEX
 from fedpeft.strategies.base import ServerContext
 from helpers import TINY_CONFIG as TINY
-from helpers import assert_same_tensors, events, final_adapter, kill_and_resume, run_ok
+from helpers import assert_same_tensors, events, final_adapter, kill_and_resume, reference_run
 
 QUIET = ["evaluation.every_rounds=0", "evaluation.before_training=false"]
 TRAIN = ["federation.grad_accumulation=2", "training.max_grad_norm=0.05", "training.lr=0.02",
@@ -173,9 +173,9 @@ def test_dropout_makes_the_engine_train_serially(tmp_path, caplog):
 
 # --- kill and resume with C > 1 ---------------------------------------------------------------------------
 def test_kill_inside_a_group_and_resume_is_bit_identical(tmp_path):
-    args = ["--config", TINY, "federation.rounds=2", "federation.concurrent_clients=2", *QUIET]
-    run_ok(args, tmp_path / "ref")
-    kill_and_resume(args, tmp_path / "run", "client:2:1")
+    overrides = ["federation.rounds=2", "federation.concurrent_clients=2", *QUIET]
+    reference_run(TINY, overrides, tmp_path / "ref")
+    kill_and_resume(TINY, overrides, tmp_path / "run", "client:2:1")
     assert_same_tensors(final_adapter(tmp_path / "ref"), final_adapter(tmp_path / "run"))
 
 

@@ -2,11 +2,11 @@
 the same final adapter as the uninterrupted run (the accountant and clip state are in the checkpoint;
 the noise is drawn from derived seeds). Harness as in tests/test_resume.py: FEDPEFT_KILL_AT SIGKILLs."""
 
-from helpers import TINY_CONFIG, assert_same_tensors, events, final_adapter, kill_and_resume, run_ok
+from helpers import TINY_CONFIG, assert_same_tensors, events, final_adapter, kill_and_resume, reference_run
 
-ARGS = ["--config", TINY_CONFIG, "federation.rounds=2", "evaluation.before_training=false", "output.report=false",
-        "privacy.mode=central", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.05",
-        "privacy.adaptive_clipping.enabled=true", "privacy.adaptive_clipping.count_noise_std=1.0"]
+OVERRIDES = ["federation.rounds=2", "evaluation.before_training=false", "output.report=false",
+             "privacy.mode=central", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.05",
+             "privacy.adaptive_clipping.enabled=true", "privacy.adaptive_clipping.count_noise_std=1.0"]
 
 
 def _privacy(run_dir):
@@ -15,8 +15,8 @@ def _privacy(run_dir):
 
 def test_kill_and_resume_gives_the_same_epsilon_and_adapter(tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    run_ok(ARGS, ref)
-    resumed = kill_and_resume(ARGS, run, "client:2:1")
+    reference_run(TINY_CONFIG, OVERRIDES, ref)
+    resumed = kill_and_resume(TINY_CONFIG, OVERRIDES, run, "client:2:1")
     expected = _privacy(ref)
     assert [e["round"] for e in expected] == [1, 2]
     assert len({e["clip_norm"] for e in expected}) == 2  # the adaptive clip moved every round
