@@ -65,7 +65,8 @@ def assert_same_tensors(want: dict[str, torch.Tensor], got: dict[str, torch.Tens
         assert torch.equal(want[key], got[key]), key
 
 
-def events(run_dir: Path, kind: str | None = None) -> list[dict]:
-    """The events of RUN_DIR/metrics.jsonl, all or those with ``event == kind``."""
+def run_events(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """The events of RUN_DIR/metrics.jsonl, all or those with ``event == kind``. Strict, unlike the
+    library's readers, which skip a line cut by a kill: in a finished run every line must parse."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [e for e in map(json.loads, lines) if kind is None or e["event"] == kind]

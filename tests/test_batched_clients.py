@@ -20,7 +20,7 @@ from fedpeft.federation.engine import Engine, run_experiment
 from fedpeft.federation.local_trainer import IGNORE_INDEX
 from fedpeft.strategies.base import ServerContext
 from helpers import TINY_CONFIG as TINY
-from helpers import assert_same_tensors, events, final_adapter, kill_and_resume, reference_run
+from helpers import assert_same_tensors, final_adapter, kill_and_resume, reference_run, run_events
 
 QUIET = ["evaluation.every_rounds=0", "evaluation.before_training=false"]
 TRAIN = ["federation.grad_accumulation=2", "training.max_grad_norm=0.05", "training.lr=0.02",
@@ -152,7 +152,7 @@ def test_engine_with_concurrent_clients_matches_serial_run_in_float32(tmp_path):
     print(f"float32 engine, 2 rounds x 3 clients: max |C=2 - C=1| = {diff:.2e}")
     assert diff <= F32_ATOL
     def losses(run_dir):
-        return [(e["round"], e["client"], e["losses"]) for e in events(run_dir, "client_train")]
+        return [(e["round"], e["client"], e["losses"]) for e in run_events(run_dir, "client_train")]
     la, lb = losses(serial.run_dir), losses(batched.run_dir)
     assert [x[:2] for x in la] == [x[:2] for x in lb]
     for (_, _, x), (_, _, y) in zip(la, lb):

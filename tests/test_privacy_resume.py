@@ -2,7 +2,7 @@
 the same final adapter as the uninterrupted run (the accountant and clip state are in the checkpoint;
 the noise is drawn from derived seeds). Harness as in tests/test_resume.py: FEDPEFT_KILL_AT SIGKILLs."""
 
-from helpers import TINY_CONFIG, assert_same_tensors, events, final_adapter, kill_and_resume, reference_run
+from helpers import TINY_CONFIG, assert_same_tensors, final_adapter, kill_and_resume, reference_run, run_events
 
 OVERRIDES = ["federation.rounds=2", "evaluation.before_training=false", "output.report=false",
              "privacy.mode=central", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.05",
@@ -10,7 +10,7 @@ OVERRIDES = ["federation.rounds=2", "evaluation.before_training=false", "output.
 
 
 def _privacy(run_dir):
-    return [{k: v for k, v in e.items() if k != "time"} for e in events(run_dir, "privacy")]
+    return [{k: v for k, v in e.items() if k != "time"} for e in run_events(run_dir, "privacy")]
 
 
 def test_kill_and_resume_gives_the_same_epsilon_and_adapter(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedpeft.federation.engine import KILL_ENV
-from helpers import TINY_CONFIG, assert_same_tensors, events, final_adapter, kill_and_resume, reference_run, run_cli
+from helpers import TINY_CONFIG, assert_same_tensors, final_adapter, kill_and_resume, reference_run, run_cli, run_events
 
 OVERRIDES = ["federation.rounds=3", "evaluation.every_rounds=1"]
 
@@ -32,10 +32,10 @@ def test_kill_and_resume_is_bit_identical(tmp_path, reference, kill_at):
     assert_same_tensors(final_adapter(reference), final_adapter(run_dir))
     # The event log reads like the uninterrupted run's: same rounds, same losses, no duplicates.
     def train_losses(run):
-        return [(e["round"], e["client"], e["losses"]) for e in events(run, "client_train")]
+        return [(e["round"], e["client"], e["losses"]) for e in run_events(run, "client_train")]
 
     assert train_losses(run_dir) == train_losses(reference)
-    assert [e["round"] for e in events(run_dir, "round_end")] == [1, 2, 3]
+    assert [e["round"] for e in run_events(run_dir, "round_end")] == [1, 2, 3]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_damaged_latest_checkpoint_falls_back_and_ends_bit_identical(killed_copy
     assert "round_0002: global.safetensors does not match its SHA-256" in resumed.stderr
     assert "resuming from round_0001" in resumed.stderr
     _assert_same_final(reference, run_dir)
-    assert [e["round"] for e in events(run_dir) if e["event"] == "round_end"] == [1, 2, 3]
+    assert [e["round"] for e in run_events(run_dir) if e["event"] == "round_end"] == [1, 2, 3]
 
 
 def test_short_metrics_log_falls_back_to_an_older_checkpoint(killed_copy, reference):
@@ -181,7 +181,7 @@ def test_concurrent_runs_on_one_directory(tmp_path):
     assert codes == [0, 2], outs
     loser = next(err for code, err in outs if code == 2)
     assert "in use by process" in loser or "not empty" in loser
-    assert [e["event"] for e in events(run_dir)].count("run_start") == 1
+    assert [e["event"] for e in run_events(run_dir)].count("run_start") == 1
 
 
 def test_config_and_resume_must_agree(tmp_path, reference):
