@@ -31,7 +31,7 @@ def run_cli(args, env_extra: dict | None = None, cwd=None, timeout: float = 300)
     """``python -m fedpeft run ARGS`` in a fresh process (a SIGKILL there does not touch the tests)."""
     return subprocess.run([sys.executable, "-m", "fedpeft", "run", *map(str, args)],
                           env={**os.environ, **(env_extra or {})}, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def reference_run(config, overrides, run_dir: Path) -> Path:
@@ -61,8 +61,8 @@ def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 def assert_same_tensors(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
     """Same names, and every tensor bit-identical (``torch.equal``)."""
     assert want.keys() == got.keys()
-    for key in want:
-        assert torch.equal(want[key], got[key]), key
+    for key, tensor in want.items():
+        assert torch.equal(tensor, got[key]), key
 
 
 def run_events(run_dir: Path, kind: str | None = None) -> list[dict]:
