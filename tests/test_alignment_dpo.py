@@ -18,12 +18,7 @@ from fedpeft.alignment.dpo import (
 from fedpeft.config import PeftConfig
 from fedpeft.models.peft_wrap import wrap_lora
 from fedpeft.models.registry import tiny_llama
-
-PAIRS = [
-    {"prompt": "Add 2 and 3.", "chosen": "5", "rejected": "6"},
-    {"prompt": "Is 14 even or odd?", "chosen": "even", "rejected": "odd"},
-    {"prompt": "Reverse: a b c", "chosen": "c b a", "rejected": "a b c"},
-]
+from helpers import PREFERENCE_PAIRS as PAIRS
 
 
 def test_dpo_and_ipo_match_a_hand_computation():

@@ -17,11 +17,7 @@ from fedpeft.alignment.preference import (
 )
 from fedpeft.data.generated import generate_split
 from fedpeft.data.sources import DataError
-
-PAIRS = [
-    {"prompt": "Add 2 and 3.", "chosen": "5", "rejected": "6"},
-    {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon"},
-]
+from helpers import PREFERENCE_PAIRS as PAIRS
 
 HH = {
     "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: It is 4.",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedpeft.attacks.metrics import meteor_exact, rouge_l_f, score_texts, token_accuracy
+from fedpeft.attacks.metrics import mean_scores, meteor_exact, rouge_l_f, score_texts, sequence_scores, token_accuracy
 
 
 def test_rouge_l_f_by_hand():
@@ -48,3 +48,16 @@ def test_score_texts_is_the_mean():
     scores = score_texts(["a b c", "a b c"], ["a b c", "x"])
     assert scores["rouge_l_f"] == pytest.approx(0.5)
     assert scores["meteor"] == pytest.approx((1 - 0.5 / 27) / 2)
+
+
+def test_row_scores_are_the_per_sequence_means():
+    """A result row's columns: each score averaged over the sequences, by hand here."""
+    one = sequence_scores("a b c", "a b c", [1, 2, 3], [1, 2, 3])
+    two = sequence_scores("a b c", "x", [1, 2, 3], [1, 0, 0])
+    assert one == (1.0, pytest.approx(1 - 0.5 / 27), 1.0) and two == (0.0, 0.0, pytest.approx(1 / 3))
+    row = mean_scores([one, two])
+    assert list(row) == ["rouge_l_f", "meteor", "token_accuracy"]
+    assert row["rouge_l_f"] == 0.5 and row["token_accuracy"] == pytest.approx(2 / 3)
+    assert row["meteor"] == pytest.approx((1 - 0.5 / 27) / 2)
+    with pytest.raises(ValueError, match="no scored sequence"):
+        mean_scores([])

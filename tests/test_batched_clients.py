@@ -8,28 +8,20 @@ max_grad_norm) so that a group-wide clip would show up as a difference.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from fedpeft.adapters import adapter_parameters, get_adapter_state
 from fedpeft.config import load_config
 from fedpeft.federation.batched_runner import GroupedRunner, batching_refusal, plan_groups
 from fedpeft.federation.batched_trainer import train_group
-from fedpeft.federation.engine import KILL_ENV, Engine, run_experiment
+from fedpeft.federation.engine import Engine, run_experiment
 from fedpeft.federation.local_trainer import IGNORE_INDEX
 from fedpeft.strategies.base import ServerContext
+from helpers import TINY_CONFIG as TINY
+from helpers import assert_same_tensors, final_adapter, kill_and_resume, reference_run, run_events
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
 QUIET = ["evaluation.every_rounds=0", "evaluation.before_training=false"]
 TRAIN = ["federation.grad_accumulation=2", "training.max_grad_norm=0.05", "training.lr=0.02",
          "federation.clients_per_round=3"]
@@ -151,21 +143,16 @@ def test_a_clients_result_does_not_depend_on_its_group_mates(tmp_path):
 F32_ATOL = 1e-5
 
 
-def _final(run_dir):
-    return load_file(str(Path(run_dir) / "final" / "adapter_model.safetensors"))
-
-
 def test_engine_with_concurrent_clients_matches_serial_run_in_float32(tmp_path):
     common = [*QUIET, *TRAIN, "federation.rounds=2"]
     serial = run_experiment(TINY, common, run_dir=tmp_path / "serial")
     batched = run_experiment(TINY, [*common, "federation.concurrent_clients=2"], run_dir=tmp_path / "batched")
-    a, b = _final(serial.run_dir), _final(batched.run_dir)
+    a, b = final_adapter(serial.run_dir), final_adapter(batched.run_dir)
     diff = _max_diff(a, b)
     print(f"float32 engine, 2 rounds x 3 clients: max |C=2 - C=1| = {diff:.2e}")
     assert diff <= F32_ATOL
     def losses(run_dir):
-        return [(e["round"], e["client"], e["losses"]) for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                if e["event"] == "client_train"]
+        return [(e["round"], e["client"], e["losses"]) for e in run_events(run_dir, "client_train")]
     la, lb = losses(serial.run_dir), losses(batched.run_dir)
     assert [x[:2] for x in la] == [x[:2] for x in lb]
     for (_, _, x), (_, _, y) in zip(la, lb):
@@ -185,23 +172,11 @@ def test_dropout_makes_the_engine_train_serially(tmp_path, caplog):
 
 
 # --- kill and resume with C > 1 ---------------------------------------------------------------------------
-def _cli(args, env_extra=None):
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "fedpeft", "run", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_kill_inside_a_group_and_resume_is_bit_identical(tmp_path):
-    over = ["federation.rounds=2", "federation.concurrent_clients=2", *QUIET]
-    ref = _cli(["--config", str(TINY), "--run-dir", str(tmp_path / "ref"), *over])
-    assert ref.returncode == 0, ref.stderr
-    run_dir = tmp_path / "run"
-    killed = _cli(["--config", str(TINY), "--run-dir", str(run_dir), *over], {KILL_ENV: "client:2:1"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    resumed = _cli(["--resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr
-    want, got = _final(tmp_path / "ref"), _final(run_dir)
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    overrides = ["federation.rounds=2", "federation.concurrent_clients=2", *QUIET]
+    reference_run(TINY, overrides, tmp_path / "ref")
+    kill_and_resume(TINY, overrides, tmp_path / "run", "client:2:1")
+    assert_same_tensors(final_adapter(tmp_path / "ref"), final_adapter(tmp_path / "run"))
 
 
 def test_a_group_that_runs_out_of_memory_is_retried_in_halves(tmp_path, monkeypatch):

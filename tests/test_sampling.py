@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from fedpeft import seeding as sampling
+from fedpeft import seeding
 from fedpeft.seeding import derive_seed, sample_clients
 
 
@@ -25,7 +25,7 @@ def test_derive_seed_is_sha256_of_the_joined_parts_in_63_bits():
 def test_derive_seed_is_the_same_in_another_process_whatever_its_hash_seed():
     """Unlike hash(), which Python salts per process (PYTHONHASHSEED)."""
     code = "from fedpeft.seeding import derive_seed; print(derive_seed(11, 'fedls_mask', 4, 'layers.0'))"
-    src = str(Path(sampling.__file__).parents[1])
+    src = str(Path(seeding.__file__).parents[1])
     outs = set()
     for hash_seed in ("1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONPATH=src)

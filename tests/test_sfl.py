@@ -2,8 +2,6 @@
 defence is the plain FedIT run, crossings are metered per client and round, bad cuts are named."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +16,7 @@ from fedpeft.strategies import build_strategy
 from fedpeft.strategies.base import ClientUpdate
 from fedpeft.strategies.registry import MethodOptionsError
 from fedpeft.strategies.sfl import CLIENT_PARTS_NAME, TRUNK_NAME
+from helpers import reference_run, run_events
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
@@ -102,11 +101,10 @@ def test_bad_options_name_the_setting():
 
 
 def _run(run_dir, *overrides):
-    proc = subprocess.run([sys.executable, "-m", "fedpeft", "run", "--config", str(TINY), "--run-dir", str(run_dir),
-                           "federation.rounds=2", "evaluation.every_rounds=0", "evaluation.before_training=false",
-                           *overrides], capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The run's events; in this process (tiny.yaml fixes model.threads, so the arithmetic is a child's)."""
+    reference_run(TINY, ["federation.rounds=2", "evaluation.every_rounds=0", "evaluation.before_training=false",
+                         *overrides], run_dir)
+    return run_events(run_dir)
 
 
 def test_split_run_without_defence_is_the_plain_fedit_run(tmp_path):

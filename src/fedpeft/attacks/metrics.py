@@ -73,3 +73,23 @@ def score_texts(references: Sequence[str], hypotheses: Sequence[str]) -> dict[st
     n = len(references)
     return {"rouge_l_f": sum(rouge_l_f(r, h) for r, h in zip(references, hypotheses)) / n,
             "meteor": sum(meteor_exact(r, h) for r, h in zip(references, hypotheses)) / n}
+
+
+SCORES = ("rouge_l_f", "meteor", "token_accuracy")  # the score columns of an attack's result rows
+
+
+def sequence_scores(reference: str, hypothesis: str, true_ids: torch.Tensor | Sequence[int],
+                    recovered_ids: torch.Tensor | Sequence[int],
+                    mask: torch.Tensor | Sequence[bool] | None = None) -> tuple[float, float, float]:
+    """The ``SCORES`` of one reconstructed sequence: ROUGE-L F and METEOR of its decoded text, token
+    accuracy of its ids."""
+    return (rouge_l_f(reference, hypothesis), meteor_exact(reference, hypothesis),
+            token_accuracy(true_ids, recovered_ids, mask))
+
+
+def mean_scores(scores: Sequence[tuple[float, float, float]]) -> dict[str, float]:
+    """``{name: mean over sequences}`` for each of ``SCORES``, from ``sequence_scores`` tuples."""
+    if not scores:
+        raise ValueError("mean_scores: no scored sequence; expected at least one")
+    n = len(scores)
+    return {name: sum(s[i] for s in scores) / n for i, name in enumerate(SCORES)}

@@ -38,7 +38,7 @@ from torch import nn
 from fedpeft.attacks.cut import input_embedding_matrix, nearest_tokens, num_blocks
 from fedpeft.attacks.eia import EIAOptions, eia_attack
 from fedpeft.attacks.gradient_matching import GradientMatchOptions, top_gradient_attack
-from fedpeft.attacks.metrics import meteor_exact, rouge_l_f, token_accuracy
+from fedpeft.attacks.metrics import mean_scores, sequence_scores
 from fedpeft.attacks.report import ATTACK_FILE, PRIVACY_DIR
 from fedpeft.attacks.sip import InversionModel, sip_logits
 
@@ -131,8 +131,8 @@ def _texts(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
 
 def _score(tokenizer, truth: torch.Tensor, recovered: torch.Tensor, mask: torch.Tensor) -> list[tuple[float, ...]]:
     refs, hyps = _texts(tokenizer, truth, mask), _texts(tokenizer, recovered, mask)
-    return [(rouge_l_f(r, h), meteor_exact(r, h), token_accuracy(t, x, m))
-            for r, h, t, x, m in zip(refs, hyps, truth, recovered, mask) if int(m.sum()) > 0]
+    return [sequence_scores(r, h, t, x, m) for r, h, t, x, m in zip(refs, hyps, truth, recovered, mask)
+            if int(m.sum()) > 0]
 
 
 def _attack_batch(attack: str, model: nn.Module, batch: dict[str, torch.Tensor], cut: tuple[int, int],
@@ -178,11 +178,8 @@ def attack_recorded(model: nn.Module, tokenizer, jobs: Sequence[RecordedJob], at
                 if example is None:
                     ref, hyp = _texts(tokenizer, truth[:1], mask[:1])[0], _texts(tokenizer, recovered[:1], mask[:1])[0]
                     example = {"reference": ref, "reconstruction": hyp}
-            n = len(scores)
             rows.append({"attack": attack, "observes": RECORDED_ATTACKS[attack], "defence": defence,
-                         "cut": items[0][0].meta.get("cut"), "sequences": n,
-                         "rouge_l_f": sum(s[0] for s in scores) / n, "meteor": sum(s[1] for s in scores) / n,
-                         "token_accuracy": sum(s[2] for s in scores) / n,
+                         "cut": items[0][0].meta.get("cut"), "sequences": len(scores), **mean_scores(scores),
                          "seconds": round(time.perf_counter() - start, 2), "example": example})
     return rows
 

@@ -29,7 +29,7 @@ from fedpeft.attacks.cut import check_cut, num_blocks
 from fedpeft.attacks.defences import gaussian_noise, noisy_gradients
 from fedpeft.attacks.eia import EIAOptions, eia_attack
 from fedpeft.attacks.gradient_matching import GradientMatchOptions, lora_gradient_attack, top_gradient_attack
-from fedpeft.attacks.metrics import meteor_exact, rouge_l_f, token_accuracy
+from fedpeft.attacks.metrics import mean_scores, sequence_scores
 from fedpeft.attacks.observe import observe_lora_gradient, observe_split
 from fedpeft.attacks.sip import InversionModel, SIPOptions, sip_logits, train_inversion_model
 
@@ -168,15 +168,11 @@ def run_attacks(model: nn.Module, tokenizer, victim_texts: Sequence[str], settin
                                                level, seed)
                 reference = tokenizer.decode(truth[0], skip_special_tokens=True)
                 hypothesis = tokenizer.decode(recovered[0], skip_special_tokens=True)
-                scores.append((rouge_l_f(reference, hypothesis), meteor_exact(reference, hypothesis),
-                               token_accuracy(truth.cpu(), recovered.cpu())))
+                scores.append(sequence_scores(reference, hypothesis, truth.cpu(), recovered.cpu()))
                 if example is None:
                     example = {"reference": reference, "reconstruction": hypothesis}
-            n = len(scores)
-            rows.append({"attack": attack, "observes": ATTACKS[attack], "noise": level, "samples": n,
-                         "rouge_l_f": sum(s[0] for s in scores) / n, "meteor": sum(s[1] for s in scores) / n,
-                         "token_accuracy": sum(s[2] for s in scores) / n,
-                         "seconds": round(time.perf_counter() - start, 2), "example": example})
+            rows.append({"attack": attack, "observes": ATTACKS[attack], "noise": level, "samples": len(scores),
+                         **mean_scores(scores), "seconds": round(time.perf_counter() - start, 2), "example": example})
     return rows
 
 

@@ -27,7 +27,7 @@ def source_texts(source: str, tasks: Sequence[str] | None, count: int, seed: int
     """``count`` texts of ``source`` (seeded sample of its training split)."""
     if source == "generated":
         if not tasks:
-            raise ValueError(f"tasks: source 'generated' needs at least one task name")
+            raise ValueError("tasks: source 'generated' needs at least one task name")
         per_task = -(-count // len(tasks))
         records = [r for t in tasks for r in generate_task(t, per_task, seed)]
     else:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from fedpeft.commands.common import exit_on
+
 
 def _names(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
@@ -71,7 +73,7 @@ def register(app: typer.Typer) -> None:
                           aux_samples, max_tokens, sip_steps, seed)
             return
 
-        try:
+        with exit_on(ValueError, message=_first_error):  # pydantic's ValidationError is a ValueError
             settings = AttackSettings(attacks=_names(attacks), cut=cut, top_cut=top_cut, samples=samples,
                                       max_tokens=max_tokens, noise_levels=_levels(noise), steps=steps,
                                       sip_steps=sip_steps, has_auxiliary=aux_source is not None, lora_r=lora_r,
@@ -80,9 +82,6 @@ def register(app: typer.Typer) -> None:
                     (source != "generated" or set(_names(aux_tasks)) & set(_names(tasks))):
                 raise ValueError(f"--aux-source: '{aux_source}' (tasks {aux_tasks}) overlaps the clients' data "
                                  f"('{source}', tasks {tasks}); the auxiliary data must be a different dataset")
-        except ValueError as exc:  # pydantic's ValidationError is a ValueError
-            typer.echo(f"error: {_first_error(exc)}", err=True)
-            raise typer.Exit(2) from None
         _run(settings, model, source, _names(tasks), aux_source, _names(aux_tasks), aux_samples, out)
 
 
@@ -98,15 +97,12 @@ def _run(settings, model_name, source, tasks, aux_source, aux_tasks, aux_samples
     from fedpeft.attacks.texts import source_texts
     from fedpeft.models.registry import load_base_model
 
-    try:
+    with exit_on(ValueError):
         victims = source_texts(source, tasks, settings.samples, settings.seed)
         auxiliary = source_texts(aux_source, aux_tasks, aux_samples, settings.seed + 1) if aux_source else []
         loaded = load_base_model(model_name, seed=settings.seed)
         model, tokenizer = loaded.model, loaded.tokenizer
         rows = run_attacks(model, tokenizer, victims, settings, auxiliary)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     table = markdown_table(rows)
     typer.echo(table)
     if out is not None:
@@ -133,7 +129,7 @@ def _run_recorded(run_dir, crossings, attacks, weights, steps, max_batches, aux_
     from fedpeft.report import write_report
     from fedpeft.report.markdown import REPORT_DIR, REPORT_FILE
 
-    try:
+    with exit_on(ValueError, FileNotFoundError):
         if weights not in WEIGHTS:
             raise ValueError(f"--weights: '{weights}' is not one of {', '.join(WEIGHTS)}")
         config = run_config(run_dir)
@@ -154,9 +150,6 @@ def _run_recorded(run_dir, crossings, attacks, weights, steps, max_batches, aux_
                                               SIPOptions(steps=sip_steps, seed=seed))
         rows = attack_recorded(model, tokenizer, jobs, attacks, steps=steps, max_batches=max_batches, seed=seed,
                                inversion=inversion)
-    except (ValueError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     payload = {"run": str(run_dir), "model": model_cfg.get("name"), "weights": weights,
                "crossings": [str(j.path) for j in jobs], "aux_source": aux_source, "aux_tasks": aux_tasks,
                "steps": steps, "seed": seed, "results": rows}

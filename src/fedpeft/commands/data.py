@@ -10,6 +10,8 @@ from typing import Any
 
 import typer
 
+from fedpeft.commands.common import OVERRIDES, exit_on
+
 # Fields shown first, in this order; the rest of a record follows alphabetically.
 _FIRST = ("task", "instruction", "input", "output", "head_text", "reference")
 
@@ -65,7 +67,7 @@ def summary_lines(data, head: str, count: int) -> list[str]:
 def register(app: typer.Typer) -> None:
     @app.command(
         "data",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": False},
+        context_settings=OVERRIDES,
         help=(
             "Show the first few training and evaluation records of a config, normalised as a run sees them, "
             "with the record counts and the label sets. Loads the data only, never a model.\n\n"
@@ -84,12 +86,9 @@ def register(app: typer.Typer) -> None:
         from fedpeft.data.dataset import load_experiment_data
         from fedpeft.data.sources import DataError
 
-        try:
+        with exit_on(ConfigError, DataError, ValueError, FileNotFoundError):
             cfg = load_config(config, list(ctx.args), check_method=False)  # no method runs here
             data = load_experiment_data(cfg)
             data.labels()  # a missing partition field is reported here, as a run would
-        except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
         for line in summary_lines(data, cfg.model.head, count):
             typer.echo(line)

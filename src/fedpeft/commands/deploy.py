@@ -18,31 +18,27 @@ from typing import Any
 
 import typer
 
+from fedpeft.commands.common import OVERRIDES, exit_on, fail
+
 deploy_app = typer.Typer(
     name="deploy",
     help="Run an experiment on a Flower federation: a local rehearsal or real machines (docs/deploy.md).",
     no_args_is_help=True,
 )
 
-EXTRA = {"allow_extra_args": True, "ignore_unknown_options": False}
-
 
 def _need_flower() -> None:
     try:
         import flwr  # noqa: F401
     except ImportError:
-        typer.echo("error: Flower is not installed; install it with: pip install 'fedpeft[flower]'", err=True)
-        raise typer.Exit(2) from None
+        fail("Flower is not installed; install it with: pip install 'fedpeft[flower]'")
 
 
 def _load(config: Path, overrides: list[str]):
     from fedpeft.config import ConfigError, load_config
 
-    try:
+    with exit_on(ConfigError):
         return load_config(config, overrides)
-    except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 def _settings(options: dict, resume: bool = False, resolve_run_dir: bool = False) -> dict:
@@ -108,7 +104,7 @@ def with_settings(command):
     return wrapper
 
 
-@deploy_app.command("rehearsal", context_settings=EXTRA, help=(
+@deploy_app.command("rehearsal", context_settings=OVERRIDES, help=(
     "Start a SuperLink and N SuperNodes on 127.0.0.1 (--insecure), run the config on them, read the run's status "
     "from Flower, stop the processes. Node i serves clients i, i+N, ... of the config's partition.\n\n"
     "Example: fedpeft deploy rehearsal --config configs/tiny.yaml --clients 2 federation.rounds=2"))
@@ -141,20 +137,16 @@ def rehearsal(
     app_dir = write_app(workdir / "app", cfg, **_settings({**options, "run_dir": run_dir}, resolve_run_dir=True))
     typer.echo(f"rehearsal: SuperLink + {clients} SuperNodes on 127.0.0.1, logs in {workdir / 'logs'}", err=True)
     start = time.perf_counter()
-    try:
-        with LocalFederation(workdir, nodes) as federation:
-            run_id, status = federation.run(app_dir, timeout=timeout)
-            if status != "finished:completed":
-                typer.echo(pull_logs(run_id, federation.env)[-6000:], err=True)
-    except DeployError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    with exit_on(DeployError, code=1), LocalFederation(workdir, nodes) as federation:
+        run_id, status = federation.run(app_dir, timeout=timeout)
+        if status != "finished:completed":
+            typer.echo(pull_logs(run_id, federation.env)[-6000:], err=True)
     _print_outcome(run_dir, run_id, status, time.perf_counter() - start)
     if status != "finished:completed":
         raise typer.Exit(1)
 
 
-@deploy_app.command("app", context_settings=EXTRA, help=(
+@deploy_app.command("app", context_settings=OVERRIDES, help=(
     "Write the Flower app folder of a config (pyproject.toml with the resolved experiment in its run config), "
     "to run by hand: flwr run DIR <connection> --stream.\n\n"
     "Example: fedpeft deploy app --config configs/quickstart.yaml --out flower-app --run-dir /srv/runs/q1"))
@@ -175,7 +167,7 @@ def app_folder(
     typer.echo(f"wrote {folder / 'pyproject.toml'}; run it with: flwr run {folder} <connection> --stream")
 
 
-@deploy_app.command("run", context_settings=EXTRA, help=(
+@deploy_app.command("run", context_settings=OVERRIDES, help=(
     "Submit a config to a running SuperLink and wait until Flower reports the run finished (the exit code "
     "follows the run's status, not flwr's).\n\n"
     "Example: fedpeft deploy run --config configs/quickstart.yaml --superlink link.example.org:9093 "
@@ -214,15 +206,12 @@ def run(
     settings = _settings(options, resume)
     app_dir = write_app(Path(tempfile.mkdtemp(prefix="fedpeft-app-")), cfg, **settings)
     start = time.perf_counter()
-    try:
+    with exit_on(DeployError, code=1):
         run_id = submit(app_dir, env, connection)
         typer.echo(f"submitted Flower run {run_id} (logs: flwr log {run_id} {connection})", err=True)
         if not wait:
             return
         status = wait_for_run(run_id, env, connection, timeout=timeout, poll=5.0)
-    except DeployError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"Flower run {run_id}: {status} ({time.perf_counter() - start:.1f} s)")
     if options["run_dir"] and Path(options["run_dir"]).is_dir():
         _print_outcome(Path(options["run_dir"]), run_id, status, time.perf_counter() - start)

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedpeft.commands.common import exit_on
+
 console = Console(stderr=True)
 
 _EVALUATOR_SHORT = {"multiple_choice": "mc", "generate": "gen", "lm_loss": "loss", "mt_bench": "judge"}
@@ -186,11 +188,8 @@ def register(app: typer.Typer) -> None:
             run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
         model_spec = model or (run_config or {}).get("model", {}).get("name") or "smollm2-135m-instruct"
 
-        try:
+        with exit_on(ModelNotFoundError, FileNotFoundError, ValueError):
             loaded_model, tokenizer, description = load_model_for_eval(model_spec, adapter, dtype=dtype)
-        except (ModelNotFoundError, FileNotFoundError, ValueError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(2) from None
         if template == "auto":
             template = (run_config or {}).get("data", {}).get("template") or (
                 "chat" if getattr(tokenizer, "chat_template", None) else "alpaca")

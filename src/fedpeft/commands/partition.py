@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from fedpeft.commands.common import OVERRIDES, exit_on
+
 
 def parse_sizes(text: str) -> dict[str, int]:
     """``"sst2=67349,mrpc=3668"`` -> ``{"sst2": 67349, "mrpc": 3668}`` (order kept)."""
@@ -49,7 +51,7 @@ def _rich_table(title: str, values, table):
 def register(app: typer.Typer) -> None:
     @app.command(
         "partition",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": False},
+        context_settings=OVERRIDES,
         help=(
             "Show the client x label table of a config's data partition (with totals) and save it as CSV. "
             "Loads the data only, never a model.\n\n"
@@ -80,7 +82,7 @@ def register(app: typer.Typer) -> None:
         from fedpeft.data.sources import DataError
 
         label_sets: list[str] = []
-        try:
+        with exit_on(ConfigError, DataError, ValueError, FileNotFoundError):
             cfg = load_config(config, list(ctx.args), check_method=False)  # no method runs here
             pcfg = cfg.data.partition
             num_clients = cfg.federation.num_clients
@@ -99,9 +101,6 @@ def register(app: typer.Typer) -> None:
                 label_sets = data.label_set_lines()
             parts = partition(labels, num_clients, pcfg.kind, cfg.seed, alpha=pcfg.alpha, min_frac=pcfg.min_frac,
                               classes_per_client=pcfg.classes_per_client, label_order=order)
-        except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
 
         values, table = count_table(labels, parts, order)
         title = (f"partition of {source} by {'task' if sizes else pcfg.by}: kind={pcfg.kind}, clients={num_clients}, "

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from fedpeft.commands.common import fail
+
 
 def register(app: typer.Typer) -> None:
     @app.command("report")
@@ -18,8 +20,7 @@ def register(app: typer.Typer) -> None:
         from fedpeft.report.metrics_io import metrics_path
 
         if not metrics_path(run_dir).exists():
-            typer.echo(f"error: {run_dir} has no metrics.jsonl (is it a run directory?)", err=True)
-            raise typer.Exit(2)
+            fail(f"{run_dir} has no metrics.jsonl (is it a run directory?)")
         path = write_report(run_dir, out)
         typer.echo(f"report: {path}")
 
@@ -34,7 +35,6 @@ def register(app: typer.Typer) -> None:
 
         missing = [str(d) for d in run_dirs if not metrics_path(d).exists()]
         if missing:
-            typer.echo(f"error: no metrics.jsonl in: {', '.join(missing)}", err=True)
-            raise typer.Exit(2)
+            fail(f"no metrics.jsonl in: {', '.join(missing)}")
         path = compare_runs(run_dirs, out)
         typer.echo(f"comparison: {path}")

@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedpeft.commands.common import OVERRIDES, exit_on
+
 console = Console(stderr=True)
 
 
@@ -26,7 +28,7 @@ def _summary_table(summary) -> Table:
 def register(app: typer.Typer) -> None:
     @app.command(
         "run",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": False},
+        context_settings=OVERRIDES,
         help=(
             "Run a federated experiment.\n\n"
             "Examples:\n\n"
@@ -56,7 +58,9 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--run-dir and --resume name different directories", param_hint="--run-dir")
         if resume is not None and overwrite:
             raise typer.BadParameter("--resume continues a run, --overwrite replaces it: give one", param_hint="--overwrite")
-        try:
+        # Bad input exits 2; an OSError (disk full, read-only or missing directory) exits 1 with the path and
+        # the cause. FileNotFoundError is an OSError: the inner block, asked first, keeps it at 2.
+        with exit_on(OSError, code=1), exit_on(ConfigError, FileNotFoundError, ValueError):
             given = load_config(config, overrides) if config is not None else None
             saved_path = resume / "config.yaml" if resume is not None else None
             if saved_path is not None and saved_path.is_file():
@@ -89,12 +93,6 @@ def register(app: typer.Typer) -> None:
             except RunStopped as exc:  # the run began and cannot go on; its last checkpoint is the resume point
                 typer.echo(f"run stopped: {exc}", err=True)
                 raise typer.Exit(1) from None
-        except (ConfigError, FileNotFoundError, ValueError) as exc:
-            typer.echo(f"error: {exc}", err=True)  # plain text: no wrapping inside names and paths
-            raise typer.Exit(2) from None
-        except OSError as exc:  # disk full, read-only or missing directory: the path and the cause
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
         console.print(_summary_table(summary))
         console.print(
             f"{summary.rounds} rounds in {summary.seconds:.1f} s, peak RSS {summary.peak_rss_mb:.0f} MiB, "

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import typer
 
+from fedpeft.commands.common import OVERRIDES, exit_on
+
 
 def register(app: typer.Typer) -> None:
     @app.command(
         "sweep",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": False},
+        context_settings=OVERRIDES,
         help=(
             "Hyperparameter sweep over config keys (FedHPO): grid, random or successive halving.\n\n"
             "  fedpeft sweep configs/sweep/tiny_grid.yaml --dir runs/sweep-tiny\n\n"
@@ -28,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from fedpeft.config import ConfigError
         from fedpeft.federation.run_dir import RunDirError
 
-        try:
+        with exit_on(ConfigError, RunDirError, ValueError, FileNotFoundError):
             import fedpeft.strategies  # noqa: F401  (registers the method check of every trial's config)
             from fedpeft.sweep.spec import load_sweep
 
@@ -41,8 +43,5 @@ def register(app: typer.Typer) -> None:
             from fedpeft.sweep.runner import SweepRunner
 
             result = SweepRunner(loaded, target).run()
-        except (ConfigError, RunDirError, ValueError, FileNotFoundError) as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
         typer.echo((target / "results.md").read_text(encoding="utf-8"))
         typer.echo(f"results: {target / 'results.csv'}" + (f", plot: {result['plot']}" if result.get("plot") else ""))

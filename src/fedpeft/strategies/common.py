@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from fedpeft.adapters import AdapterState, lora_pairs, validate_update
-from fedpeft.strategies.base import ClientUpdate, Strategy, example_weights, weighted_average
+from fedpeft.strategies.base import AggregateResult, ClientUpdate, Strategy, example_weights, weighted_average
 from fedpeft.strategies.lora_math import frobenius_of_product, is_lora, stack_factors
 from fedpeft.strategies.server_optimizers import is_identity
 
@@ -55,6 +55,12 @@ class MethodStrategy(Strategy):
         new_global = {k: v.clone() for k, v in global_state.items()}
         new_global.update(new_values)
         return new_global
+
+    def average_into_global(self, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        """FedAvg of whatever the method uploads (FFA-LoRA's B, FedSA-LoRA's A, FedPer's shared part):
+        the example-weighted mean, through the server optimizer, laid over the global state."""
+        averaged = self.average_updates(global_state, updates, example_weights(updates))
+        return AggregateResult(global_state=self.apply_average(global_state, averaged))
 
 
 def global_with_stored(global_state: AdapterState, store: Any, client_id: int, name: str) -> AdapterState:

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 
 from fedpeft.adapters import AdapterState, adapter_parameters
-from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
+from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult
 from fedpeft.strategies.common import MethodStrategy, mean_of_personal_parts, refuse_uploaded
 from fedpeft.strategies.registry import MethodOptions, register_method
 
@@ -126,8 +126,7 @@ class FedPer(MethodStrategy):
         refuse_uploaded(update, self._is_personal, "fedper", "personal layers stay on the client")
 
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        averaged = self.average_updates(global_state, updates, example_weights(updates))
-        return AggregateResult(global_state=self.apply_average(global_state, averaged))
+        return self.average_into_global(global_state, updates)
 
     # --- evaluation -----------------------------------------------------------------------------
     def personal_state(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState | None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fedpeft.adapters import AdapterState
-from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult, example_weights
+from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, TrainResult
 from fedpeft.strategies.common import MethodStrategy, mean_of_personal_parts, refuse_uploaded
 from fedpeft.strategies.lora_math import is_b
 from fedpeft.strategies.registry import register_method
@@ -78,8 +78,7 @@ class FedSALoRA(MethodStrategy):
         refuse_uploaded(update, is_b, "fedsa_lora", "B is personal")
 
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        averaged = self.average_updates(global_state, updates, example_weights(updates))
-        return AggregateResult(global_state=self.apply_average(global_state, averaged))
+        return self.average_into_global(global_state, updates)
 
     # --- evaluation -----------------------------------------------------------------------------
     def personal_state(self, client_id: int, global_state: AdapterState, store: Any) -> AdapterState | None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from fedpeft.adapters import AdapterState
-from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate, example_weights
+from fedpeft.strategies.base import AggregateResult, ClientPlan, ClientUpdate
 from fedpeft.strategies.common import MethodStrategy, refuse_uploaded
 from fedpeft.strategies.lora_math import is_a, is_b
 from fedpeft.strategies.registry import register_method
@@ -53,5 +53,4 @@ class FFALoRA(MethodStrategy):
         refuse_uploaded(update, is_a, "ffa_lora", "A is frozen")
 
     def aggregate(self, round_idx: int, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        averaged = self.average_updates(global_state, updates, example_weights(updates))
-        return AggregateResult(global_state=self.apply_average(global_state, averaged))
+        return self.average_into_global(global_state, updates)
