@@ -103,6 +103,12 @@ def check_experiment_method(config: Any) -> None:
     its server-optimizer rule lacks are dropped with a warning (configs saved before the per-rule
     defaults set all four). Added to ``config.METHOD_CHECKS`` when this package is imported."""
     check_method_config(config.method, peft_type=config.peft.type)
+    cls = method_class(config.method.name)
+    problems = getattr(cls, "config_problems", None)  # a method's own cross-section refusals (FedOT full)
+    if problems is not None:
+        lines = problems(config, parse_options(cls, config.method.options))
+        if lines:
+            raise MethodOptionsError(lines)
     privacy = getattr(config, "privacy", None)
     if privacy is not None:
         cls = method_class(config.method.name)
