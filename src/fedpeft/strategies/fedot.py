@@ -152,7 +152,7 @@ def full_mode_problems(config: Any, opts: FedOTOptions) -> list[str]:
 @register_method
 class FedOT(MethodStrategy):
     name = "fedot"
-    summary = "offsite tuning: clients train the first a / last b blocks on a layer-dropped emulator; FedAvg"
+    summary = "offsite tuning: clients train the first a / last b blocks (LoRA or full) on a layer-dropped emulator; FedAvg"
     Options = FedOTOptions
     report_section = staticmethod(offsite_report_section)
     secure_mean = False  # not run under Flower/SecAgg yet (docs/fedot.md)
