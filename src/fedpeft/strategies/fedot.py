@@ -152,7 +152,8 @@ def full_mode_problems(config: Any, opts: FedOTOptions) -> list[str]:
 @register_method
 class FedOT(MethodStrategy):
     name = "fedot"
-    summary = "offsite tuning: clients train the first a / last b blocks (LoRA or full) on a layer-dropped emulator; FedAvg"
+    summary = ("offsite tuning: clients train the first a / last b blocks (LoRA or full) on a layer-dropped "
+               "emulator; FedAvg")
     Options = FedOTOptions
     report_section = staticmethod(offsite_report_section)
     secure_mean = False  # not run under Flower/SecAgg yet (docs/fedot.md)
@@ -169,8 +170,9 @@ class FedOT(MethodStrategy):
                 raise ValueError("method.options.local_ot=true with method.options.adapter_training=full is not built")
             self.personalized = True
         if self.full and not is_identity(server_optimizer):
-            raise ValueError(f"method.server_optimizer.name={server_optimizer.name}: method.options.adapter_training=full "
-                             "averages the blocks straight into the owner's model (FedAvg); use none")
+            raise ValueError(f"method.server_optimizer.name={server_optimizer.name}: "
+                             "method.options.adapter_training=full averages the blocks straight into the owner's "
+                             "model (FedAvg); use none")
         self.emulator: Emulator | None = None
         self.model: torch.nn.Module | None = None
         self.shipped: set[int] = set()
