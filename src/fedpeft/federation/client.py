@@ -165,6 +165,7 @@ class ClientRunner:
         cfg = self.config
         examples = self.prepare(round_idx, plan, start_state)
         params = {n: p for n, p in adapter_parameters(self.model).items() if p.requires_grad}
+        params.update(self.strategy.trainable_base_parameters(self.model, plan))  # FedOT full: its blocks' weights
         dp = plan.info.get("dp")  # client-level DP (privacy.mode): the round's clip norm and this client's noise
         start = get_adapter_state(self.model) if dp else None
         torch.manual_seed(derive_seed(cfg.seed, "dropout", round_idx, plan.client_id, plan.job))

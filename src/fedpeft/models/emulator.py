@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -144,15 +144,24 @@ class Emulator:
                 self.blocks[i].__dict__.pop("forward", None)
 
     # --- what leaves the owner ---------------------------------------------------------------------
-    def shipped_parameters(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def block_parameters(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        """Every base parameter of the adapter blocks (weights and norms; not the adapter tensors inside
+        them), by its name in ``model``: what FedOT's ``adapter_training: full`` trains and sends."""
+        blocks = set(self.adapter_blocks)
+        return {name: p for name, p in model.named_parameters()
+                if self.block_of(name) in blocks and not is_adapter_param(name)}
+
+    def shipped_parameters(self, model: torch.nn.Module, travelling: Collection[str] = ()) -> dict[str, torch.Tensor]:
         """Every frozen base tensor a client needs to run the emulator-model: the model's parameters
-        and buffers except the adapter's own tensors (sent each round) and the dropped blocks; a kept
+        and buffers except the adapter's own tensors (sent each round), ``travelling`` (base tensors
+        that are sent each round too: fully trained adapter blocks) and the dropped blocks; a kept
         block is its distilled copy when there is one. Tensors are the model's own (no copies)."""
         out: dict[str, torch.Tensor] = {}
         dropped = set(self.dropped)
+        travelling = set(travelling)
         seen: set[int] = set()
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if is_adapter_param(name) or id(tensor) in seen:
+            if is_adapter_param(name) or id(tensor) in seen or name in travelling:
                 continue
             block = self.block_of(name)
             if block in dropped or block in self.distilled:

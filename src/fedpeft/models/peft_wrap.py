@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from fedpeft.adapters import adapter_parameters
-from fedpeft.config import DEFAULT_TARGET_MODULES
-from fedpeft.config import IMAGE_PEFT_TYPES
+from fedpeft.adapters import adapter_parameters, is_adapter_param
+from fedpeft.config import DEFAULT_TARGET_MODULES, IMAGE_PEFT_TYPES
 from fedpeft.models.device import resolve_device
 
 
@@ -262,9 +261,25 @@ def lora_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
+def base_tensor(model: torch.nn.Module, modules: dict[str, torch.nn.Module], name: str) -> torch.nn.Parameter:
+    """The base weight ``name`` stands for: a LoRA module's frozen base weight (``name`` a key of
+    ``modules``, FLoRA / FedEx-LoRA), else the model's parameter of that name (FedOT's fully trained
+    adapter blocks: every parameter of a block, norms included). Adapter tensors are not base weights."""
+    if name in modules:
+        return modules[name].get_base_layer().weight
+    try:
+        param = model.get_parameter(name)
+    except AttributeError:
+        param = None
+    if param is None or is_adapter_param(name):
+        raise KeyError(f"base weight '{name}' is neither a LoRA module nor a base parameter of the model")
+    return param
+
+
 def add_to_base_weight(model: torch.nn.Module, deltas: dict[str, torch.Tensor],
                        master: dict[str, torch.Tensor] | None = None) -> None:
-    """W0 <- W0 + delta for each named LoRA module, in place (no copy of the base model is made).
+    """W0 <- W0 + delta for each named LoRA module (or base parameter: ``base_tensor``), in place (no
+    copy of the base model is made).
 
     With ``master`` (a dict the caller keeps for the whole run), a weight held in a lower precision than
     float32 (``model.dtype: bfloat16``) gets a float32 master copy of itself, made at its first merge: the
@@ -275,9 +290,7 @@ def add_to_base_weight(model: torch.nn.Module, deltas: dict[str, torch.Tensor],
     modules = lora_modules(model)
     with torch.no_grad():
         for name, delta in deltas.items():
-            if name not in modules:
-                raise KeyError(f"base delta for unknown LoRA module '{name}'")
-            weight = modules[name].get_base_layer().weight
+            weight = base_tensor(model, modules, name)
             if not weight.is_floating_point():
                 raise ValueError(f"this method merges updates into the base weights, which a quantised base "
                                  f"({type(weight).__name__} '{name}') cannot hold; use model.quantization=none")
@@ -298,7 +311,7 @@ def base_weights(model: torch.nn.Module, names, master: dict[str, torch.Tensor] 
     checkpoint resumes the exact sum), else the weight itself."""
     modules = lora_modules(model)
     master = master or {}
-    return {name: (master[name] if name in master else modules[name].get_base_layer().weight).detach().to("cpu").clone()
+    return {name: (master[name] if name in master else base_tensor(model, modules, name)).detach().to("cpu").clone()
             for name in names}
 
 
@@ -308,7 +321,7 @@ def master_from_saved(model: torch.nn.Module, weights: dict[str, torch.Tensor]) 
     modules = lora_modules(model)
     out = {}
     for name, value in weights.items():
-        weight = modules[name].get_base_layer().weight
+        weight = base_tensor(model, modules, name)
         if value.dtype == torch.float32 and weight.dtype != torch.float32:
             out[name] = value.detach().to(weight.device).clone()
     return out
@@ -318,4 +331,4 @@ def set_base_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -
     modules = lora_modules(model)
     with torch.no_grad():
         for name, value in weights.items():
-            modules[name].get_base_layer().weight.copy_(value)
+            base_tensor(model, modules, name).copy_(value)

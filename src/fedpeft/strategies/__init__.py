@@ -119,6 +119,12 @@ def check_experiment_method(config: Any) -> None:
     except ValueError as exc:  # a head the model cannot have (models/family.py), naming model.head
         raise MethodOptionsError([str(exc)]) from None
     check_model_family(config, head)
+    cls = method_class(config.method.name)
+    problems = getattr(cls, "config_problems", None)  # a method's own cross-section refusals (FedOT full)
+    if problems is not None:
+        lines = problems(config, parse_options(cls, config.method.options))
+        if lines:
+            raise MethodOptionsError(lines)
     privacy = getattr(config, "privacy", None)
     if privacy is not None:
         cls = method_class(config.method.name)

@@ -132,7 +132,8 @@ class ServerContext:
 class AggregateResult:
     global_state: AdapterState
     base_delta: dict[str, torch.Tensor] | None = None
-    """Module name -> dense delta added in place to that module's frozen base weight."""
+    """Module name -> dense delta added in place to that module's frozen base weight (or a base parameter's
+    name -> delta added to it: ``peft_wrap.base_tensor``)."""
     broadcast: AdapterState = field(default_factory=dict)
     """Tensors every registered client must receive to stay in sync (metered x num_clients)."""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -176,6 +177,10 @@ class Strategy:
     flower_refusal: str | None = None
     """Why the method cannot run under a Flower deployment (refused before anything is sent); None: it
     runs there, the same rounds as in process (each client's part on its node)."""
+    config_problems: Callable[[Any, MethodOptions], list[str]] | None = None
+    """Optional (experiment config, validated options) -> one line per setting elsewhere in the config the
+    method cannot honour with these options (naming the field); checked with the config, before any model
+    loads (FedOT's ``adapter_training: full``). None: nothing beyond the registry's checks."""
 
     def __init__(self, options: Mapping[str, Any] | MethodOptions | None = None, server_optimizer: Any | None = None) -> None:
         self.opts = parse_options(type(self), options)
@@ -226,6 +231,12 @@ class Strategy:
         """Runs on the client: the context local training runs in (FedOT: the model seen through the
         emulator, the dropped middle blocks skipped). Default: the model as it is."""
         return nullcontext()
+
+    def trainable_base_parameters(self, model: torch.nn.Module, plan: ClientPlan) -> dict[str, torch.nn.Parameter]:
+        """Runs on the client: base parameters (not adapter tensors) the plan trains besides its trainable
+        adapter keys, set trainable by this call (FedOT's ``adapter_training: full``: every parameter of the
+        adapter blocks; it freezes them again when its ``client_view`` closes). Default: none."""
+        return {}
 
     def local_trainer(self) -> Callable[..., tuple[TrainResult, list[float]]] | None:
         """A local loop that replaces ``federation.local_trainer.train_local`` (same arguments, same

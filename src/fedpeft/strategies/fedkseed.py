@@ -31,6 +31,13 @@ base weights: a checkpoint holds the replay history and a resume replays it on t
 model (exact); ``final/`` holds the untouched adapter, so the tuned weights are base + history, not
 loaded by ``fedpeft eval`` (not built).
 
+FedKSeed-Pro (``seed_sampling: pro``, the paper's second variant): seeds are not picked uniformly. The
+server keeps, per candidate j, the history of the |g| clients uploaded for it (each clipped to ``pro_clip``,
+starting from one value ``pro_initial``) as a sum and a count; before each round it sends every sampled
+client p = softmax(minmax(mean clipped |g|)) (K float32 in ``plan.control``, metered as downlink), and the
+client draws each step's j by inverse CDF on p. The sums and counts are checkpointed, so a resume sends
+the same p. With an empty history every mean is equal and p is uniform.
+
 Memory: no backward pass, no gradients, no optimizer state; one copy of the tuned tensors restores w
 exactly after each perturbation (in-place ``w + eps z - eps z`` would drift by rounding and break the
 exact replay).
@@ -62,6 +69,8 @@ HISTORY_COEF_KEY = "fedkseed/history_coef"
 HISTORY_NAME = "fedkseed_history"
 """Client-store name of the replay history a client received (rounds 1.. of its last catch-up), kept
 where the client runs when that is not the server's process (a Flower node): ``catch_up``."""
+PROBS_KEY = "fedkseed/seed_probabilities"
+"""``seed_sampling: pro``: the round's sampling distribution over the K candidates (float32, plan.control)."""
 IGNORE_INDEX = -100
 
 
@@ -71,6 +80,13 @@ class FedKSeedOptions(MethodOptions):
     params: Literal["all", "adapter"] = Field("all", description="Tuned tensors: all base parameters (the paper) "
                                                                  "or the adapter's.")
     equal_weight: bool = Field(False, description="Weight clients equally instead of by their examples.")
+    seed_sampling: Literal["uniform", "pro"] = Field(
+        "uniform", description="How a local step picks its seed: uniform (FedKSeed) or pro (FedKSeed-Pro: "
+                               "softmax of the min-max normalised mean |g| each seed has had, sent with the plan).")
+    pro_clip: float = Field(1000.0, gt=0, description="FedKSeed-Pro: |g| above this is clipped before it enters a "
+                                                      "seed's history (the official code's bias_loss_clip).")
+    pro_initial: float = Field(0.0, description="FedKSeed-Pro: the value every seed's history starts with "
+                                                "(the official code's grad_initial).")
 
 
 def index_dtype(k: int) -> torch.dtype:
@@ -96,6 +112,37 @@ def perturb(tensors: Sequence[torch.Tensor], seed: int, alpha: float) -> None:
         for t in tensors:
             z = torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype)
             t.add_(z, alpha=alpha)
+
+
+def seed_probabilities(abs_sum: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """FedKSeed-Pro's sampling distribution (float64): a_j = abs_sum_j / count_j (seed j's mean clipped |g|),
+    normalised to [0, 1] by min-max (all equal: all 0), then p = softmax(a). A seed whose steps moved the
+    loss more is picked more often, at most e times as often as the least useful one."""
+    amp = np.asarray(abs_sum, dtype=np.float64) / np.asarray(count, dtype=np.float64)
+    lo, hi = amp.min(), amp.max()
+    norm = (amp - lo) / (hi - lo) if hi > lo else np.zeros_like(amp)
+    weights = np.exp(norm - norm.max())
+    return weights / weights.sum()
+
+
+def sampling_cdf(probabilities: torch.Tensor | None, k: int) -> np.ndarray | None:
+    """The cumulative sums a client samples seeds with (None: uniform); refuses a distribution that is not
+    one over the K candidates."""
+    if probabilities is None:
+        return None
+    p = probabilities.detach().to("cpu", torch.float64).numpy()
+    if p.shape != (k,) or not np.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"fedkseed: the plan's {PROBS_KEY} must be {k} finite non-negative probabilities, "
+                         f"got shape {tuple(p.shape)}")
+    return np.cumsum(p)
+
+
+def pick_seed(picks: np.random.Generator, k: int, cdf: np.ndarray | None) -> int:
+    """A candidate index: uniform (``picks.integers(k)``), or by inverse CDF, j = the first index whose
+    cumulative probability exceeds u * total with u = ``picks.random()``."""
+    if cdf is None:
+        return int(picks.integers(k))
+    return int(np.searchsorted(cdf, picks.random() * cdf[-1], side="right"))
 
 
 def replay(tensors: Sequence[torch.Tensor], seeds: Sequence[int], indices: torch.Tensor, coefs: torch.Tensor) -> None:
@@ -138,9 +185,10 @@ def batch_loss(model, micro: list[dict[str, torch.Tensor]], device, cast) -> tor
 
 def zo_train(model, tensors: list[torch.Tensor], seeds: Sequence[int], picks: np.random.Generator, batches, *,
              steps: int, grad_accumulation: int, lr: float, eps: float, precision: str = "fp32",
-             on_step=None) -> tuple[torch.Tensor, torch.Tensor, list[float], int, int]:
+             on_step=None, cdf: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float], int, int]:
     """``steps`` zeroth-order steps on ``tensors`` (in place). Returns (seed indices, g as float32, losses:
-    the mean of the two perturbed losses per step, examples seen, tokens seen)."""
+    the mean of the two perturbed losses per step, examples seen, tokens seen). ``cdf``: FedKSeed-Pro's
+    cumulative seed probabilities (None: uniform)."""
     device = model_device(model)
     cast = autocast(device, precision)
     backup = [t.detach().clone() for t in tensors]
@@ -152,7 +200,7 @@ def zo_train(model, tensors: list[torch.Tensor], seeds: Sequence[int], picks: np
             micro = [next(batches) for _ in range(grad_accumulation)]
             seen += sum(int(b["input_ids"].shape[0]) for b in micro)
             tokens += sum(int(b["attention_mask"].sum()) for b in micro)
-            j = int(picks.integers(len(seeds)))
+            j = pick_seed(picks, len(seeds), cdf)
             for b, t in zip(backup, tensors):
                 b.copy_(t)
             perturb(tensors, seeds[j], eps)
@@ -200,6 +248,18 @@ class FedKSeed(MethodStrategy):
         self.on_server = False
         """True in the server's process (``begin_round`` ran): the model is the server's, moved by every
         replay; False on a client in its own process (a Flower node), which catches up by replaying."""
+        # FedKSeed-Pro's server state: per candidate, the sum of its clipped |g| and how many values it has
+        # (its history starts with one value, pro_initial); p = seed_probabilities(abs_sum, count).
+        self.abs_sum = np.full(self.opts.k, min(abs(self.opts.pro_initial), self.opts.pro_clip), dtype=np.float64)
+        self.count = np.ones(self.opts.k, dtype=np.int64)
+
+    @property
+    def pro(self) -> bool:
+        return self.opts.seed_sampling == "pro"
+
+    def probabilities(self) -> np.ndarray:
+        """The sampling distribution the next plans carry (FedKSeed-Pro)."""
+        return seed_probabilities(self.abs_sum, self.count)
 
     @property
     def index_dtype(self) -> torch.dtype:
@@ -240,6 +300,8 @@ class FedKSeed(MethodStrategy):
             else torch.zeros(0, dtype=self.index_dtype),
             HISTORY_COEF_KEY: torch.cat([c for _, c in missed]) if missed else torch.zeros(0, dtype=torch.float32),
         }
+        if self.pro:  # K float32 go down with every plan
+            control[PROBS_KEY] = torch.from_numpy(self.probabilities()).to(torch.float32)
         self.synced[client_id] = round_idx
         # No tensor of the model goes down: the client catches up by replaying the history it missed
         # (``catch_up``: which rounds the list covers, and each round's number of entries, are plan info).
@@ -317,9 +379,12 @@ class FedKSeed(MethodStrategy):
         start = time.perf_counter()
         picks = np.random.default_rng(derive_seed(self.opts.seed or 0, "fedkseed_pick", plan.info.get("round"),
                                                   plan.client_id, plan.job))
+        if self.pro and PROBS_KEY not in plan.control:
+            raise ValueError(f"fedkseed: method.options.seed_sampling=pro but the plan carries no {PROBS_KEY}")
+        cdf = sampling_cdf(plan.control.get(PROBS_KEY), self.opts.k) if self.pro else None
         indices, grads, losses, seen, tokens = zo_train(model, tuned_tensors(model, self.opts.params), self.seeds, picks, batches,
                                           steps=steps, grad_accumulation=grad_accumulation, lr=lr,
-                                          eps=self.opts.eps, precision=precision, on_step=on_step)
+                                          eps=self.opts.eps, precision=precision, on_step=on_step, cdf=cdf)
         result = TrainResult(steps=steps, examples_seen=seen, num_examples=num_examples,
                              mean_loss=sum(losses) / len(losses), last_loss=losses[-1], lr=lr,
                              seconds=time.perf_counter() - start, tokens=tokens,
@@ -366,20 +431,37 @@ class FedKSeed(MethodStrategy):
         else:
             replay(tuned_tensors(self.model, "all"), self.seeds, *entry)
         self.history.append(entry)
-        return AggregateResult(global_state=new_global, metrics={
-            "replayed_steps": int(entry[0].numel()), "distinct_seeds": int(entry[0].unique().numel())})
+        metrics = {"replayed_steps": int(entry[0].numel()), "distinct_seeds": int(entry[0].unique().numel())}
+        if self.pro:  # every accepted client's raw g joins its seed's history, in sampling order
+            for update in updates:
+                self.record_history(update.tensors[INDEX_KEY], update.tensors[G_KEY])
+            p = self.probabilities()
+            metrics.update(seed_prob_max=float(p.max()), seed_prob_min=float(p.min()))
+        return AggregateResult(global_state=new_global, metrics=metrics)
+
+    def record_history(self, indices: torch.Tensor, grads: torch.Tensor) -> None:
+        """FedKSeed-Pro: abs_sum_j += min(|g|, pro_clip), count_j += 1 for each uploaded (j, g), in order."""
+        for j, g in zip(indices.tolist(), grads.tolist()):
+            self.abs_sum[j] += min(abs(g), self.opts.pro_clip)
+            self.count[j] += 1
 
     # --- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["history"] = [{"seed_index": i, "coef": c} for i, c in self.history]
         state["synced"] = {str(k): v for k, v in self.synced.items()}
+        if self.pro:
+            state["pro_abs_sum"] = torch.from_numpy(self.abs_sum.copy())
+            state["pro_count"] = torch.from_numpy(self.count.copy())
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         self.history = [(h["seed_index"].to(torch.int64), h["coef"].float()) for h in state.get("history", [])]
         self.synced = {int(k): int(v) for k, v in state.get("synced", {}).items()}
+        if self.pro and "pro_abs_sum" in state:
+            self.abs_sum = state["pro_abs_sum"].to(torch.float64).numpy().copy()
+            self.count = state["pro_count"].to(torch.int64).numpy().copy()
         if self.opts.params == "all" and self.model is not None:  # the global model is base + the history
             tensors = tuned_tensors(self.model, "all")
             for entry in self.history:
