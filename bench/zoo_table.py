@@ -1,0 +1,165 @@
+"""Issue 19's one table: LoRA, DoRA, prompt tuning, P-tuning, prefix tuning, IA3 (each under FedIT), FedOT
+with drop ratio 0.2 and 0.5, and FedKSeed, on the same data, clients, rounds and evaluation set.
+
+Each row is one ``python -m fedpeft run`` of ``configs/quickstart.yaml`` (SmolLM2-135M-Instruct, bundled;
+the generated tasks, 10 clients, Dirichlet 0.5 by task) in its own process, so a row's peak RSS is its
+own. Columns: exact match (mean over the tasks) after the last round; uplink bytes per client per round;
+what left the model owner, once per client (FedOT: the adapter blocks + the emulator, frozen; every other
+row: the whole model); seconds per round (train + aggregate, evaluation left out); the evaluation's
+seconds; peak RSS. A first row (``base``, method zero_shot) scores the untrained model on the same set.
+
+Row settings are reused from the two scripts it joins: the PEFT types run as ``bench/peft_types.py``
+runs them (each type's defaults; ``--lr-prompt`` for the prompt-learning types), FedOT and FedKSeed as
+``bench/offsite_zo_smollm2.py`` defines them (its ``ROWS``: LoRA adapter on the first ``--a`` and last
+``--b`` blocks; FedKSeed on all parameters, K = 4096, learning rate ``--zo-lr``) with their own local
+step count for FedKSeed (``--zo-steps``: a zeroth-order step costs two forwards plus four draws of a
+134.5M-entry direction on the client and one more on the server's replay).
+
+    PYTHONPATH=src python bench/zoo_table.py                            # the whole table
+    PYTHONPATH=src python bench/zoo_table.py --model tiny-llama --rounds 1 --local-steps 1 --eval-per-task 1
+    PYTHONPATH=src python bench/zoo_table.py --rows lora,fedkseed       # some rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from offsite_zo_smollm2 import ROWS as OFFSITE_ROWS
+from offsite_zo_smollm2 import mb, row_for
+from peft_types import PROMPT_LEARNING
+
+REPO = Path(__file__).resolve().parents[1]
+PEFT_ROWS = ("lora", "dora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3")
+ALL_ROWS = ("base", *PEFT_ROWS, "fedot0.2", "fedot0.5", "fedkseed")
+
+
+def row_overrides(label: str, args) -> list[str]:
+    """The command-line overrides of one row on top of the shared ones."""
+    if label == "base":
+        return ["method.name=zero_shot"]
+    if label in PEFT_ROWS:
+        ov = ["method.name=fedit", f"peft.type={label}"]
+        if label != "lora":  # the quickstart's LoRA options belong to lora/dora only: each type takes its defaults
+            ov += ["peft.r=null", "peft.alpha=null", "peft.dropout=null", "peft.target_modules=null"]
+        if label in PROMPT_LEARNING:
+            ov += [f"training.lr={args.lr_prompt}", f"training.lr_min={args.lr_prompt / 4}"]
+        return ov
+    method, extra = OFFSITE_ROWS[label]
+    ov = [f"method.name={method}", *extra]
+    if method == "fedot":
+        ov += [f"method.options.a={args.a}", f"method.options.b={args.b}"]
+    if method == "fedkseed":
+        ov += [f"training.lr={args.zo_lr}", f"training.lr_min={args.zo_lr}", f"federation.local_steps={args.zo_steps}"]
+    return ov
+
+
+def shared_overrides(args) -> list[str]:
+    """Settings every row shares: the model, the budget and the evaluation (once, after the last round)."""
+    ov = [f"model.name={args.model}", f"model.threads={args.threads}", f"federation.rounds={args.rounds}",
+          f"federation.local_steps={args.local_steps}", f"data.eval_examples_per_task={args.eval_per_task}",
+          f"evaluation.every_rounds={args.rounds}", "evaluation.before_training=false",
+          "output.progress=false", "output.report=false", f"seed={args.seed}"]
+    if args.model != "smollm2-135m-instruct":  # a smoke test: the tiny models' vocabulary holds no chat template
+        ov.append("data.template=plain")
+    return ov
+
+
+def run_row(label: str, args, out: Path) -> dict:
+    run_dir = out / label
+    command = [sys.executable, "-m", "fedpeft", "run", "--config", str(REPO / "configs" / "quickstart.yaml"),
+               "--run-dir", str(run_dir), "--overwrite", *shared_overrides(args), *row_overrides(label, args)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    t0 = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        return {"label": label, "error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall": time.perf_counter() - t0}
+    row = row_for(run_dir)
+    rounds = max(1, len([1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"round_end"' in line]))
+    phases = row["phase_seconds"]
+    row.update(label=label, wall=time.perf_counter() - t0, overrides=row_overrides(label, args),
+               train_s_per_round=(phases["train"] + phases["aggregate"]) / rounds, eval_s=phases["evaluate"],
+               uplink_per_client=(row["uplink_per_client"] or [0])[0])
+    return row
+
+
+def exact_match(metrics: dict) -> float | None:
+    return metrics.get("exact_match")
+
+
+def per_task(metrics: dict) -> str:
+    return " / ".join(f"{v:.2f}" for k, v in sorted(metrics.items()) if k.count("/") == 1 and not k.startswith("emulator/"))
+
+
+def write_table(args, rows: list[dict], out_md: Path) -> None:
+    owner = next((r["owner_model"] for r in rows if r.get("owner_model")), None)
+    head = (f"# One table, issue 19: {args.model}, configs/quickstart.yaml's data and federation (4 generated tasks, "
+            f"10 clients, 2 per round, Dirichlet 0.5 by task, batch 8), {args.rounds} rounds x {args.local_steps} local "
+            f"steps (FedKSeed {args.zo_steps}), {args.eval_per_task} evaluation prompts per task (the same for every row)")
+    lines = [head, "",
+             "| row | exact match (mean) | per task (arith / reverse / unit / upper) | uplink per client per round | "
+             "left the owner (per client, once) | s/round (train + aggregate) | eval s | peak RSS |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | error: {r['error']} | | | | | | |")
+            continue
+        em = exact_match(r["metrics"])
+        emu = exact_match(r.get("emulator") or {})
+        em_text = "-" if em is None else f"{em:.3f}" + (f" (emulator {emu:.3f})" if emu is not None else "")
+        left = r["left_owner"] or owner
+        left_text = "-" if left is None else mb(left) + ("" if r["left_owner"] else " (the whole model)")
+        if r["label"] == "base":
+            uplink, left_text, sround = "-", "-", "-"
+        else:
+            uplink, sround = f"{r['uplink_per_client']:,} B", f"{r['train_s_per_round']:.1f}"
+        lines.append(f"| {r['label']} | {em_text} | {per_task(r['metrics'])} | {uplink} | {left_text} | {sround} | "
+                     f"{r['eval_s']:.1f} | {r['peak_rss_mb']:.0f} MB |")
+    lines += ["", "Command: `nice -n 5 env PYTHONPATH=src python bench/zoo_table.py " + " ".join(sys.argv[1:]) + "`"]
+    out_md.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(ALL_ROWS), help=f"comma-separated, of {', '.join(ALL_ROWS)}")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-steps", type=int, default=8)
+    parser.add_argument("--zo-steps", type=int, default=4, help="FedKSeed's local steps per round")
+    parser.add_argument("--eval-per-task", type=int, default=10)
+    parser.add_argument("--lr-prompt", type=float, default=3e-2)
+    parser.add_argument("--zo-lr", type=float, default=1e-6)
+    parser.add_argument("--a", type=int, default=2, help="FedOT: adapter blocks at the bottom")
+    parser.add_argument("--b", type=int, default=2, help="FedOT: adapter blocks at the top")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default="/tmp/zoo_table", help="run directories (kept)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "zoo_table"),
+                        help="writes <out>.md and <out>.json")
+    args = parser.parse_args()
+    labels = [x for x in args.rows.split(",") if x]
+    unknown = [x for x in labels if x not in ALL_ROWS]
+    if unknown:
+        parser.error(f"--rows: unknown row(s) {unknown}; expected some of {', '.join(ALL_ROWS)}")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label in labels:
+        print(f"== {label}", flush=True)
+        row = run_row(label, args, work)
+        print(json.dumps({k: row.get(k) for k in ("label", "error", "wall", "train_s_per_round", "peak_rss_mb")}), flush=True)
+        rows.append(row)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows}, indent=1, default=str) + "\n")
+    write_table(args, rows, out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
