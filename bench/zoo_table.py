@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -75,17 +76,26 @@ def run_row(label: str, args, out: Path) -> dict:
     command = [sys.executable, "-m", "fedpeft", "run", "--config", str(REPO / "configs" / "quickstart.yaml"),
                "--run-dir", str(run_dir), "--overwrite", *shared_overrides(args), *row_overrides(label, args)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), child_cpu_seconds()
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    cpu = child_cpu_seconds() - cpu0
     if proc.returncode != 0:
-        return {"label": label, "error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall": time.perf_counter() - t0}
+        return {"label": label, "error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall": time.perf_counter() - t0,
+                "cpu_s": cpu}
     row = row_for(run_dir)
     rounds = max(1, len([1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"round_end"' in line]))
     phases = row["phase_seconds"]
-    row.update(label=label, wall=time.perf_counter() - t0, overrides=row_overrides(label, args),
+    row.update(label=label, wall=time.perf_counter() - t0, cpu_s=cpu, overrides=row_overrides(label, args),
                train_s_per_round=(phases["train"] + phases["aggregate"]) / rounds, eval_s=phases["evaluate"],
                uplink_per_client=(row["uplink_per_client"] or [0])[0])
     return row
+
+
+def child_cpu_seconds() -> float:
+    """User + system CPU seconds of the finished child processes: on shared cores a row's wall seconds
+    depend on the other jobs, its CPU seconds much less."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def exact_match(metrics: dict) -> float | None:
@@ -103,11 +113,11 @@ def write_table(args, rows: list[dict], out_md: Path) -> None:
             f"steps (FedKSeed {args.zo_steps}), {args.eval_per_task} evaluation prompts per task (the same for every row)")
     lines = [head, "",
              "| row | exact match (mean) | per task (arith / reverse / unit / upper) | uplink per client per round | "
-             "left the owner (per client, once) | s/round (train + aggregate) | eval s | peak RSS |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "left the owner (per client, once) | s/round (train + aggregate) | eval s | row CPU s (wall s) | peak RSS |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {r['label']} | error: {r['error']} | | | | | | | |")
             continue
         em = exact_match(r["metrics"])
         emu = exact_match(r.get("emulator") or {})
@@ -119,7 +129,7 @@ def write_table(args, rows: list[dict], out_md: Path) -> None:
         else:
             uplink, sround = f"{r['uplink_per_client']:,} B", f"{r['train_s_per_round']:.1f}"
         lines.append(f"| {r['label']} | {em_text} | {per_task(r['metrics'])} | {uplink} | {left_text} | {sround} | "
-                     f"{r['eval_s']:.1f} | {r['peak_rss_mb']:.0f} MB |")
+                     f"{r['eval_s']:.1f} | {r['cpu_s']:.0f} ({r['wall']:.0f}) | {r['peak_rss_mb']:.0f} MB |")
     lines += ["", "Command: `nice -n 5 env PYTHONPATH=src python bench/zoo_table.py " + " ".join(sys.argv[1:]) + "`"]
     out_md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
@@ -137,7 +147,7 @@ def main() -> None:
     parser.add_argument("--zo-lr", type=float, default=1e-6)
     parser.add_argument("--a", type=int, default=2, help="FedOT: adapter blocks at the bottom")
     parser.add_argument("--b", type=int, default=2, help="FedOT: adapter blocks at the top")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per row (1: best on cores shared with other jobs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="/tmp/zoo_table", help="run directories (kept)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "zoo_table"),
@@ -153,7 +163,8 @@ def main() -> None:
     for label in labels:
         print(f"== {label}", flush=True)
         row = run_row(label, args, work)
-        print(json.dumps({k: row.get(k) for k in ("label", "error", "wall", "train_s_per_round", "peak_rss_mb")}), flush=True)
+        print(json.dumps({k: row.get(k) for k in ("label", "error", "wall", "cpu_s", "train_s_per_round", "peak_rss_mb")}),
+              flush=True)
         rows.append(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
