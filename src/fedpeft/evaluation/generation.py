@@ -25,8 +25,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
     template, say) and are cut from the text with whatever follows them.
 
     A prompt-learning adapter (prompt, P- or prefix tuning) is decoded by :func:`_generate_prompt_learning`
-    instead (cached and batched too): peft's cached ``generate`` with these types does not match the
-    model's own forward under transformers 5 (the virtual tokens or the prefix reach only the first step)."""
+    instead (cached and batched too): peft's own ``generate`` with these types does not match the model's
+    forward under transformers 5.24 (it repeats the virtual tokens at every step, or drops the prefix)."""
     if is_prompt_learning(model):
         return _generate_prompt_learning(model, tokenizer, prompts, max_new_tokens, batch_size, stop)
     was_training = model.training
@@ -71,10 +71,11 @@ def _generate_prompt_learning(model, tokenizer, prompts: Sequence[str], max_new_
       layer) is the cache the prompt is read against, tokens at positions L..; later steps extend it.
 
     Left padding sits between the virtual tokens and the prompt (the attention mask hides it) and the
-    positions skip it, so each row is read as if alone. Peft's cached ``generate`` is not used: peft
-    0.21 looks for the cache under ``past_key_values``, which transformers 5.24 renamed ``cache``, so it
-    finds none at every step and rebuilds the prefix (or re-inserts the virtual embeddings) before the
-    newest token alone: from the second new token on, the prompt is gone (docs/peft_types.md)."""
+    positions skip it, so each row is read as if alone. Peft's ``generate`` is not used: peft 0.21 looks
+    for generate's cache under ``past_key_values``, which transformers 5.24 renamed ``cache``; finding none,
+    it treats every step as the first: prompt / P-tuning put the L virtual embeddings before each new
+    token again (the cache gains L + 1 entries a step), and prefix tuning's prefix, passed as
+    ``past_key_values`` beside generate's own ``cache``, is never read (docs/peft_types.md)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
