@@ -18,6 +18,7 @@ step count for FedKSeed (``--zo-steps``: a zeroth-order step costs two forwards 
     PYTHONPATH=src python bench/zoo_table.py                            # the whole table
     PYTHONPATH=src python bench/zoo_table.py --model tiny-llama --rounds 1 --local-steps 1 --eval-per-task 1
     PYTHONPATH=src python bench/zoo_table.py --rows lora,fedkseed       # some rows
+    PYTHONPATH=src python bench/zoo_table.py --collect /tmp/a /tmp/b    # one table from rows run separately
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ from offsite_zo_smollm2 import ROWS as OFFSITE_ROWS
 from offsite_zo_smollm2 import mb, row_for
 from peft_types import PROMPT_LEARNING
 
+from fedpeft.models.registry import load_base_model
+
 REPO = Path(__file__).resolve().parents[1]
 PEFT_ROWS = ("lora", "dora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3")
 ALL_ROWS = ("base", *PEFT_ROWS, "fedot0.2", "fedot0.5", "fedkseed")
+ROW_FILE = "zoo_row.json"
 
 
 def row_overrides(label: str, args) -> list[str]:
@@ -78,15 +82,22 @@ def run_row(label: str, args, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     t0, cpu0 = time.perf_counter(), child_cpu_seconds()
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
-    cpu = child_cpu_seconds() - cpu0
+    measured = {"label": label, "wall": time.perf_counter() - t0, "cpu_s": child_cpu_seconds() - cpu0,
+                "overrides": row_overrides(label, args)}
     if proc.returncode != 0:
-        return {"label": label, "error": (proc.stderr.strip().splitlines() or ["?"])[-1], "wall": time.perf_counter() - t0,
-                "cpu_s": cpu}
+        return {**measured, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    (run_dir / ROW_FILE).write_text(json.dumps(measured) + "\n")
+    return collect_row(run_dir)
+
+
+def collect_row(run_dir: Path) -> dict:
+    """One table row from a finished run directory: its metrics.jsonl and the row's own measurements
+    (``zoo_row.json``: wall and CPU seconds of the row's process, its overrides)."""
     row = row_for(run_dir)
     rounds = max(1, len([1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"round_end"' in line]))
     phases = row["phase_seconds"]
-    row.update(label=label, wall=time.perf_counter() - t0, cpu_s=cpu, overrides=row_overrides(label, args),
-               train_s_per_round=(phases["train"] + phases["aggregate"]) / rounds, eval_s=phases["evaluate"],
+    row.update(json.loads((run_dir / ROW_FILE).read_text()))
+    row.update(train_s_per_round=(phases["train"] + phases["aggregate"]) / rounds, eval_s=phases["evaluate"],
                uplink_per_client=(row["uplink_per_client"] or [0])[0])
     return row
 
@@ -98,6 +109,14 @@ def child_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def whole_model_bytes(model_name: str) -> int:
+    """Bytes of the whole model (parameters and buffers, tied tensors once): what a client receives when
+    it trains on the full model. FedOT rows report the same number as ``owner_model_bytes``."""
+    model = load_base_model(model_name, seed=0).model
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
 def exact_match(metrics: dict) -> float | None:
     return metrics.get("exact_match")
 
@@ -107,7 +126,7 @@ def per_task(metrics: dict) -> str:
 
 
 def write_table(args, rows: list[dict], out_md: Path) -> None:
-    owner = next((r["owner_model"] for r in rows if r.get("owner_model")), None)
+    owner = next((r["owner_model"] for r in rows if r.get("owner_model")), None) or whole_model_bytes(args.model)
     head = (f"# One table, issue 19: {args.model}, configs/quickstart.yaml's data and federation (4 generated tasks, "
             f"10 clients, 2 per round, Dirichlet 0.5 by task, batch 8), {args.rounds} rounds x {args.local_steps} local "
             f"steps (FedKSeed {args.zo_steps}), {args.eval_per_task} evaluation prompts per task (the same for every row)")
@@ -150,6 +169,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per row (1: best on cores shared with other jobs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="/tmp/zoo_table", help="run directories (kept)")
+    parser.add_argument("--collect", nargs="*", help="no runs: build the table from the row directories under "
+                        "these work directories (rows run by several invocations with --rows and --work)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "zoo_table"),
                         help="writes <out>.md and <out>.json")
     args = parser.parse_args()
@@ -157,15 +178,19 @@ def main() -> None:
     unknown = [x for x in labels if x not in ALL_ROWS]
     if unknown:
         parser.error(f"--rows: unknown row(s) {unknown}; expected some of {', '.join(ALL_ROWS)}")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label in labels:
-        print(f"== {label}", flush=True)
-        row = run_row(label, args, work)
-        print(json.dumps({k: row.get(k) for k in ("label", "error", "wall", "cpu_s", "train_s_per_round", "peak_rss_mb")}),
-              flush=True)
-        rows.append(row)
+    if args.collect:  # rows run earlier (e.g. split over processes): the table from their run directories
+        found = {d.name: d for work in args.collect for d in Path(work).iterdir() if (d / ROW_FILE).exists()}
+        rows = [collect_row(found[label]) for label in labels if label in found]
+    else:
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        for label in labels:
+            print(f"== {label}", flush=True)
+            row = run_row(label, args, work)
+            print(json.dumps({k: row.get(k) for k in ("label", "error", "wall", "cpu_s", "train_s_per_round",
+                                                      "peak_rss_mb")}), flush=True)
+            rows.append(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows}, indent=1, default=str) + "\n")
