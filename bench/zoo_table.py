@@ -122,17 +122,20 @@ def exact_match(metrics: dict) -> float | None:
 
 
 def per_task(metrics: dict) -> str:
-    return " / ".join(f"{v:.2f}" for k, v in sorted(metrics.items()) if k.count("/") == 1 and not k.startswith("emulator/"))
+    return " / ".join(f"{v:.2f}" for k, v in sorted(metrics.items())
+                      if k.count("/") == 1 and not k.startswith("emulator/"))
 
 
 def write_table(args, rows: list[dict], out_md: Path) -> None:
     owner = next((r["owner_model"] for r in rows if r.get("owner_model")), None) or whole_model_bytes(args.model)
-    head = (f"# One table, issue 19: {args.model}, configs/quickstart.yaml's data and federation (4 generated tasks, "
-            f"10 clients, 2 per round, Dirichlet 0.5 by task, batch 8), {args.rounds} rounds x {args.local_steps} local "
-            f"steps (FedKSeed {args.zo_steps}), {args.eval_per_task} evaluation prompts per task (the same for every row)")
+    head = (f"# One table, issue 19: {args.model}, configs/quickstart.yaml's data and federation (4 generated "
+            f"tasks, 10 clients, 2 per round, Dirichlet 0.5 by task, batch 8), {args.rounds} rounds x "
+            f"{args.local_steps} local steps (FedKSeed {args.zo_steps}), {args.eval_per_task} evaluation prompts per "
+            "task (the same for every row)")
     lines = [head, "",
-             "| row | exact match (mean) | per task (arith / reverse / unit / upper) | uplink per client per round | "
-             "left the owner (per client, once) | s/round (train + aggregate) | eval s | row CPU s (wall s) | peak RSS |",
+             "| row | exact match (mean) | per task (arith / reverse / unit / upper) | uplink per client per round "
+             "| left the owner (per client, once) | s/round (train + aggregate) | eval s | row CPU s (wall s) "
+             "| peak RSS |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
@@ -166,7 +169,8 @@ def main() -> None:
     parser.add_argument("--zo-lr", type=float, default=1e-6)
     parser.add_argument("--a", type=int, default=2, help="FedOT: adapter blocks at the bottom")
     parser.add_argument("--b", type=int, default=2, help="FedOT: adapter blocks at the top")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per row (1: best on cores shared with other jobs)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per row (1: best on cores shared with other jobs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="/tmp/zoo_table", help="run directories (kept)")
     parser.add_argument("--collect", nargs="*", help="no runs: build the table from the row directories under "
