@@ -94,7 +94,10 @@ def collect_row(run_dir: Path) -> dict:
     """One table row from a finished run directory: its metrics.jsonl and the row's own measurements
     (``zoo_row.json``: wall and CPU seconds of the row's process, its overrides)."""
     row = row_for(run_dir)
-    rounds = max(1, len([1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"round_end"' in line]))
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rounds = max(1, sum(e["event"] == "round_end" for e in events))
+    first = [e["loss"] for e in events if e["event"] == "client_train" and e["round"] == 1]
+    row["loss_first_round"] = sum(first) / len(first) if first else None
     phases = row["phase_seconds"]
     row.update(json.loads((run_dir / ROW_FILE).read_text()))
     row.update(train_s_per_round=(phases["train"] + phases["aggregate"]) / rounds, eval_s=phases["evaluate"],
@@ -133,13 +136,14 @@ def write_table(args, rows: list[dict], out_md: Path) -> None:
             f"{args.local_steps} local steps (FedKSeed {args.zo_steps}), {args.eval_per_task} evaluation prompts per "
             "task (the same for every row)")
     lines = [head, "",
-             "| row | exact match (mean) | per task (arith / reverse / unit / upper) | uplink per client per round "
+             "| row | exact match (mean) | per task (arith / reverse / unit / upper) | train loss, round 1 -> last "
+             "| uplink per client per round "
              "| left the owner (per client, once) | s/round (train + aggregate) | eval s | row CPU s (wall s) "
              "| peak RSS |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['label']} | error: {r['error']} | | | | | | | | |")
             continue
         em = exact_match(r["metrics"])
         emu = exact_match(r.get("emulator") or {})
@@ -150,8 +154,9 @@ def write_table(args, rows: list[dict], out_md: Path) -> None:
             uplink, left_text, sround = "-", "-", "-"
         else:
             uplink, sround = f"{r['uplink_per_client']:,} B", f"{r['train_s_per_round']:.1f}"
-        lines.append(f"| {r['label']} | {em_text} | {per_task(r['metrics'])} | {uplink} | {left_text} | {sround} | "
-                     f"{r['eval_s']:.1f} | {r['cpu_s']:.0f} ({r['wall']:.0f}) | {r['peak_rss_mb']:.0f} MB |")
+        loss = "-" if r["loss_first_round"] is None else f"{r['loss_first_round']:.2f} -> {r['loss_last_round']:.2f}"
+        lines.append(f"| {r['label']} | {em_text} | {per_task(r['metrics'])} | {loss} | {uplink} | {left_text} | "
+                     f"{sround} | {r['eval_s']:.1f} | {r['cpu_s']:.0f} ({r['wall']:.0f}) | {r['peak_rss_mb']:.0f} MB |")
     lines += ["", "Command: `nice -n 5 env PYTHONPATH=src python bench/zoo_table.py " + " ".join(sys.argv[1:]) + "`"]
     out_md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
