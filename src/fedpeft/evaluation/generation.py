@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
+from peft import PeftType
 
 from fedpeft.adapters import is_prompt_learning
 from fedpeft.data.encoding import encoder_ids, format_prompt
@@ -23,14 +25,14 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
     template, say) and are cut from the text with whatever follows them.
 
     A prompt-learning adapter (prompt, P- or prefix tuning) is decoded by :func:`_generate_prompt_learning`
-    instead: peft's cached generation with these types does not match the model's own forward under
-    transformers 5 (prefix tuning's prefix is dropped from the cache, P-tuning's continuations differ).
+    instead (cached and batched too): peft's own ``generate`` with these types does not match the model's
+    forward under transformers 5.24 (it repeats the virtual tokens at every step, or drops the prefix).
     An encoder-decoder (T5) is decoded by :func:`_generate_seq2seq`: the encoder reads the prompt, the answer
     is the decoder's whole output (no prompt to strip)."""
     if is_encoder_decoder(model):
         return _generate_seq2seq(model, tokenizer, prompts, max_new_tokens, batch_size, stop)
     if is_prompt_learning(model):
-        return _generate_prompt_learning(model, tokenizer, prompts, max_new_tokens, stop)
+        return _generate_prompt_learning(model, tokenizer, prompts, max_new_tokens, batch_size, stop)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -61,12 +63,95 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
 
 
 @torch.no_grad()
-def _generate_prompt_learning(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+def _generate_prompt_learning(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
                               stop: Sequence[str] | None) -> list[str]:
-    """Greedy decoding by full forwards of the PEFT model, one prompt at a time (no padding: peft ignores
-    ``position_ids`` for virtual tokens, so a left-padded row would be read at shifted positions). Each
-    new token is the argmax of exactly what the model computes for prompt + tokens so far; the cost is
-    one forward over the whole sequence per new token (no KV cache)."""
+    """Greedy decoding of a prompt-learning adapter with a KV cache, batched with left padding. It calls
+    the base model the way peft's forward does, with the positions peft's own (unpadded) forward uses:
+
+    - prompt / P-tuning: the prompt encoder's virtual embeddings (``get_prompt``) before the prompt's token
+      embeddings, positions 0..L-1 for the L virtual tokens and L.. for the prompt's tokens; later steps
+      feed one token and reuse the cache, which holds the virtual tokens' keys and values;
+    - prefix tuning: the learned key/value prefix (``get_prompt``: a ``DynamicCache`` of L entries per
+      layer) is the cache the prompt is read against, tokens at positions L..; later steps extend it.
+
+    Left padding sits between the virtual tokens and the prompt (the attention mask hides it) and the
+    positions skip it, so each row is read as if alone. Peft's ``generate`` is not used: peft 0.21 looks
+    for generate's cache under ``past_key_values``, which transformers 5.24 renamed ``cache``; finding none,
+    it treats every step as the first: prompt / P-tuning put the L virtual embeddings before each new
+    token again (the cache gains L + 1 entries a step), and prefix tuning's prefix, passed as
+    ``past_key_values`` beside generate's own ``cache``, is never read (docs/peft_types.md)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    base = model.get_base_model()
+    config = model.active_peft_config
+    n_virtual = config.num_virtual_tokens
+    is_prefix = config.peft_type == PeftType.PREFIX_TUNING
+    cache_arg = _cache_keyword(base)
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            ids = batch["input_ids"].to(device)
+            rows = ids.shape[0]
+            mask = torch.cat([torch.ones(rows, n_virtual, dtype=torch.long, device=device),
+                              batch["attention_mask"].to(device).long()], dim=1)
+            # virtual tokens 0..L-1, the prompt's tokens L.. in every row (padding gets a masked dummy)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            if is_prefix:
+                out = base(input_ids=ids, attention_mask=mask, position_ids=positions[:, n_virtual:],
+                           use_cache=True, **{cache_arg: model.get_prompt(rows)})
+            else:
+                embeds = model.word_embeddings(ids)
+                embeds = torch.cat([model.get_prompt(rows).to(embeds.dtype), embeds], dim=1)
+                out = base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+            last = positions[:, -1:]
+            new = torch.empty(rows, 0, dtype=torch.long, device=device)
+            done = torch.zeros(rows, dtype=torch.bool, device=device)
+            for step in range(max_new_tokens):
+                token = out.logits[:, -1].argmax(dim=-1)
+                token = torch.where(done, torch.full_like(token, pad_id), token)
+                new = torch.cat([new, token[:, None]], dim=1)
+                done |= token == tokenizer.eos_token_id
+                if stop:
+                    done |= torch.tensor([any(s in tokenizer.decode(r, skip_special_tokens=True) for s in stop)
+                                          for r in new], device=device)
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
+                last = last + 1
+                out = base(input_ids=token[:, None], attention_mask=mask, position_ids=last, use_cache=True,
+                           **{cache_arg: _returned_cache(out)})
+            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                outputs[i] = _cut_at_stop(text, stop) if stop else text
+    finally:
+        tokenizer.padding_side = previous_side
+        model.train(was_training)
+    return outputs
+
+
+def _cache_keyword(model) -> str:
+    """The forward's name for the KV cache: ``cache`` from transformers 5.24 on (``past_key_values``
+    is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output):
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+@torch.no_grad()
+def generate_by_full_forwards(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                              stop: Sequence[str] | None = None) -> list[str]:
+    """Greedy decoding by full forwards of ``model`` (peft's own forward for an adapter), one prompt at a
+    time, no padding and no KV cache: each new token is the argmax of exactly what the model computes
+    for prompt + tokens so far. The reference the cached decoding is checked against (tests) and timed
+    against (bench/prompt_generation.py); one forward over the whole sequence per new token."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
