@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,9 +15,9 @@ from peft import LoraConfig, get_peft_model
 
 from fedpeft.adapters import get_adapter_state, set_trainable
 from fedpeft.config import ConfigError, load_config
-from fedpeft.federation.engine import KILL_ENV, run_experiment
+from fedpeft.federation.engine import run_experiment
 from fedpeft.models.registry import tiny_llama
-from fedpeft.strategies.base import ClientPlan, ClientUpdate
+from fedpeft.strategies.base import ClientUpdate
 from fedpeft.strategies.fedkseed import (
     G_KEY,
     HISTORY_COEF_KEY,
@@ -32,6 +28,7 @@ from fedpeft.strategies.fedkseed import (
     replay,
     tuned_tensors,
 )
+from helpers import TINY_CONFIG, kill_and_resume, reference_run
 
 LR, STEPS = 1e-3, 4
 
@@ -223,18 +220,11 @@ def test_state_round_trip_replays_the_history_on_a_fresh_model():
 
 
 def test_kill_and_resume_rebuilds_the_replayed_model_exactly(tmp_path):
-    args = ["--config", "configs/tiny.yaml", "method.name=fedkseed", "method.options.k=32", "federation.rounds=2",
-            "federation.local_steps=3", "training.lr=0.01", "evaluation.every_rounds=0"]
-
-    def run(extra, env=None):
-        return subprocess.run([sys.executable, "-m", "fedpeft", "run", *extra], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, **(env or {})})
-
+    overrides = ["method.name=fedkseed", "method.options.k=32", "federation.rounds=2",
+                 "federation.local_steps=3", "training.lr=0.01", "evaluation.every_rounds=0"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    assert run([*args[:2], "--run-dir", str(ref), *args[2:]]).returncode == 0
-    assert run([*args[:2], "--run-dir", str(killed), *args[2:]], {KILL_ENV: "client:2:1"}).returncode == -signal.SIGKILL
-    resumed = run(["--resume", str(killed)])
-    assert resumed.returncode == 0, resumed.stderr
+    reference_run(TINY_CONFIG, overrides, ref)
+    kill_and_resume(TINY_CONFIG, overrides, killed, "client:2:1")
     # Round 2's losses are evaluated on the base weights rebuilt by replaying round 1 from the checkpoint.
     losses = lambda d: [(e["round"], e["client"], e["losses"]) for e in _events(d, "client_train")]
     assert losses(ref) == losses(killed)

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 
 from fedpeft.adapters import get_adapter_state
 from fedpeft.config import ConfigError, load_config
-from fedpeft.federation.engine import KILL_ENV, run_experiment
+from fedpeft.federation.engine import run_experiment
 from fedpeft.models.registry import tiny_llama
 from fedpeft.strategies.base import ClientUpdate
 from fedpeft.strategies.fedkseed import (
@@ -30,6 +26,7 @@ from fedpeft.strategies.fedkseed import (
     sampling_cdf,
     seed_probabilities,
 )
+from helpers import TINY_CONFIG, kill_and_resume, reference_run
 
 
 def _pro(**options) -> FedKSeed:
@@ -137,19 +134,12 @@ def test_engine_downlink_carries_the_probabilities_every_round(tmp_path):
 
 
 def test_kill_and_resume_sends_the_same_probabilities(tmp_path):
-    args = ["--config", "configs/tiny.yaml", "method.name=fedkseed", "method.options.k=16",
-            "method.options.seed_sampling=pro", "federation.rounds=2", "federation.local_steps=4",
-            "training.lr=0.01", "evaluation.every_rounds=0"]
-
-    def run(extra, env=None):
-        return subprocess.run([sys.executable, "-m", "fedpeft", "run", *extra], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, **(env or {})})
-
+    overrides = ["method.name=fedkseed", "method.options.k=16",
+                 "method.options.seed_sampling=pro", "federation.rounds=2", "federation.local_steps=4",
+                 "training.lr=0.01", "evaluation.every_rounds=0"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    assert run([*args[:2], "--run-dir", str(ref), *args[2:]]).returncode == 0
-    assert run([*args[:2], "--run-dir", str(killed), *args[2:]], {KILL_ENV: "client:2:1"}).returncode == -signal.SIGKILL
-    resumed = run(["--resume", str(killed)])
-    assert resumed.returncode == 0, resumed.stderr
+    reference_run(TINY_CONFIG, overrides, ref)
+    kill_and_resume(TINY_CONFIG, overrides, killed, "client:2:1")
     # Round 2's picks depend on the history of round 1 restored from the checkpoint.
     train = lambda d: [(e["round"], e["client"], e["losses"]) for e in _events(d, "client_train")]
     assert train(ref) == train(killed)

@@ -18,6 +18,7 @@ from fedpeft.models.registry import tiny_llama
 from fedpeft.strategies import build_strategy
 from fedpeft.strategies.base import ClientUpdate
 from fedpeft.strategies.fedot import FedOT
+from helpers import TINY_CONFIG, assert_same_tensors, final_adapter, kill_and_resume, reference_run
 
 HIDDEN, INTER, KV = 64, 128, 32  # tiny_llama: hidden 64, intermediate 2 x hidden, 2 of 4 heads for k/v
 
@@ -272,31 +273,12 @@ def test_local_ot_uploads_nothing_and_scores_each_client(tmp_path, six_block_mod
 
 
 def test_kill_and_resume_with_a_distilled_emulator_is_bit_identical(tmp_path, six_block_model):
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-
-    from fedpeft.federation.engine import KILL_ENV
-
-    args = ["--config", "configs/tiny.yaml", f"model.name={six_block_model}", "method.name=fedot",
-            "method.options.a=1", "method.options.b=1", "method.options.distill_steps=3", "federation.rounds=2",
-            "evaluation.every_rounds=1"]
-
-    def run(extra, env=None):
-        return subprocess.run([sys.executable, "-m", "fedpeft", "run", *extra], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, **(env or {})})
-
+    overrides = [f"model.name={six_block_model}", "method.name=fedot", "method.options.a=1", "method.options.b=1",
+                 "method.options.distill_steps=3", "federation.rounds=2", "evaluation.every_rounds=1"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    assert run([*args[:2], "--run-dir", str(ref), *args[2:]]).returncode == 0
-    assert run([*args[:2], "--run-dir", str(killed), *args[2:]], {KILL_ENV: "client:2:1"}).returncode == -signal.SIGKILL
-    resumed = run(["--resume", str(killed)])
-    assert resumed.returncode == 0, resumed.stderr
-    a = load_file(str(ref / "final" / "adapter_model.safetensors"))
-    b = load_file(str(killed / "final" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    reference_run(TINY_CONFIG, overrides, ref)
+    kill_and_resume(TINY_CONFIG, overrides, killed, "client:2:1")
+    assert_same_tensors(final_adapter(ref), final_adapter(killed))
     down = lambda d: [(e["round"], e["client"], e["downlink_bytes"], e["losses"]) for e in _events(d, "client_train")]
     assert down(ref) == down(killed)
     metrics = lambda d: [e["metrics"] for e in _events(d, "eval")]

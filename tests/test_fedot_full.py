@@ -4,26 +4,22 @@ plugged-in evaluation, what final/ holds, kill-and-resume, and the settings it r
 
 from __future__ import annotations
 
-import copy
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from fedpeft.adapters import get_adapter_state, set_adapter_state
+from fedpeft.adapters import get_adapter_state
 from fedpeft.config import ConfigError, load_config
-from fedpeft.federation.engine import KILL_ENV, run_experiment
+from fedpeft.federation.engine import run_experiment
 from fedpeft.models.loading import load_model_for_eval
 from fedpeft.models.peft_wrap import add_to_base_weight
 from fedpeft.models.registry import tiny_llama
 from fedpeft.strategies.base import ClientUpdate
 from fedpeft.strategies.fedot import BLOCK_PREFIX, FedOT
+from helpers import TINY_CONFIG, assert_same_tensors, kill_and_resume, reference_run
 
 HIDDEN, INTER, KV = 64, 128, 32  # tiny_llama: hidden 64, intermediate 2 x hidden, 2 of 4 heads for k/v
 BLOCK_PARAMS = HIDDEN * HIDDEN * 2 + HIDDEN * KV * 2 + 3 * HIDDEN * INTER + 2 * HIDDEN  # q,k,v,o, MLP, 2 norms
@@ -189,21 +185,13 @@ def test_engine_bytes_and_what_final_holds(tmp_path, six_block_model):
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path, six_block_model):
-    args = ["--config", "configs/tiny.yaml", f"model.name={six_block_model}", *FULL, "federation.rounds=3",
-            "evaluation.every_rounds=1"]
-
-    def run(extra, env=None):
-        return subprocess.run([sys.executable, "-m", "fedpeft", "run", *extra], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, **(env or {})})
-
+    overrides = [f"model.name={six_block_model}", *FULL, "federation.rounds=3",
+                 "evaluation.every_rounds=1"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    assert run([*args[:2], "--run-dir", str(ref), *args[2:]]).returncode == 0
-    assert run([*args[:2], "--run-dir", str(killed), *args[2:]], {KILL_ENV: "client:3:1"}).returncode == -signal.SIGKILL
-    resumed = run(["--resume", str(killed)])
-    assert resumed.returncode == 0, resumed.stderr
-    a = load_file(str(ref / "final" / "base_weights.safetensors"))
-    b = load_file(str(killed / "final" / "base_weights.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    reference_run(TINY_CONFIG, overrides, ref)
+    kill_and_resume(TINY_CONFIG, overrides, killed, "client:3:1")
+    weights = lambda d: load_file(str(d / "final" / "base_weights.safetensors"))
+    assert_same_tensors(weights(ref), weights(killed))
     train = lambda d: [(e["round"], e["client"], e["downlink_bytes"], e["losses"]) for e in _events(d, "client_train")]
     assert train(ref) == train(killed)
     assert [e["metrics"] for e in _events(ref, "eval")] == [e["metrics"] for e in _events(killed, "eval")]
