@@ -19,7 +19,11 @@ def _flags(entry: dict) -> str:
     types = entry["peft_types"]
     dp = "client DP: " + ("/".join(entry["dp_modes"]) if entry.get("dp_modes") else "no")  # privacy.mode
     flower = "Flower: " + ("no" if entry.get("flower_refusal") else "yes")  # fedpeft deploy
-    return ", ".join(flags + ["peft: " + ("any" if set(types) >= set(ALL_PEFT_TYPES) else "/".join(types)), dp, flower])
+    # model families it refuses (model.head=seq2seq / image_classification; the reason is in the error)
+    families = [f"{label}: no" for key, label in (("seq2seq", "seq2seq"), ("image", "images"))
+                if entry.get(key, "runs") != "runs"]
+    return ", ".join(flags + ["peft: " + ("any" if set(types) >= set(ALL_PEFT_TYPES) else "/".join(types)), dp, flower,
+                              *families])
 
 
 def methods_table() -> Table:
