@@ -216,6 +216,58 @@ def test_fedot_under_flower_trains_on_the_received_emulator_and_equals_the_in_pr
                if worker.strategy.emulator.block_of(n) in dropped and not is_adapter_param(n))
 
 
+def test_fedot_full_blocks_under_flower_equal_the_in_process_run(tmp_path, monkeypatch, six_block_model):
+    """``adapter_training: full``: every base parameter of blocks 0 and 5 trains on the node and travels
+    each round as ``fedot_block/*`` plan controls (the nodes' own base weights scrambled, so they train on
+    what they received). The owner's final blocks, every job's losses and the metered bytes equal the
+    in-process run's bit for bit, and each message carries the metered tensors."""
+    from safetensors.torch import load_file
+
+    from fedpeft.strategies.fedot import BLOCK_PREFIX
+
+    cfg = load_config("configs/tiny.yaml", BASE + [
+        f"model.name={six_block_model}", "method.name=fedot", "method.options.a=1", "method.options.b=1",
+        "method.options.drop_ratio=0.5", "method.options.adapter_training=full", "federation.rounds=3"])
+    builds = _scramble_base_weights(monkeypatch)
+    engine, grid = _flower_engine(cfg, tmp_path / "flower", tmp_path)
+    deployed = engine.run()
+    reference_engine = Engine(cfg, tmp_path / "ref")
+    reference = reference_engine.run()
+    assert len(builds) >= 3  # the nodes were rebuilt between messages
+
+    final, ref = (load_file(str(s.run_dir / "final" / "base_weights.safetensors")) for s in (deployed, reference))
+    assert len(final) == 2 * 9 and final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
+    # the server's model holds those blocks (and they moved from the pre-trained ones)
+    server, owner = dict(engine.model.named_parameters()), dict(reference_engine.model.named_parameters())
+    assert all(torch.equal(server[k].detach(), owner[k].detach()) for k in final)
+    bare = dict(tiny_llama(layers=6)[0].named_parameters())
+    assert any(not torch.equal(final[k], bare[k.replace("base_model.model.", "").replace(".base_layer", "")])
+               for k in final)
+    fields = ("losses", "downlink_bytes", "uplink_bytes", "uplink_bytes_raw")
+    assert _per_job(deployed.run_dir, *fields) == _per_job(reference.run_dir, *fields)
+    [agg] = _events(deployed.run_dir, "aggregate")[-1:]
+    blocks, shipped = agg["adapter_block_bytes"], agg["shipped_once_bytes"]
+    first_seen: set[int] = set()
+    for msg, reply in _train_messages(grid):
+        content = msg.content
+        client, rnd = int(content["plan"]["client-id"]), int(content["plan"]["round"])
+        control = content["control"]
+        sent_blocks = {k for k in control.keys() if k.startswith(BLOCK_PREFIX)}
+        assert len(sent_blocks) == 2 * 9  # the blocks go down every round
+        block_bytes = sum(control[k].numpy().nbytes for k in sent_blocks)
+        assert block_bytes == blocks
+        emulator = _array_bytes(control) - block_bytes
+        assert emulator == (shipped if client not in first_seen else 0)  # the emulator once per client
+        first_seen.add(client)
+        assert _array_bytes(control) == _per_job(deployed.run_dir, "downlink_bytes")[(rnd, client)][0]
+        # the trained blocks come back as update.tensors (packed raw bytes), nothing else
+        assert set(json.loads(str(reply.content["update"]["manifests"]))) == {"tensors"}
+        assert len(reply.content["tensors"]["packed"].data) == blocks
+        assert blocks == _per_job(deployed.run_dir, "uplink_bytes")[(rnd, client)][0]
+    # FedAvg of bytes as in test_fedot_full: blocks 0 and 5 of tiny-llama in float32
+    assert blocks == 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) * 4
+
+
 # --- Ditto and FedPer: personal state on the nodes -------------------------------------------------------
 @pytest.mark.parametrize("method, personal_name", [("ditto", "ditto_personal"), ("fedper", "fedper_personal")])
 def test_personal_methods_under_flower_keep_the_in_process_personal_state_on_the_nodes(tmp_path, method,
