@@ -155,24 +155,32 @@ def generate_by_full_forwards(model, tokenizer, prompts: Sequence[str], max_new_
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    outputs = []
     try:
+        outputs = []
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-            start = ids.shape[1]
-            for _ in range(max_new_tokens):
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-                token = logits[:, -1].argmax(dim=-1, keepdim=True)
-                ids = torch.cat([ids, token], dim=1)
-                if int(token) == tokenizer.eos_token_id:
-                    break
-                if stop and any(s in tokenizer.decode(ids[0, start:], skip_special_tokens=True) for s in stop):
-                    break
-            text = tokenizer.decode(ids[0, start:], skip_special_tokens=True)
-            outputs.append(_cut_at_stop(text, stop) if stop else text)
+            outputs.append(_greedy_by_full_forwards(
+                lambda seq: model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits, ids, tokenizer,
+                max_new_tokens, stop))
     finally:
         model.train(was_training)
     return outputs
+
+
+def _greedy_by_full_forwards(logits_of, prefix: torch.Tensor, tokenizer, max_new_tokens: int,
+                             stop: Sequence[str] | None) -> str:
+    """Extend ``prefix`` (1 x n) by the argmax of ``logits_of(sequence so far)`` until eos, a stop string or
+    ``max_new_tokens``; the text of what was added (cut at the first stop string)."""
+    start, seq = prefix.shape[1], prefix
+    for _ in range(max_new_tokens):
+        token = logits_of(seq)[:, -1].argmax(dim=-1, keepdim=True)
+        seq = torch.cat([seq, token], dim=1)
+        if int(token) == tokenizer.eos_token_id:
+            break
+        if stop and any(s in tokenizer.decode(seq[0, start:], skip_special_tokens=True) for s in stop):
+            break
+    text = tokenizer.decode(seq[0, start:], skip_special_tokens=True)
+    return _cut_at_stop(text, stop) if stop else text
 
 
 def is_encoder_decoder(model) -> bool:
@@ -232,22 +240,14 @@ def _generate_seq2seq_by_forwards(model, tokenizer, prompts: Sequence[str], max_
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    start = model.config.decoder_start_token_id
-    outputs = []
+    start = torch.tensor([[model.config.decoder_start_token_id]], device=device)
     try:
+        outputs = []
         for prompt in prompts:
             ids = torch.tensor([encoder_ids(prompt, tokenizer)], device=device)
-            decoded = torch.tensor([[start]], device=device)
-            for _ in range(max_new_tokens):
-                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoded).logits
-                token = logits[:, -1].argmax(dim=-1, keepdim=True)
-                decoded = torch.cat([decoded, token], dim=1)
-                if int(token) == tokenizer.eos_token_id:
-                    break
-                if stop and any(s in tokenizer.decode(decoded[0, 1:], skip_special_tokens=True) for s in stop):
-                    break
-            text = tokenizer.decode(decoded[0, 1:], skip_special_tokens=True)
-            outputs.append(_cut_at_stop(text, stop) if stop else text)
+            outputs.append(_greedy_by_full_forwards(
+                lambda decoded: model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      decoder_input_ids=decoded).logits, start, tokenizer, max_new_tokens, stop))
     finally:
         model.train(was_training)
     return outputs
