@@ -327,6 +327,7 @@ def test_methods_say_which_run_under_flower_and_deploy_refuses_the_others(tmp_pa
 
 # --- a node that never holds the owner's weights (SmolLM2, slow) ---------------------------------------------
 @pytest.mark.slow
+@pytest.mark.long
 def test_fedot_smollm2_node_built_from_the_architecture_alone(tmp_path):
     """SmolLM2-135M under Flower, each node started with ``model-path="random:<the owner's config.json>"``:
     the architecture and tokenizer with randomly initialised weights, never the owner's. The nodes train on
@@ -368,6 +369,7 @@ def test_fedot_smollm2_node_built_from_the_architecture_alone(tmp_path):
 
 # --- real Flower processes (slow): warm workers keep the received state in memory --------------------------
 @pytest.mark.slow
+@pytest.mark.long
 def test_rehearsal_of_fedkseed_and_fedot_matches_the_in_process_runs(tmp_path, six_block_model):
     """flower-superlink + two flower-supernode processes with warm workers: FedKSeed (catch-up by replay)
     and distilled FedOT (the received emulator-model) give the in-process runs' adapters, losses and bytes."""
