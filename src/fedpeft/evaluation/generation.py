@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -14,6 +13,8 @@ from fedpeft.adapters import is_prompt_learning
 from fedpeft.data.encoding import encoder_ids, format_prompt
 from fedpeft.data.tasks import ExactMatchTask
 from fedpeft.evaluation.extraction import normalize_answer  # noqa: F401  (re-exported: its old home)
+from fedpeft.evaluation.kv_cache import cache_argument, returned_cache
+from fedpeft.models.family import model_is_encoder_decoder
 
 
 @torch.no_grad()
@@ -24,37 +25,29 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
     Decoding uses the KV cache. ``stop`` strings end a sequence early (``### Instruction`` for the Alpaca
     template, say) and are cut from the text with whatever follows them.
 
-    A prompt-learning adapter (prompt, P- or prefix tuning) is decoded by :func:`_generate_prompt_learning`
-    instead (cached and batched too): peft's own ``generate`` with these types does not match the model's
-    forward under transformers 5.24 (it repeats the virtual tokens at every step, or drops the prefix).
-    An encoder-decoder (T5) is decoded by :func:`_generate_seq2seq`: the encoder reads the prompt, the answer
-    is the decoder's whole output (no prompt to strip)."""
-    if is_encoder_decoder(model):
-        return _generate_seq2seq(model, tokenizer, prompts, max_new_tokens, batch_size, stop)
-    if is_prompt_learning(model):
-        return _generate_prompt_learning(model, tokenizer, prompts, max_new_tokens, batch_size, stop)
-    was_training = model.training
+    One batch is decoded by the model family's decoder: a causal LM by ``model.generate``
+    (:func:`_decode_causal`); a prompt-learning adapter (prompt, P- or prefix tuning) by
+    :func:`_decode_prompt_learning` (cached and batched too): peft's own ``generate`` with these types does
+    not match the model's forward under transformers 5.24 (it repeats the virtual tokens at every step, or
+    drops the prefix); an encoder-decoder (T5) by :func:`_decode_seq2seq`: the encoder reads the prompt,
+    the answer is the decoder's whole output (no prompt to strip)."""
+    if model_is_encoder_decoder(model):
+        decode = _decode_seq2seq_by_forwards if _is_prefix_tuning(model) else _decode_seq2seq
+    elif is_prompt_learning(model):
+        decode = _decode_prompt_learning
+    else:
+        decode = _decode_causal
+    was_training, previous_side = model.training, tokenizer.padding_side
     model.eval()
+    tokenizer.padding_side = "left"  # the causal decoders pad on the left; the seq2seq ones build their rows
     device = next(model.parameters()).device
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     outputs: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            batch = {key: value.to(device) for key, value in batch.items()}
-            generated = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}),
-            )
-            new_tokens = generated[:, batch["input_ids"].shape[1]:]
-            for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            texts = decode(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, stop, device)
+            for i, text in zip(idx, texts):
                 outputs[i] = _cut_at_stop(text, stop) if stop else text
     finally:
         tokenizer.padding_side = previous_side
@@ -62,11 +55,23 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
     return outputs
 
 
-@torch.no_grad()
-def _generate_prompt_learning(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-                              stop: Sequence[str] | None) -> list[str]:
-    """Greedy decoding of a prompt-learning adapter with a KV cache, batched with left padding. It calls
-    the base model the way peft's forward does, with the positions peft's own (unpadded) forward uses:
+def _stop_kwargs(tokenizer, stop: Sequence[str] | None) -> dict:
+    return {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
+
+
+def _decode_causal(model, tokenizer, prompts: list[str], max_new_tokens: int, stop, device) -> list[str]:
+    """One left-padded batch through ``model.generate``; the new tokens only."""
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                               **_stop_kwargs(tokenizer, stop))
+    return tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _decode_prompt_learning(model, tokenizer, prompts: list[str], max_new_tokens: int, stop, device) -> list[str]:
+    """One batch of a prompt-learning adapter, greedy with a KV cache, left-padded. It calls the base
+    model the way peft's forward does, with the positions peft's own (unpadded) forward uses:
 
     - prompt / P-tuning: the prompt encoder's virtual embeddings (``get_prompt``) before the prompt's token
       embeddings, positions 0..L-1 for the L virtual tokens and L.. for the prompt's tokens; later steps
@@ -80,69 +85,43 @@ def _generate_prompt_learning(model, tokenizer, prompts: Sequence[str], max_new_
     it treats every step as the first: prompt / P-tuning put the L virtual embeddings before each new
     token again (the cache gains L + 1 entries a step), and prefix tuning's prefix, passed as
     ``past_key_values`` beside generate's own ``cache``, is never read (docs/peft_types.md)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     base = model.get_base_model()
     config = model.active_peft_config
     n_virtual = config.num_virtual_tokens
-    is_prefix = config.peft_type == PeftType.PREFIX_TUNING
-    cache_arg = _cache_keyword(base)
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    cache_arg = cache_argument(base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outputs: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            ids = batch["input_ids"].to(device)
-            rows = ids.shape[0]
-            mask = torch.cat([torch.ones(rows, n_virtual, dtype=torch.long, device=device),
-                              batch["attention_mask"].to(device).long()], dim=1)
-            # virtual tokens 0..L-1, the prompt's tokens L.. in every row (padding gets a masked dummy)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            if is_prefix:
-                out = base(input_ids=ids, attention_mask=mask, position_ids=positions[:, n_virtual:],
-                           use_cache=True, **{cache_arg: model.get_prompt(rows)})
-            else:
-                embeds = model.word_embeddings(ids)
-                embeds = torch.cat([model.get_prompt(rows).to(embeds.dtype), embeds], dim=1)
-                out = base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
-            last = positions[:, -1:]
-            new = torch.empty(rows, 0, dtype=torch.long, device=device)
-            done = torch.zeros(rows, dtype=torch.bool, device=device)
-            for step in range(max_new_tokens):
-                token = out.logits[:, -1].argmax(dim=-1)
-                token = torch.where(done, torch.full_like(token, pad_id), token)
-                new = torch.cat([new, token[:, None]], dim=1)
-                done |= token == tokenizer.eos_token_id
-                if stop:
-                    done |= torch.tensor([any(s in tokenizer.decode(r, skip_special_tokens=True) for s in stop)
-                                          for r in new], device=device)
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
-                last = last + 1
-                out = base(input_ids=token[:, None], attention_mask=mask, position_ids=last, use_cache=True,
-                           **{cache_arg: _returned_cache(out)})
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                outputs[i] = _cut_at_stop(text, stop) if stop else text
-    finally:
-        tokenizer.padding_side = previous_side
-        model.train(was_training)
-    return outputs
-
-
-def _cache_keyword(model) -> str:
-    """The forward's name for the KV cache: ``cache`` from transformers 5.24 on (``past_key_values``
-    is deprecated there), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _returned_cache(output):
-    return output["cache"] if "cache" in output else output["past_key_values"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids = batch["input_ids"].to(device)
+    rows = ids.shape[0]
+    mask = torch.cat([torch.ones(rows, n_virtual, dtype=torch.long, device=device),
+                      batch["attention_mask"].to(device).long()], dim=1)
+    # virtual tokens 0..L-1, the prompt's tokens L.. in every row (padding gets a masked dummy)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    if config.peft_type == PeftType.PREFIX_TUNING:
+        out = base(input_ids=ids, attention_mask=mask, position_ids=positions[:, n_virtual:],
+                   use_cache=True, **{cache_arg: model.get_prompt(rows)})
+    else:
+        embeds = model.word_embeddings(ids)
+        embeds = torch.cat([model.get_prompt(rows).to(embeds.dtype), embeds], dim=1)
+        out = base(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+    last = positions[:, -1:]
+    new = torch.empty(rows, 0, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(dim=-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        new = torch.cat([new, token[:, None]], dim=1)
+        done |= token == tokenizer.eos_token_id
+        if stop:
+            done |= torch.tensor([any(s in tokenizer.decode(r, skip_special_tokens=True) for s in stop)
+                                  for r in new], device=device)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=1)
+        last = last + 1
+        out = base(input_ids=token[:, None], attention_mask=mask, position_ids=last, use_cache=True,
+                   **{cache_arg: returned_cache(out)})
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -159,9 +138,10 @@ def generate_by_full_forwards(model, tokenizer, prompts: Sequence[str], max_new_
         outputs = []
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-            outputs.append(_greedy_by_full_forwards(
+            text = _greedy_by_full_forwards(
                 lambda seq: model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits, ids, tokenizer,
-                max_new_tokens, stop))
+                max_new_tokens, stop)
+            outputs.append(_cut_at_stop(text, stop) if stop else text)
     finally:
         model.train(was_training)
     return outputs
@@ -170,7 +150,7 @@ def generate_by_full_forwards(model, tokenizer, prompts: Sequence[str], max_new_
 def _greedy_by_full_forwards(logits_of, prefix: torch.Tensor, tokenizer, max_new_tokens: int,
                              stop: Sequence[str] | None) -> str:
     """Extend ``prefix`` (1 x n) by the argmax of ``logits_of(sequence so far)`` until eos, a stop string or
-    ``max_new_tokens``; the text of what was added (cut at the first stop string)."""
+    ``max_new_tokens``; the text of what was added (not yet cut at the stop string)."""
     start, seq = prefix.shape[1], prefix
     for _ in range(max_new_tokens):
         token = logits_of(seq)[:, -1].argmax(dim=-1, keepdim=True)
@@ -179,77 +159,43 @@ def _greedy_by_full_forwards(logits_of, prefix: torch.Tensor, tokenizer, max_new
             break
         if stop and any(s in tokenizer.decode(seq[0, start:], skip_special_tokens=True) for s in stop):
             break
-    text = tokenizer.decode(seq[0, start:], skip_special_tokens=True)
-    return _cut_at_stop(text, stop) if stop else text
+    return tokenizer.decode(seq[0, start:], skip_special_tokens=True)
 
 
-def is_encoder_decoder(model) -> bool:
-    """The model's config says it is an encoder-decoder (T5, ``model.head=seq2seq``)."""
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
-
-
-@torch.no_grad()
-def _generate_seq2seq(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-                      stop: Sequence[str] | None) -> list[str]:
-    """Greedy answers of an encoder-decoder: each encoder input is the prompt + eos (``encoder_ids``, as in
+def _decode_seq2seq(model, tokenizer, prompts: list[str], max_new_tokens: int, stop, device) -> list[str]:
+    """One batch of an encoder-decoder: each encoder input is the prompt + eos (``encoder_ids``, as in
     training), right-padded with its attention mask; ``generate`` decodes from the decoder's start token,
     which is dropped, up to ``max_new_tokens`` or eos. Prompt and P-tuning go through peft's seq2seq
     ``generate`` (virtual tokens prepended to the encoder's input), which matches its forward; for prefix
-    tuning peft's cached ``generate`` does not (peft 0.21, transformers 5.24), so it is decoded by full forwards
-    (:func:`_generate_seq2seq_by_forwards`; both checked in tests/test_seq2seq.py). Batches of similar
-    length, results in input order."""
-    if _is_prefix_tuning(model):
-        return _generate_seq2seq_by_forwards(model, tokenizer, prompts, max_new_tokens, stop)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    outputs: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    tuning peft's cached ``generate`` does not (peft 0.21, transformers 5.24), so :func:`generate` uses
+    :func:`_decode_seq2seq_by_forwards` (both checked in tests/test_seq2seq.py)."""
     pad = tokenizer.pad_token_id
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            rows = [encoder_ids(prompts[i], tokenizer) for i in idx]
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-            generated = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                **({"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}),
-            )
-            for i, text in zip(idx, tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True)):
-                outputs[i] = _cut_at_stop(text, stop) if stop else text
-    finally:
-        model.train(was_training)
-    return outputs
+    rows = [encoder_ids(prompt, tokenizer) for prompt in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **_stop_kwargs(tokenizer, stop))
+    return tokenizer.batch_decode(generated[:, 1:], skip_special_tokens=True)
 
 
 def _is_prefix_tuning(model) -> bool:
     configs = getattr(model, "peft_config", None)
     config = configs.get(getattr(model, "active_adapter", "default")) if isinstance(configs, dict) else None
-    return getattr(config, "peft_type", None) == "PREFIX_TUNING"
+    return getattr(config, "peft_type", None) == PeftType.PREFIX_TUNING
 
 
-@torch.no_grad()
-def _generate_seq2seq_by_forwards(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                                  stop: Sequence[str] | None) -> list[str]:
-    """Greedy decoding of an encoder-decoder by full forwards (no cache), one prompt at a time: each new
-    token is the argmax of what the model computes for the encoder input and the decoder tokens so far,
-    exactly as in training."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+def _decode_seq2seq_by_forwards(model, tokenizer, prompts: list[str], max_new_tokens: int, stop,
+                                device) -> list[str]:
+    """An encoder-decoder by full forwards (no cache), one prompt at a time: each new token is the argmax
+    of what the model computes for the encoder input and the decoder tokens so far, exactly as in training."""
     start = torch.tensor([[model.config.decoder_start_token_id]], device=device)
-    try:
-        outputs = []
-        for prompt in prompts:
-            ids = torch.tensor([encoder_ids(prompt, tokenizer)], device=device)
-            outputs.append(_greedy_by_full_forwards(
-                lambda decoded: model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                      decoder_input_ids=decoded).logits, start, tokenizer, max_new_tokens, stop))
-    finally:
-        model.train(was_training)
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([encoder_ids(prompt, tokenizer)], device=device)
+        outputs.append(_greedy_by_full_forwards(
+            lambda decoded: model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoded).logits,
+            start, tokenizer, max_new_tokens, stop))
     return outputs
 
 

@@ -24,7 +24,6 @@ prompt template) read it once and reuse its KV cache (``prefix_groups``).
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from fedpeft.adapters import is_prompt_learning
+from fedpeft.evaluation.kv_cache import cache_argument, returned_cache
+from fedpeft.models.family import model_is_encoder_decoder
 
 
 @dataclass(frozen=True)
@@ -229,18 +230,6 @@ def prefix_groups(inputs: dict[tuple[int, ...], list],
     return groups, alone
 
 
-def _cache_argument(model) -> str:
-    """The forward argument that takes a KV cache: ``cache`` in recent transformers, ``past_key_values``
-    before (and in models written against the old name)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _returned_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
 def _score_shared(model, groups, inputs, pad, device, batch_size, max_tokens, scores) -> None:
     """Each group's shared prefix is read once (prefixes of several groups batched, left-padded) and its
     KV cache repeated for each member, whose remaining tokens (left-padded after the prefix, positions
@@ -277,7 +266,7 @@ def _score_shared(model, groups, inputs, pad, device, batch_size, max_tokens, sc
                     position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
         owners = [(g, member) for g, (_, members) in enumerate(batch) for member in members]
         index = torch.tensor([g for g, _ in owners], device=device)
-        cache = _returned_cache(out)
+        cache = returned_cache(out)
         cache.reorder_cache(index)  # one cache row per member
         suffixes = [member[batch[g][0]:] for g, member in owners]
         suffix_ids, suffix_mask = _left_padded(suffixes, pad)
@@ -285,7 +274,7 @@ def _score_shared(model, groups, inputs, pad, device, batch_size, max_tokens, sc
         positions = prefix_mask.sum(-1)[index].unsqueeze(-1) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
         keep = max(len(cont) for _, member in owners for _, cont in inputs[member])
         out = model(input_ids=suffix_ids, attention_mask=torch.cat([prefix_mask[index], suffix_mask], dim=1),
-                    position_ids=positions, use_cache=True, logits_to_keep=keep, **{_cache_argument(model): cache})
+                    position_ids=positions, use_cache=True, logits_to_keep=keep, **{cache_argument(model): cache})
         logprobs = torch.log_softmax(out.logits[:, -keep:].float(), dim=-1)
         for row, (_, member) in enumerate(owners):
             for pair, cont in inputs[member]:
@@ -311,7 +300,7 @@ def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], batc
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if model_is_encoder_decoder(model):
         raise ValueError("log-likelihood scoring (multiple choice, lm_loss) reads a causal LM's continuation "
                          "logits; an encoder-decoder model (model.head=seq2seq, T5) is not supported there: use the "
                          "generate mode")

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from fedpeft.models.device import autocast, is_out_of_memory, model_device, out_of_memory_error
+from fedpeft.models.family import model_is_encoder_decoder
 from fedpeft.models.vision import image_loss, is_image_batch
 from fedpeft.privacy.dp_sgd import DPSGD
 from fedpeft.strategies.base import ClientPlan, TrainResult
@@ -65,7 +66,7 @@ def supervised_count(labels: torch.Tensor, shift: int = 1) -> int:
 def label_shift(model: torch.nn.Module) -> int:
     """Positions a model's own loss shifts its labels by: 1 for a causal LM (token t predicts label t+1), 0
     for an encoder-decoder (its config's ``is_encoder_decoder``: the decoder predicts each label in place)."""
-    return 0 if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else 1
+    return 0 if model_is_encoder_decoder(model) else 1
 
 
 # --- optimizer state as flat tensors (the client store holds str -> tensor) -----------------------------

@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 SEQ2SEQ = "seq2seq"
 
 
+def model_is_encoder_decoder(model) -> bool:
+    """A loaded model (or its peft wrapper, which forwards ``config``) is an encoder-decoder."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def config_is_encoder_decoder(config: Mapping[str, Any]) -> bool:
     """A transformers ``config.json`` (as a dict) describes an encoder-decoder model: its
     ``is_encoder_decoder`` flag, which T5, BART and their kin set (a missing flag: not one)."""
