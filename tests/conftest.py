@@ -45,6 +45,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("FEDPEFT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fedpeft-cache"))
 
 
+@pytest.fixture(scope="session")
+def six_block_model(tmp_path_factory):
+    """A saved 6-block tiny-llama (FedOT needs blocks to keep, drop and train), read-only once written."""
+    from fedpeft.models.registry import tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny6")
+    model, tok = tiny_llama(layers=6)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_config_path():
     return REPO / "configs" / "tiny.yaml"

@@ -70,3 +70,18 @@ def run_events(run_dir: Path, kind: str | None = None) -> list[dict]:
     library's readers, which skip a line cut by a kill: in a finished run every line must parse."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [e for e in map(json.loads, lines) if kind is None or e["event"] == kind]
+
+
+def check_fedkseed_bytes(run_dir: Path, steps: int, entry: int, per_plan: int = 0) -> None:
+    """FedKSeed's byte formulas on every ``client_train`` event: the upload is ``steps`` entries of ``entry``
+    bytes (seed index + float32 g); the download is the history entries the client missed since the round
+    it last trained in (it starts in sync with round 1) plus ``per_plan`` bytes every plan carries."""
+    synced: dict[int, int] = {}
+    per_round: dict[int, int] = {}
+    for event in run_events(run_dir, "client_train"):
+        r, c = event["round"], event["client"]
+        assert event["uplink_bytes"] == steps * entry
+        missed = sum(per_round.get(t, 0) for t in range(synced.get(c, 1), r))
+        assert event["downlink_bytes"] == missed * entry + per_plan
+        synced[c] = r
+        per_round[r] = per_round.get(r, 0) + steps

@@ -26,14 +26,10 @@ from fedpeft.models.registry import load_base_model, tiny_llama, tiny_tokenizer
 from fedpeft.seeding import derive_seed, index_stream
 from fedpeft.strategies import build_experiment_strategy
 from fedpeft.strategies.base import ClientPlan
+from helpers import run_events
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "alignment"
 FAST = ["federation.rounds=2", "evaluation.every_rounds=1", "output.report=false"]
-
-
-def _events(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
 
 
 # --- config -----------------------------------------------------------------------------------------
@@ -115,9 +111,9 @@ def test_pairwise_accuracy_and_margin_against_known_scores():
 def test_federated_reward_run_trains_and_its_pairwise_accuracy_is_the_final_models(tmp_path):
     cfg = load_config(CONFIGS / "reward_tiny.yaml", FAST)
     summary = run_experiment(cfg, run_dir=tmp_path / "run")
-    evals = [e for e in _events(summary.run_dir, "eval") if "split" not in e]
+    evals = [e for e in run_events(summary.run_dir, "eval") if "split" not in e]
     assert [e["round"] for e in evals] == [0, 1, 2]
-    train = _events(summary.run_dir, "client_train")
+    train = run_events(summary.run_dir, "client_train")
     assert len(train) == 4 and all(0 < e["loss"] < 10 for e in train)
 
     # Independently: the saved adapter on a fresh base reward model, each completion scored alone (no padding).

@@ -4,7 +4,6 @@ stops the run with a message and the last checkpoint intact."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -19,13 +18,10 @@ from fedpeft.strategies.base import ClientPlan, ClientUpdate
 from fedpeft.strategies.fedit import FedIT
 from fedpeft.strategies.fedsa_lora import PERSONAL_NAME, FedSALoRA
 from fedpeft.strategies.scaffold import CONTROL_NAME, Scaffold
+from helpers import run_events
 
 ONE_ROUND = ["federation.num_clients=4", "federation.clients_per_round=4", "federation.rounds=1",
              "evaluation.before_training=false", "output.report=false"]
-
-
-def _events(run_dir, kind):
-    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
 
 
 # --- the checks as a pure function ------------------------------------------------------------------
@@ -123,10 +119,10 @@ def test_hostile_clients_are_dropped_and_the_round_goes_on(tmp_path, monkeypatch
     monkeypatch.setitem(STRATEGIES, "hostile", HostileFedIT)
     cfg = load_config("configs/tiny.yaml", ONE_ROUND + ["method.name=hostile"])
     summary = Engine(cfg, tmp_path / "run").run()
-    failed = {e["client"]: e["error"] for e in _events(summary.run_dir, "client_failed")}
+    failed = {e["client"]: e["error"] for e in run_events(summary.run_dir, "client_failed")}
     assert set(failed) == {0, 1, 2}
     assert "missing" in failed[0] and "num_examples=-5" in failed[1] and "overflows" in failed[2]
-    assert _events(summary.run_dir, "aggregate")[0]["clients"] == [3]
+    assert run_events(summary.run_dir, "aggregate")[0]["clients"] == [3]
     from safetensors.torch import load_file
 
     final = load_file(str(summary.final_adapter_dir / "adapter_model.safetensors"))
@@ -149,7 +145,7 @@ def test_fedsa_client_with_nan_b_leaves_no_stored_b(tmp_path, monkeypatch):
     cfg = load_config("configs/tiny.yaml", ONE_ROUND + ["method.name=nan_b_fedsa"])
     engine = Engine(cfg, tmp_path / "run")
     summary = engine.run()
-    [failed] = _events(summary.run_dir, "client_failed")
+    [failed] = run_events(summary.run_dir, "client_failed")
     assert failed["client"] == 0 and PERSONAL_NAME in failed["error"]
     assert engine.store.get(0, PERSONAL_NAME) is None
     assert not list((tmp_path / "run" / "client_store").glob(f"0/{PERSONAL_NAME}*"))
@@ -176,7 +172,7 @@ def test_scaffold_client_with_nan_control_leaves_no_stored_control(tmp_path, mon
     cfg = load_config("configs/tiny.yaml", ONE_ROUND + ["method.name=nan_control_scaffold", "training.optimizer=sgd"])
     engine = Engine(cfg, tmp_path / "run")
     summary = engine.run()
-    [failed] = _events(summary.run_dir, "client_failed")
+    [failed] = run_events(summary.run_dir, "client_failed")
     assert failed["client"] == 1 and "control tensor" in failed["error"]
     assert engine.store.get(1, CONTROL_NAME) is None
     assert all(engine.store.get(c, CONTROL_NAME) is not None for c in (0, 2, 3))
@@ -207,7 +203,7 @@ def test_a_round_without_accepted_updates_stops_with_a_message_and_keeps_the_che
     with pytest.raises(RunStopped, match="round 2: no client update was accepted"):
         Engine(load_config("configs/tiny.yaml", overrides), tmp_path / "api").run()
     assert (tmp_path / "api" / "checkpoints" / "LATEST").read_text().strip() == "round_0001"
-    assert _events(tmp_path / "api", "run_stopped")
+    assert run_events(tmp_path / "api", "run_stopped")
 
     result = CliRunner().invoke(app, ["run", "--config", "configs/tiny.yaml", "--run-dir", str(tmp_path / "cli"),
                                       *overrides])

@@ -37,13 +37,9 @@ from fedpeft.deploy.flower.transport import FlowerTransport
 from fedpeft.federation.engine import Engine, run_experiment
 from fedpeft.federation.transport import InProcessTransport, Transport
 from fedpeft.strategies.base import ClientPlan, ClientUpdate, TrainResult
+from helpers import run_events
 
 BASE = ["federation.rounds=2", "federation.num_clients=2", "output.report=false"]
-
-
-def _events(run_dir, kind=None):
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [e for e in events if kind is None or e["event"] == kind]
 
 
 def _final(run_dir):
@@ -57,7 +53,7 @@ def _assert_same_adapter(a, b):
 
 
 def _train_losses(run_dir):
-    return {(e["round"], e["client"]): e["losses"] for e in _events(run_dir, "client_train")}
+    return {(e["round"], e["client"]): e["losses"] for e in run_events(run_dir, "client_train")}
 
 
 # --- serialisation -------------------------------------------------------------------------------
@@ -152,11 +148,11 @@ def test_flower_transport_matches_in_process_engine(tmp_path):
     reference = run_experiment(cfg, run_dir=tmp_path / "ref")
     _assert_same_adapter(_final(deployed.run_dir), _final(reference.run_dir))
     assert _train_losses(deployed.run_dir) == _train_losses(reference.run_dir)
-    rounds = _events(deployed.run_dir, "deploy_round")
+    rounds = run_events(deployed.run_dir, "deploy_round")
     assert [e["round"] for e in rounds] == [1, 2] and all(e["answered"] == 2 for e in rounds)
     # same event kinds as a simulated run, plus deploy_round
-    kinds = {e["event"] for e in _events(deployed.run_dir)}
-    assert kinds - {e["event"] for e in _events(reference.run_dir)} == {"deploy_round"}
+    kinds = {e["event"] for e in run_events(deployed.run_dir)}
+    assert kinds - {e["event"] for e in run_events(reference.run_dir)} == {"deploy_round"}
 
 
 def test_a_classifier_deploys_like_it_simulates(tmp_path):
@@ -194,10 +190,10 @@ def test_corrupted_updates_are_rejected_and_logged(tmp_path):
                                             "federation.clients_per_round=4", "evaluation.before_training=false",
                                             "output.report=false"])
     summary = _fake_engine(cfg, tmp_path / "run", tmp_path, tamper=_tamper_updates).run()
-    failed = {e["client"]: e["error"] for e in _events(summary.run_dir, "client_failed")}
+    failed = {e["client"]: e["error"] for e in run_events(summary.run_dir, "client_failed")}
     assert set(failed) == {0, 1, 2}
     assert "shape" in failed[0] and "NaN" in failed[1] and "undecodable" in failed[2]
-    assert _events(summary.run_dir, "aggregate")[0]["clients"] == [3]
+    assert run_events(summary.run_dir, "aggregate")[0]["clients"] == [3]
     assert all(torch.isfinite(v).all() for v in _final(summary.run_dir).values())
 
 
@@ -211,9 +207,9 @@ def test_fewer_replies_than_min_clients_stops_the_run(tmp_path):
     engine = _fake_engine(cfg, tmp_path / "run", tmp_path, tamper=drop_client_1, min_clients=2, round_timeout=1.0)
     with pytest.raises(RuntimeError, match="min-clients=2"):
         engine.run()
-    failed = _events(tmp_path / "run", "client_failed")
+    failed = run_events(tmp_path / "run", "client_failed")
     assert [(e["round"], e["client"]) for e in failed] == [(1, 1)] and "no reply" in failed[0]["error"]
-    assert not _events(tmp_path / "run", "round_end")  # the round did not complete
+    assert not run_events(tmp_path / "run", "round_end")  # the round did not complete
 
 
 # --- bytes on the wire, private state and personal evaluation on the nodes ------------------------------
@@ -237,7 +233,7 @@ def test_uplink_bytes_under_flower_are_the_encoded_bytes_received(tmp_path):
         engine, grid = _fake_engine_and_grid(run_cfg, tmp_path / scheme, tmp_path / f"g-{scheme}")
         summary = engine.run()
         replies = _train_replies(grid)
-        train = _events(summary.run_dir, "client_train")
+        train = run_events(summary.run_dir, "client_train")
         assert len(train) == len(replies) == 2
         for e in train:
             content = replies[(e["round"], e["client"])]
@@ -256,7 +252,8 @@ def test_uplink_bytes_under_flower_are_the_encoded_bytes_received(tmp_path):
         if scheme == "int8":
             reference = run_experiment(run_cfg, run_dir=tmp_path / "in-process-int8")
             _assert_same_adapter(_final(summary.run_dir), _final(reference.run_dir))
-            assert [e["uplink_bytes"] for e in _events(reference.run_dir, "client_train")] == [numel + 4 * ntensors] * 2
+            uplinks = [e["uplink_bytes"] for e in run_events(reference.run_dir, "client_train")]
+            assert uplinks == [numel + 4 * ntensors] * 2
     for client in (0, 1):
         assert 0.2 < sent[("int8", client)] / sent[("none", client)] < 0.3
 
@@ -282,7 +279,7 @@ def test_personalised_method_on_flower_keeps_b_on_the_nodes_and_evaluates_there(
                                             "method.name=nan_b_fedsa", "output.report=false"])
     engine, grid = _fake_engine_and_grid(cfg, tmp_path / "run", tmp_path)
     summary = engine.run()
-    failed = {e["client"]: e["error"] for e in _events(summary.run_dir, "client_failed")}
+    failed = {e["client"]: e["error"] for e in run_events(summary.run_dir, "client_failed")}
     assert set(failed) == {0} and PERSONAL_NAME in failed[0] and "NaN" in failed[0]
     stored = {p.parent.name for p in (tmp_path / "stores").glob(f"node-*/*/{PERSONAL_NAME}.r*.safetensors")}
     assert stored == {"1", "2", "3"}
@@ -291,9 +288,9 @@ def test_personalised_method_on_flower_keeps_b_on_the_nodes_and_evaluates_there(
     # personal evaluation ran on the two nodes, not on the server (whose client store is empty)
     assert sorted(m.metadata.dst_node_id for m, _ in grid.seen if m.metadata.message_type == "evaluate") == [100, 101]
     assert not list((tmp_path / "run" / "client_store").glob("*/*.safetensors"))
-    [deployed] = [e for e in _events(summary.run_dir, "eval") if e.get("split") == "personal"]
+    [deployed] = [e for e in run_events(summary.run_dir, "eval") if e.get("split") == "personal"]
     reference = run_experiment(cfg, run_dir=tmp_path / "ref")
-    [simulated] = [e for e in _events(reference.run_dir, "eval") if e.get("split") == "personal"]
+    [simulated] = [e for e in run_events(reference.run_dir, "eval") if e.get("split") == "personal"]
     assert deployed["scored_on"] == "nodes" and simulated["scored_on"] == "server"
     assert deployed["per_client"] == simulated["per_client"] and len(deployed["per_client"]) == 4
     assert deployed["metrics"] == simulated["metrics"]
@@ -324,7 +321,7 @@ def test_a_transport_that_cannot_evaluate_personal_state_logs_why_and_the_report
     engine._setup = setup_elsewhere
     summary = engine.run()
     assert not any(k.startswith("personal/") for k in summary.final_metrics)
-    [personal] = [e for e in _events(summary.run_dir, "eval") if e.get("split") == "personal"]
+    [personal] = [e for e in run_events(summary.run_dir, "eval") if e.get("split") == "personal"]
     assert personal["metrics"] == {} and "cannot evaluate there" in personal["skipped"]
     from fedpeft.report import write_report
 
@@ -376,8 +373,8 @@ def test_rehearsal_matches_in_process_engine(federation, tmp_path):
     assert (deployed / "config.yaml").read_text() == (reference.run_dir / "config.yaml").read_text()
     _assert_same_adapter(_final(deployed), _final(reference.run_dir))  # bit-identical, not just close
     assert _train_losses(deployed) == _train_losses(reference.run_dir)
-    assert [e["round"] for e in _events(deployed, "round_end")] == [1, 2]
-    assert not _events(deployed, "client_failed")
+    assert [e["round"] for e in run_events(deployed, "round_end")] == [1, 2]
+    assert not run_events(deployed, "client_failed")
 
 
 @pytest.mark.slow
@@ -390,7 +387,7 @@ def test_rehearsal_with_secure_aggregation(federation, tmp_path):
     run_id, status = federation.run(app, timeout=400)
     assert status == "finished:completed", (run_id, status)
     deployed = tmp_path / "deployed"
-    [event] = _events(deployed, "deploy_round")
+    [event] = run_events(deployed, "deploy_round")
     assert event["secagg"] and event["answered"] == 2 and len(event["stages"]) == 4
     reference = run_experiment(cfg, run_dir=tmp_path / "ref")
     final, ref = _final(deployed), _final(reference.run_dir)
@@ -409,11 +406,11 @@ def test_supernode_killed_mid_round_is_a_logged_dropout(federation, tmp_path):
     assert status == "finished:completed", (run_id, status)
     assert federation.supernodes[1].poll() is not None  # the node is really gone
     deployed = tmp_path / "deployed"
-    failed = _events(deployed, "client_failed")
+    failed = run_events(deployed, "client_failed")
     assert [(e["round"], e["client"]) for e in failed] == [(1, 1)]
     assert "no reply" in failed[0]["error"] or "Flower error" in failed[0]["error"]
-    assert _events(deployed, "aggregate")[0]["clients"] == [0]
-    assert _events(deployed, "deploy_round")[0]["answered"] == 1
+    assert run_events(deployed, "aggregate")[0]["clients"] == [0]
+    assert run_events(deployed, "deploy_round")[0]["answered"] == 1
     # the round aggregated exactly what the engine aggregates when client 1 drops out in process
     ref = _run_with_dropout(Engine(cfg, tmp_path / "ref"), 1, 1)
     _assert_same_adapter(_final(deployed), _final(ref))

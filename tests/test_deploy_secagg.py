@@ -9,7 +9,6 @@ the in-process round without it; unsupported methods and set-ups are refused wit
 from __future__ import annotations
 
 import functools
-import json
 
 import pytest
 
@@ -26,6 +25,7 @@ from fedpeft.deploy.flower.settings import DeploySettings
 from fedpeft.deploy.flower.transport import FlowerTransport
 from fedpeft.federation.engine import Engine, run_experiment
 from fedpeft.federation.transport import InProcessTransport, Transport
+from helpers import run_events
 
 ONE_ROUND = ["federation.rounds=1", "evaluation.before_training=false", "output.report=false"]
 
@@ -37,10 +37,6 @@ def _secure_engine(cfg, run_dir, tmp_path, nodes, tamper=None, **settings):
     engine = Engine(cfg, run_dir, transport=functools.partial(FlowerTransport, grid,
                                                               DeploySettings.from_run_config(run_config)))
     return engine, grid
-
-
-def _events(run_dir, kind):
-    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
 
 
 def _final(run_dir):
@@ -57,7 +53,7 @@ def test_secure_round_equals_fedit_within_the_quantisation_bound(tmp_path):
     engine, grid = _secure_engine(cfg, tmp_path / "secure", tmp_path, nodes=3)
     secure = engine.run()
     reference = run_experiment(cfg, run_dir=tmp_path / "ref")
-    [event] = _events(secure.run_dir, "deploy_round")
+    [event] = run_events(secure.run_dir, "deploy_round")
     assert event["secagg"] and event["answered"] == 3
     assert [s["stage"] for s in event["stages"]] == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
     diff = _max_diff(_final(secure.run_dir), _final(reference.run_dir))
@@ -65,7 +61,7 @@ def test_secure_round_equals_fedit_within_the_quantisation_bound(tmp_path):
     assert 0 < diff <= event["error_bound"], (diff, event["error_bound"])  # quantised, and within the bound
     assert event["error_bound"] < 1e-4
     # The per-client results (loss, examples) are the in-process ones; only the tensors were hidden.
-    losses = lambda d: {e["client"]: e["losses"] for e in _events(d, "client_train")}
+    losses = lambda d: {e["client"]: e["losses"] for e in run_events(d, "client_train")}
     assert losses(secure.run_dir) == losses(reference.run_dir)
     # Nothing the server received holds an unmasked tensor: every ArrayRecord of every reply is empty.
     train_replies = [r for m, r in grid.seen if m.metadata.message_type == "train" and not r.has_error()]
@@ -76,7 +72,7 @@ def test_secure_round_equals_fedit_within_the_quantisation_bound(tmp_path):
     assert len(masked) == 3 and all(isinstance(b, bytes) for vec in masked for b in vec)
     # The uplink metered per client is what went over the wire in the protocol's replies.
     up = sum(s["up_bytes"] for s in event["stages"])
-    assert sum(e["uplink_bytes"] for e in _events(secure.run_dir, "client_train")) == up - up % 3
+    assert sum(e["uplink_bytes"] for e in run_events(secure.run_dir, "client_train")) == up - up % 3
 
 
 def test_client_lost_after_masking_is_recovered_from_shares(tmp_path):
@@ -90,9 +86,9 @@ def test_client_lost_after_masking_is_recovered_from_shares(tmp_path):
 
     engine, _ = _secure_engine(cfg, tmp_path / "secure", tmp_path, nodes=3, tamper=lose_masked_vector)
     secure = engine.run()
-    failed = _events(secure.run_dir, "client_failed")
+    failed = run_events(secure.run_dir, "client_failed")
     assert [(e["round"], e["client"]) for e in failed] == [(1, 1)] and "SecAgg+" in failed[0]["error"]
-    [event] = _events(secure.run_dir, "deploy_round")
+    [event] = run_events(secure.run_dir, "deploy_round")
     assert event["answered"] == 2
 
     ref_engine = Engine(cfg, tmp_path / "ref")

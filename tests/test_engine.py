@@ -1,6 +1,5 @@
 """The engine end to end on the tiny model: outputs, peft compatibility, failing clients, byte counts."""
 
-import json
 
 import pytest
 import torch
@@ -10,10 +9,7 @@ from fedpeft.config import load_config
 from fedpeft.federation.engine import Engine, run_experiment
 from fedpeft.strategies import STRATEGIES
 from fedpeft.strategies.fedit import FedIT
-
-
-def _events(run_dir, kind):
-    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
+from helpers import run_events
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +24,18 @@ def test_run_dir_contents(finished_run):
     for name in ("config.yaml", "metrics.jsonl", "final/adapter_model.safetensors", "final/adapter_config.json",
                  "checkpoints/LATEST"):
         assert (run_dir / name).exists(), name
-    assert [e["round"] for e in _events(run_dir, "round_end")] == [1, 2]
-    assert [e["round"] for e in _events(run_dir, "eval")] == [0, 2]
-    assert len(_events(run_dir, "client_train")) == 4  # 2 rounds x 2 clients
+    assert [e["round"] for e in run_events(run_dir, "round_end")] == [1, 2]
+    assert [e["round"] for e in run_events(run_dir, "eval")] == [0, 2]
+    assert len(run_events(run_dir, "client_train")) == 4  # 2 rounds x 2 clients
 
 
 def test_bytes_are_exact_for_fedit(finished_run):
     run_dir = finished_run.run_dir
-    adapter_bytes = _events(run_dir, "run_start")[0]["adapter_bytes"]
+    adapter_bytes = run_events(run_dir, "run_start")[0]["adapter_bytes"]
     # tiny config: r=4 on q_proj (64x64) and v_proj (64->32 with 2 kv heads of 16) in 2 layers, fp32
     expected = 2 * 4 * 4 * ((64 + 64) + (64 + 32))
     assert adapter_bytes == expected
-    for e in _events(run_dir, "client_train"):
+    for e in run_events(run_dir, "client_train"):
         assert e["uplink_bytes"] == adapter_bytes and e["downlink_bytes"] == adapter_bytes
     assert finished_run.uplink_bytes == 4 * adapter_bytes
 
@@ -81,10 +77,10 @@ def test_bad_client_updates_are_rejected_and_logged(tmp_path, monkeypatch):
     cfg = load_config("configs/tiny.yaml", ["method.name=exploding", "federation.clients_per_round=4",
                                             "federation.rounds=1", "evaluation.before_training=false"])
     summary = Engine(cfg, tmp_path / "run").run()
-    failed = _events(summary.run_dir, "client_failed")
+    failed = run_events(summary.run_dir, "client_failed")
     assert {e["client"] for e in failed} == {0, 1}
     assert any("NaN" in e["error"] for e in failed) and any("shape" in e["error"] for e in failed)
-    agg = _events(summary.run_dir, "aggregate")[0]
+    agg = run_events(summary.run_dir, "aggregate")[0]
     assert sorted(agg["clients"]) == [2, 3]
     from safetensors.torch import load_file
 
@@ -112,7 +108,7 @@ def test_uplink_compression_bytes_and_effect(tmp_path, finished_run):
 
     plain = load_file(str(finished_run.final_adapter_dir / "adapter_model.safetensors"))
     numel = sum(v.numel() for v in plain.values())
-    for e in _events(summary.run_dir, "client_train"):
+    for e in run_events(summary.run_dir, "client_train"):
         assert e["uplink_bytes"] == numel + 4 * len(plain)
         assert e["uplink_bytes_raw"] == 4 * numel
     got = load_file(str(summary.final_adapter_dir / "adapter_model.safetensors"))
@@ -135,13 +131,13 @@ def test_personal_evaluation_scores_each_clients_own_adapter_and_can_be_capped(t
     base = ["method.name=fedsa_lora", "federation.num_clients=4", "federation.clients_per_round=4",
             "federation.rounds=1", "evaluation.before_training=false", "output.report=false"]
     full = run_experiment("configs/tiny.yaml", base, run_dir=tmp_path / "all")
-    [event] = [e for e in _events(full.run_dir, "eval") if e.get("split") == "personal"]
+    [event] = [e for e in run_events(full.run_dir, "eval") if e.get("split") == "personal"]
     scores = {int(k): v for k, v in event["per_client"].items()}
     assert sorted(scores) == [0, 1, 2, 3] and event["clients_total"] == 4
     assert full.final_metrics["personal/mean"] == pytest.approx(sum(scores.values()) / 4)
     assert full.final_metrics["personal/max"] == max(scores.values())
     capped = run_experiment("configs/tiny.yaml", base + ["evaluation.personal_max_clients=2"], run_dir=tmp_path / "cap")
-    [event2] = [e for e in _events(capped.run_dir, "eval") if e.get("split") == "personal"]
+    [event2] = [e for e in run_events(capped.run_dir, "eval") if e.get("split") == "personal"]
     sample = {int(k): v for k, v in event2["per_client"].items()}
     assert len(sample) == 2 and event2["clients_sampled"] == 2 and event2["clients_total"] == 4
     assert all(scores[c] == v for c, v in sample.items())  # the same clients' same scores, just fewer of them

@@ -6,7 +6,6 @@ and a killed run resumes exactly."""
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from fedpeft.strategies.fedkseed import (
     replay,
     tuned_tensors,
 )
-from helpers import TINY_CONFIG, kill_and_resume, reference_run
+from helpers import TINY_CONFIG, check_fedkseed_bytes, kill_and_resume, reference_run, run_events
 
 LR, STEPS = 1e-3, 4
 
@@ -172,25 +171,13 @@ def test_check_update_refuses_bad_pairs():
 
 
 # --- through the engine -----------------------------------------------------------------------------
-def _events(run_dir, kind):
-    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
-
-
 def test_engine_bytes_equal_the_formulas(tmp_path):
     steps = 3
     run_experiment("configs/tiny.yaml", ["method.name=fedkseed", "method.options.k=1000", "federation.rounds=3",
                                          f"federation.local_steps={steps}", "evaluation.every_rounds=0",
                                          "evaluation.before_training=false"], run_dir=tmp_path / "run")
     entry = 2 + 4  # int16 index (K = 1000) + float32 scalar
-    synced: dict[int, int] = {}
-    per_round: dict[int, int] = {}
-    for event in _events(tmp_path / "run", "client_train"):
-        r, c = event["round"], event["client"]
-        assert event["uplink_bytes"] == steps * entry
-        missed = sum(per_round.get(t, 0) for t in range(synced.get(c, 1), r))
-        assert event["downlink_bytes"] == missed * entry
-        synced[c] = r
-        per_round[r] = per_round.get(r, 0) + steps
+    check_fedkseed_bytes(tmp_path / "run", steps, entry)
 
 
 def test_refusals():
@@ -226,9 +213,9 @@ def test_kill_and_resume_rebuilds_the_replayed_model_exactly(tmp_path):
     reference_run(TINY_CONFIG, overrides, ref)
     kill_and_resume(TINY_CONFIG, overrides, killed, "client:2:1")
     # Round 2's losses are evaluated on the base weights rebuilt by replaying round 1 from the checkpoint.
-    losses = lambda d: [(e["round"], e["client"], e["losses"]) for e in _events(d, "client_train")]
+    losses = lambda d: [(e["round"], e["client"], e["losses"]) for e in run_events(d, "client_train")]
     assert losses(ref) == losses(killed)
-    assert [e["metrics"] for e in _events(ref, "eval")] == [e["metrics"] for e in _events(killed, "eval")]
+    assert [e["metrics"] for e in run_events(ref, "eval")] == [e["metrics"] for e in run_events(killed, "eval")]
 
 
 def test_a_process_whose_model_missed_rounds_refuses_to_train():

@@ -4,7 +4,6 @@ plan, and it survives a kill and resume."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -26,7 +25,7 @@ from fedpeft.strategies.fedkseed import (
     sampling_cdf,
     seed_probabilities,
 )
-from helpers import TINY_CONFIG, kill_and_resume, reference_run
+from helpers import TINY_CONFIG, check_fedkseed_bytes, kill_and_resume, reference_run, run_events
 
 
 def _pro(**options) -> FedKSeed:
@@ -109,10 +108,6 @@ def test_uniform_mode_sends_nothing_extra_and_keeps_no_pro_state():
 
 
 # --- through the engine -----------------------------------------------------------------------------
-def _events(run_dir, kind):
-    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
-
-
 def test_engine_downlink_carries_the_probabilities_every_round(tmp_path):
     steps, k = 3, 300
     run_experiment("configs/tiny.yaml", ["method.name=fedkseed", f"method.options.k={k}",
@@ -120,16 +115,8 @@ def test_engine_downlink_carries_the_probabilities_every_round(tmp_path):
                                          f"federation.local_steps={steps}", "evaluation.every_rounds=0",
                                          "evaluation.before_training=false"], run_dir=tmp_path / "run")
     entry = 2 + 4  # int16 index (K = 300) + float32 scalar
-    synced: dict[int, int] = {}
-    per_round: dict[int, int] = {}
-    for event in _events(tmp_path / "run", "client_train"):
-        r, c = event["round"], event["client"]
-        assert event["uplink_bytes"] == steps * entry
-        missed = sum(per_round.get(t, 0) for t in range(synced.get(c, 1), r))
-        assert event["downlink_bytes"] == missed * entry + k * 4
-        synced[c] = r
-        per_round[r] = per_round.get(r, 0) + steps
-    aggregates = _events(tmp_path / "run", "aggregate")
+    check_fedkseed_bytes(tmp_path / "run", steps, entry, per_plan=k * 4)  # + K float32 probabilities
+    aggregates = run_events(tmp_path / "run", "aggregate")
     assert aggregates[-1]["seed_prob_max"] > aggregates[-1]["seed_prob_min"]
 
 
@@ -141,8 +128,8 @@ def test_kill_and_resume_sends_the_same_probabilities(tmp_path):
     reference_run(TINY_CONFIG, overrides, ref)
     kill_and_resume(TINY_CONFIG, overrides, killed, "client:2:1")
     # Round 2's picks depend on the history of round 1 restored from the checkpoint.
-    train = lambda d: [(e["round"], e["client"], e["losses"]) for e in _events(d, "client_train")]
+    train = lambda d: [(e["round"], e["client"], e["losses"]) for e in run_events(d, "client_train")]
     assert train(ref) == train(killed)
-    agg = lambda d: [(e["seed_prob_max"], e["seed_prob_min"], e["distinct_seeds"]) for e in _events(d, "aggregate")]
+    agg = lambda d: [(e["seed_prob_max"], e["seed_prob_min"], e["distinct_seeds"]) for e in run_events(d, "aggregate")]
     assert agg(ref) == agg(killed)
-    assert [e["metrics"] for e in _events(ref, "eval")] == [e["metrics"] for e in _events(killed, "eval")]
+    assert [e["metrics"] for e in run_events(ref, "eval")] == [e["metrics"] for e in run_events(killed, "eval")]

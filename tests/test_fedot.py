@@ -4,7 +4,6 @@ middle, FedAvg on the adapter, the bytes that leave the owner, the refusals, dis
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from fedpeft.models.registry import tiny_llama
 from fedpeft.strategies import build_strategy
 from fedpeft.strategies.base import ClientUpdate
 from fedpeft.strategies.fedot import FedOT
-from helpers import TINY_CONFIG, assert_same_tensors, final_adapter, kill_and_resume, reference_run
+from helpers import TINY_CONFIG, assert_same_tensors, final_adapter, kill_and_resume, reference_run, run_events
 
 HIDDEN, INTER, KV = 64, 128, 32  # tiny_llama: hidden 64, intermediate 2 x hidden, 2 of 4 heads for k/v
 
@@ -227,19 +226,6 @@ def test_distillation_loss_is_the_normalised_mse():
 
 
 # --- through the engine -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def six_block_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny6")
-    model, tok = tiny_llama(layers=6)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def _events(run_dir, kind):
-    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
-
-
 def test_engine_run_meters_the_emulator_once_and_evaluates_both_ways(tmp_path, six_block_model):
     summary = run_experiment("configs/tiny.yaml", [f"model.name={six_block_model}", "method.name=fedot",
                                                    "method.options.a=1", "method.options.b=1",
@@ -251,16 +237,16 @@ def test_engine_run_meters_the_emulator_once_and_evaluates_both_ways(tmp_path, s
     bare, _ = tiny_llama(layers=6)
     full = sum(t.numel() * t.element_size() for t in list(bare.parameters()) + list(bare.buffers()))
     shipped = full - 2 * _block_params() * 4
-    trains = _events(tmp_path / "run", "client_train")
+    trains = run_events(tmp_path / "run", "client_train")
     seen: set[int] = set()
     for event in trains:
         first = event["client"] not in seen
         seen.add(event["client"])
         assert event["uplink_bytes"] == adapter_bytes
         assert event["downlink_bytes"] == adapter_bytes + (shipped if first else 0)
-    aggregate = _events(tmp_path / "run", "aggregate")[0]
+    aggregate = run_events(tmp_path / "run", "aggregate")[0]
     assert aggregate["owner_model_bytes"] == full and aggregate["shipped_once_bytes"] == shipped
-    assert {e["split"] for e in _events(tmp_path / "run", "eval") if "split" in e} == {"emulator"}
+    assert {e["split"] for e in run_events(tmp_path / "run", "eval") if "split" in e} == {"emulator"}
 
 
 def test_local_ot_uploads_nothing_and_scores_each_client(tmp_path, six_block_model):
@@ -279,9 +265,10 @@ def test_kill_and_resume_with_a_distilled_emulator_is_bit_identical(tmp_path, si
     reference_run(TINY_CONFIG, overrides, ref)
     kill_and_resume(TINY_CONFIG, overrides, killed, "client:2:1")
     assert_same_tensors(final_adapter(ref), final_adapter(killed))
-    down = lambda d: [(e["round"], e["client"], e["downlink_bytes"], e["losses"]) for e in _events(d, "client_train")]
+    down = lambda d: [(e["round"], e["client"], e["downlink_bytes"], e["losses"])
+                      for e in run_events(d, "client_train")]
     assert down(ref) == down(killed)
-    metrics = lambda d: [e["metrics"] for e in _events(d, "eval")]
+    metrics = lambda d: [e["metrics"] for e in run_events(d, "eval")]
     assert metrics(ref) == metrics(killed)
 
 
@@ -298,7 +285,7 @@ def test_report_shows_what_left_the_owner(tmp_path, six_block_model):
     summary = run_experiment("configs/tiny.yaml", [f"model.name={six_block_model}", "method.name=fedot",
                                                    "method.options.a=1", "method.options.b=1", "federation.rounds=1",
                                                    "output.report=true"], run_dir=tmp_path / "run")
-    aggregate = _events(tmp_path / "run", "aggregate")[0]
+    aggregate = run_events(tmp_path / "run", "aggregate")[0]
     report = summary.report_path.read_text()
     assert "## Offsite tuning (FedOT)" in report
     assert f"{aggregate['shipped_once_bytes'] / 1e6:.2f} MB of the full model's {aggregate['owner_model_bytes'] / 1e6:.2f} MB" in report

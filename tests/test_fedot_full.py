@@ -4,7 +4,6 @@ plugged-in evaluation, what final/ holds, kill-and-resume, and the settings it r
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from fedpeft.models.peft_wrap import add_to_base_weight
 from fedpeft.models.registry import tiny_llama
 from fedpeft.strategies.base import ClientUpdate
 from fedpeft.strategies.fedot import BLOCK_PREFIX, FedOT
-from helpers import TINY_CONFIG, assert_same_tensors, kill_and_resume, reference_run
+from helpers import TINY_CONFIG, assert_same_tensors, kill_and_resume, reference_run, run_events
 
 HIDDEN, INTER, KV = 64, 128, 32  # tiny_llama: hidden 64, intermediate 2 x hidden, 2 of 4 heads for k/v
 BLOCK_PARAMS = HIDDEN * HIDDEN * 2 + HIDDEN * KV * 2 + 3 * HIDDEN * INTER + 2 * HIDDEN  # q,k,v,o, MLP, 2 norms
@@ -44,19 +43,6 @@ def _logits(model, tok, text="offsite tuning, fully"):
     enc = tok([text, text[::-1]], return_tensors="pt", padding=True)
     with torch.no_grad():
         return model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False).logits
-
-
-def _events(run_dir, kind):
-    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
-
-
-@pytest.fixture(scope="module")
-def six_block_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny6")
-    model, tok = tiny_llama(layers=6)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 # --- the adapter is every parameter of the a + b blocks -----------------------------------------------
@@ -158,12 +144,12 @@ def test_engine_bytes_and_what_final_holds(tmp_path, six_block_model):
     blocks = 2 * BLOCK_PARAMS * 4  # blocks 0 and 5, float32
     shipped = full - 2 * BLOCK_PARAMS * 4 - blocks  # minus the 2 dropped middle blocks and the travelling blocks
     seen: set[int] = set()
-    for event in _events(tmp_path / "run", "client_train"):
+    for event in run_events(tmp_path / "run", "client_train"):
         first = event["client"] not in seen
         seen.add(event["client"])
         assert event["uplink_bytes"] == blocks
         assert event["downlink_bytes"] == blocks + (shipped if first else 0)
-    aggregate = _events(tmp_path / "run", "aggregate")[-1]
+    aggregate = run_events(tmp_path / "run", "aggregate")[-1]
     assert aggregate["adapter_block_bytes"] == blocks and aggregate["shipped_once_bytes"] == shipped
     assert "emulator/exact_match" in summary.final_metrics
     # final/ holds the (untrained) LoRA and the trained blocks; fedpeft eval's loader plugs them into the
@@ -192,9 +178,10 @@ def test_kill_and_resume_is_bit_identical(tmp_path, six_block_model):
     kill_and_resume(TINY_CONFIG, overrides, killed, "client:3:1")
     weights = lambda d: load_file(str(d / "final" / "base_weights.safetensors"))
     assert_same_tensors(weights(ref), weights(killed))
-    train = lambda d: [(e["round"], e["client"], e["downlink_bytes"], e["losses"]) for e in _events(d, "client_train")]
+    train = lambda d: [(e["round"], e["client"], e["downlink_bytes"], e["losses"])
+                       for e in run_events(d, "client_train")]
     assert train(ref) == train(killed)
-    assert [e["metrics"] for e in _events(ref, "eval")] == [e["metrics"] for e in _events(killed, "eval")]
+    assert [e["metrics"] for e in run_events(ref, "eval")] == [e["metrics"] for e in run_events(killed, "eval")]
 
 
 # --- refusals ---------------------------------------------------------------------------------------

@@ -31,13 +31,10 @@ from fedpeft.deploy.flower.transport import FlowerTransport
 from fedpeft.federation.engine import Engine
 from fedpeft.models.registry import tiny_llama
 from fedpeft.strategies.fedkseed import HISTORY_COEF_KEY, HISTORY_INDEX_KEY, FedKSeed, tuned_tensors
+from helpers import run_events
 
 BASE = ["federation.num_clients=3", "federation.clients_per_round=2", "output.report=false",
         "evaluation.before_training=false", "evaluation.every_rounds=10"]
-
-
-def _events(run_dir, kind):
-    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
 
 
 def _flower_engine(cfg, run_dir, tmp_path):
@@ -53,7 +50,7 @@ def _train_messages(grid):
 
 
 def _per_job(run_dir, *fields):
-    return {(e["round"], e["client"]): tuple(e[f] for f in fields) for e in _events(run_dir, "client_train")}
+    return {(e["round"], e["client"]): tuple(e[f] for f in fields) for e in run_events(run_dir, "client_train")}
 
 
 def _digest(tensors):
@@ -108,7 +105,7 @@ def test_fedkseed_under_flower_catches_up_by_replay_and_equals_the_in_process_ru
     steps = cfg.federation.local_steps
     for (_, _), (_, down, _, up_raw) in _per_job(deployed.run_dir, *fields).items():
         assert up_raw == steps * (1 + 4) and down % 5 == 0
-    assert sum(e["downlink_bytes"] for e in _events(deployed.run_dir, "client_train")) > 0
+    assert sum(e["downlink_bytes"] for e in run_events(deployed.run_dir, "client_train")) > 0
     # what the messages carried: the history lists down (no global tensor: start_needed=False), the
     # packed pairs up as raw bytes
     for msg, reply in _train_messages(grid):
@@ -119,8 +116,9 @@ def test_fedkseed_under_flower_catches_up_by_replay_and_equals_the_in_process_ru
         assert down == _per_job(deployed.run_dir, "downlink_bytes")[key][0]
         assert len(reply.content["tensors"]["packed"].data) == steps * 5
         assert set(json.loads(str(reply.content["update"]["manifests"]))) == {"tensors"}
-    uplink = {(e["round"], e["client"]): e["uplink_bytes"] for e in _events(deployed.run_dir, "client_train")}
-    assert uplink == {(e["round"], e["client"]): e["uplink_bytes"] for e in _events(reference.run_dir, "client_train")}
+    uplink = {(e["round"], e["client"]): e["uplink_bytes"] for e in run_events(deployed.run_dir, "client_train")}
+    assert uplink == {(e["round"], e["client"]): e["uplink_bytes"]
+                      for e in run_events(reference.run_dir, "client_train")}
     assert set(uplink.values()) == {steps * 5}  # what arrived is the payload, byte for byte
 
 
@@ -141,15 +139,6 @@ def test_fedkseed_node_refuses_a_catch_up_it_cannot_complete(tmp_path):
 
 
 # --- FedOT ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def six_block_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny6")
-    model, tok = tiny_llama(layers=6)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def _scramble_base_weights(monkeypatch):
     """Every node loads garbage base weights (not the owner's): what it trains with must come from what it
     received. Returns the number of node builds."""
@@ -191,7 +180,7 @@ def test_fedot_under_flower_trains_on_the_received_emulator_and_equals_the_in_pr
     assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
     fields = ("losses", "downlink_bytes", "uplink_bytes", "uplink_bytes_raw")
     assert _per_job(deployed.run_dir, *fields) == _per_job(reference.run_dir, *fields)
-    [agg] = _events(deployed.run_dir, "aggregate")[-1:]
+    [agg] = run_events(deployed.run_dir, "aggregate")[-1:]
     shipped = agg["shipped_once_bytes"]
     first_seen: set[int] = set()
     for msg, _ in _train_messages(grid):
@@ -245,7 +234,7 @@ def test_fedot_full_blocks_under_flower_equal_the_in_process_run(tmp_path, monke
                for k in final)
     fields = ("losses", "downlink_bytes", "uplink_bytes", "uplink_bytes_raw")
     assert _per_job(deployed.run_dir, *fields) == _per_job(reference.run_dir, *fields)
-    [agg] = _events(deployed.run_dir, "aggregate")[-1:]
+    [agg] = run_events(deployed.run_dir, "aggregate")[-1:]
     blocks, shipped = agg["adapter_block_bytes"], agg["shipped_once_bytes"]
     first_seen: set[int] = set()
     for msg, reply in _train_messages(grid):
@@ -289,7 +278,7 @@ def test_personal_methods_under_flower_keep_the_in_process_personal_state_on_the
     assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
     jobs = lambda d: {(e["round"], e["client"], e["job"]): (e["losses"], e["downlink_bytes"], e["uplink_bytes"],
                                                             e["uplink_bytes_raw"])
-                      for e in _events(d, "client_train")}
+                      for e in run_events(d, "client_train")}
     assert jobs(deployed.run_dir) == jobs(reference.run_dir)
     stores = [NodeClientStore(tmp_path / "stores" / f"node-{i}") for i in range(2)]
     compared = 0
@@ -305,8 +294,8 @@ def test_personal_methods_under_flower_keep_the_in_process_personal_state_on_the
         compared += 1
     assert compared >= 2
     assert not list((tmp_path / "flower" / "client_store").glob(f"*/{personal_name}*"))  # nothing on the server
-    [personal] = [e for e in _events(deployed.run_dir, "eval") if e.get("split") == "personal"]
-    [simulated] = [e for e in _events(reference.run_dir, "eval") if e.get("split") == "personal"]
+    [personal] = [e for e in run_events(deployed.run_dir, "eval") if e.get("split") == "personal"]
+    [simulated] = [e for e in run_events(reference.run_dir, "eval") if e.get("split") == "personal"]
     assert personal["scored_on"] == "nodes" and personal["per_client"] == simulated["per_client"]
 
 
@@ -358,13 +347,13 @@ def test_fedot_smollm2_node_built_from_the_architecture_alone(tmp_path):
     assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final)
     fields = ("losses", "downlink_bytes", "uplink_bytes", "uplink_bytes_raw")
     assert _per_job(deployed.run_dir, *fields) == _per_job(reference.run_dir, *fields)
-    agg = _events(deployed.run_dir, "aggregate")[0]
+    agg = run_events(deployed.run_dir, "aggregate")[0]
     assert flower_node._WORKER[1].strategy.released_bytes == agg["owner_model_bytes"] - agg["shipped_once_bytes"]
     print("released_bytes", flower_node._WORKER[1].strategy.released_bytes)
     print("owner_model_bytes", agg["owner_model_bytes"], "shipped_once_bytes", agg["shipped_once_bytes"],
           "jobs", _per_job(deployed.run_dir, "downlink_bytes", "uplink_bytes", "uplink_bytes_raw"),
           "deploy_round", [(e["message_down_bytes"], e["message_up_bytes"])
-                           for e in _events(deployed.run_dir, "deploy_round")])
+                           for e in run_events(deployed.run_dir, "deploy_round")])
 
 
 # --- real Flower processes (slow): warm workers keep the received state in memory --------------------------
@@ -397,4 +386,4 @@ def test_rehearsal_of_fedkseed_and_fedot_matches_the_in_process_runs(tmp_path, s
             assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in final), name
             fields = ("losses", "downlink_bytes", "uplink_bytes")
             assert _per_job(tmp_path / name, *fields) == _per_job(reference.run_dir, *fields), name
-            assert not _events(tmp_path / name, "client_failed")
+            assert not run_events(tmp_path / name, "client_failed")
